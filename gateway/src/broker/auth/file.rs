@@ -1,0 +1,94 @@
+//! The built-in authenticator: `allow_anonymous`, the password file and the
+//! ACL file from `[broker]`. Always gives a definite answer, so it ends a chain.
+
+use std::path::Path;
+
+use thiserror::Error;
+
+use super::{AclDecision, Action, Authenticator, ClientInfo, ConnectDecision, ConnectRefusal};
+use super::{Acl, AclError, PasswdError, PasswordFile};
+
+#[derive(Debug, Error)]
+pub enum AuthError {
+    #[error("password file: {0}")]
+    Passwd(#[from] PasswdError),
+    #[error("ACL file: {0}")]
+    Acl(#[from] AclError),
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct FileAuth {
+    allow_anonymous: bool,
+    passwords: Option<PasswordFile>,
+    acl: Option<Acl>,
+}
+
+impl FileAuth {
+    pub fn new(allow_anonymous: bool, password_file: Option<&Path>, acl_file: Option<&Path>) -> Result<Self, AuthError> {
+        Ok(FileAuth {
+            allow_anonymous,
+            passwords: password_file.map(PasswordFile::load).transpose()?,
+            acl: acl_file.map(Acl::load).transpose()?,
+        })
+    }
+
+    pub fn from_parts(allow_anonymous: bool, passwords: Option<PasswordFile>, acl: Option<Acl>) -> Self {
+        FileAuth { allow_anonymous, passwords, acl }
+    }
+}
+
+impl Authenticator for FileAuth {
+    fn authenticate(&self, client: &ClientInfo, password: Option<&[u8]>) -> ConnectDecision {
+        let Some(user) = &client.username else {
+            return if self.allow_anonymous {
+                ConnectDecision::Accept
+            } else {
+                ConnectDecision::Refuse(ConnectRefusal::NotAuthorized)
+            };
+        };
+        match &self.passwords {
+            Some(file) => match (file.verify(user, password.unwrap_or_default()), password) {
+                (Some(true), Some(_)) => ConnectDecision::Accept,
+                _ => ConnectDecision::Refuse(ConnectRefusal::BadCredentials),
+            },
+            None if self.allow_anonymous => ConnectDecision::Accept,
+            None => ConnectDecision::Refuse(ConnectRefusal::NotAuthorized),
+        }
+    }
+
+    fn authorize(&self, client: &ClientInfo, action: Action, topic: &str) -> AclDecision {
+        match &self.acl {
+            None => AclDecision::Allow,
+            Some(acl) if acl.check(client, action, topic) => AclDecision::Allow,
+            Some(_) => AclDecision::Deny,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::SocketAddr;
+
+    fn client(user: Option<&str>) -> ClientInfo {
+        ClientInfo { client_id: "c".into(), username: user.map(Into::into), peer: SocketAddr::from(([127, 0, 0, 1], 1)) }
+    }
+
+    #[test]
+    fn connect_decisions() {
+        let pw = PasswordFile::parse(&format!("G1:{}\n", super::super::passwd::hash_password("isimaG1")), "t").unwrap();
+        let closed = FileAuth::from_parts(false, Some(pw.clone()), None);
+        assert_eq!(closed.authenticate(&client(None), None), ConnectDecision::Refuse(ConnectRefusal::NotAuthorized));
+        assert_eq!(closed.authenticate(&client(Some("G1")), Some(b"isimaG1")), ConnectDecision::Accept);
+        let bad = ConnectDecision::Refuse(ConnectRefusal::BadCredentials);
+        assert_eq!(closed.authenticate(&client(Some("G1")), Some(b"nope")), bad);
+        assert_eq!(closed.authenticate(&client(Some("G1")), None), bad);
+        assert_eq!(closed.authenticate(&client(Some("G9")), Some(b"isimaG1")), bad);
+        let open = FileAuth::from_parts(true, Some(pw), None);
+        assert_eq!(open.authenticate(&client(None), None), ConnectDecision::Accept);
+        assert_eq!(open.authenticate(&client(Some("G1")), Some(b"nope")), bad, "a given name is always checked");
+        let no_file = FileAuth::from_parts(false, None, None);
+        assert_eq!(no_file.authenticate(&client(Some("x")), Some(b"y")), ConnectDecision::Refuse(ConnectRefusal::NotAuthorized));
+        assert_eq!(no_file.authorize(&client(None), Action::Publish, "a"), AclDecision::Allow);
+    }
+}

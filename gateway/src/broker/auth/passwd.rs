@@ -1,0 +1,302 @@
+//! Password files, compatible with `mosquitto_passwd`.
+//!
+//! One `user:hash` per line; blank lines and lines starting with `#` are
+//! ignored. Hashes:
+//! - `$7$<iterations>$<salt>$<hash>`: PBKDF2-HMAC-SHA512, base64 salt and
+//!   64-byte hash (mosquitto 2.0's format; what we write, 12-byte salt);
+//! - `$6$<salt>$<hash>`: SHA-512(password ‖ salt) (mosquitto 1.x; read only).
+//!
+//! So a file made by `mosquitto_passwd` works here and one made by
+//! `capteurs-gateway passwd` works with mosquitto.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+use base64::Engine;
+use sha2::{Digest, Sha512};
+use thiserror::Error;
+
+/// Iterations used when writing `$7$` hashes.
+pub const ITERATIONS: u32 = 1000;
+const SALT_LEN: usize = 12;
+const HASH_LEN: usize = 64;
+
+#[derive(Debug, Error)]
+pub enum PasswdError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("cannot write {path}: {source}")]
+    Write { path: String, source: std::io::Error },
+    #[error("{origin} line {line}: {what}")]
+    Syntax { origin: String, line: usize, what: String },
+    #[error("invalid user name {0:?}: it must be non-empty, without ':' or control characters")]
+    BadUser(String),
+    #[error("user {0:?} is not in the file")]
+    NoSuchUser(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Hash {
+    Pbkdf2 { iterations: u32, salt: Vec<u8>, hash: Vec<u8> },
+    Sha512 { salt: Vec<u8>, hash: Vec<u8> },
+}
+
+fn b64(s: &str) -> Option<Vec<u8>> {
+    STANDARD.decode(s).or_else(|_| STANDARD_NO_PAD.decode(s)).ok()
+}
+
+impl Hash {
+    fn parse(s: &str) -> Result<Hash, String> {
+        let parts: Vec<&str> = s.split('$').collect();
+        match parts.as_slice() {
+            ["", "7", iterations, salt, hash] => {
+                let iterations: u32 =
+                    iterations.parse().map_err(|_| format!("bad iteration count {iterations:?}"))?;
+                if iterations == 0 {
+                    return Err("iteration count 0".into());
+                }
+                let salt = b64(salt).ok_or("salt is not base64")?;
+                let hash = b64(hash).ok_or("hash is not base64")?;
+                if hash.len() != HASH_LEN {
+                    return Err(format!("hash is {} bytes, expected {HASH_LEN}", hash.len()));
+                }
+                Ok(Hash::Pbkdf2 { iterations, salt, hash })
+            }
+            ["", "6", salt, hash] => {
+                let salt = b64(salt).ok_or("salt is not base64")?;
+                let hash = b64(hash).ok_or("hash is not base64")?;
+                if hash.len() != HASH_LEN {
+                    return Err(format!("hash is {} bytes, expected {HASH_LEN}", hash.len()));
+                }
+                Ok(Hash::Sha512 { salt, hash })
+            }
+            _ => Err("unknown hash format (expected $7$... or $6$...)".into()),
+        }
+    }
+
+    fn verify(&self, password: &[u8]) -> bool {
+        match self {
+            Hash::Pbkdf2 { iterations, salt, hash } => {
+                let mut out = [0u8; HASH_LEN];
+                pbkdf2::pbkdf2_hmac::<Sha512>(password, salt, *iterations, &mut out);
+                constant_time_eq(&out, hash)
+            }
+            Hash::Sha512 { salt, hash } => {
+                let mut h = Sha512::new();
+                h.update(password);
+                h.update(salt);
+                constant_time_eq(&h.finalize(), hash)
+            }
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A `$7$` hash of `password` with a fresh random salt.
+pub fn hash_password(password: &str) -> String {
+    let salt: [u8; SALT_LEN] = rand::random();
+    hash_with_salt(password, &salt, ITERATIONS)
+}
+
+fn hash_with_salt(password: &str, salt: &[u8], iterations: u32) -> String {
+    let mut out = [0u8; HASH_LEN];
+    pbkdf2::pbkdf2_hmac::<Sha512>(password.as_bytes(), salt, iterations, &mut out);
+    format!("$7${iterations}${}${}", STANDARD.encode(salt), STANDARD.encode(out))
+}
+
+/// A loaded password file.
+#[derive(Debug, Clone, Default)]
+pub struct PasswordFile {
+    users: HashMap<String, Hash>,
+}
+
+impl PasswordFile {
+    pub fn load(path: &Path) -> Result<PasswordFile, PasswdError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| PasswdError::Read { path: path.display().to_string(), source })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses file contents; `origin` names the file in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<PasswordFile, PasswdError> {
+        let mut users = HashMap::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let syntax = |what: String| PasswdError::Syntax { origin: origin.to_owned(), line: i + 1, what };
+            let (user, hash) = line.split_once(':').ok_or_else(|| syntax("expected user:hash".into()))?;
+            check_user(user).map_err(|e| syntax(e.to_string()))?;
+            let hash = Hash::parse(hash).map_err(syntax)?;
+            users.insert(user.to_owned(), hash);
+        }
+        Ok(PasswordFile { users })
+    }
+
+    /// `None`: unknown user; `Some(ok)`: whether the password is right.
+    pub fn verify(&self, user: &str, password: &[u8]) -> Option<bool> {
+        self.users.get(user).map(|h| h.verify(password))
+    }
+
+    pub fn len(&self) -> usize {
+        self.users.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+}
+
+fn check_user(user: &str) -> Result<(), PasswdError> {
+    if user.is_empty() || user.contains(':') || user.chars().any(char::is_control) {
+        return Err(PasswdError::BadUser(user.to_owned()));
+    }
+    Ok(())
+}
+
+fn read_lines(path: &Path) -> Result<Vec<String>, PasswdError> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(text.lines().map(str::to_owned).collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(source) => Err(PasswdError::Read { path: path.display().to_string(), source }),
+    }
+}
+
+fn is_user_line(line: &str, user: &str) -> bool {
+    !line.trim_start().starts_with('#') && line.split_once(':').is_some_and(|(u, _)| u.trim() == user)
+}
+
+/// Writes the file atomically (temporary file + rename), mode 0600.
+fn write_lines(path: &Path, lines: &[String]) -> Result<(), PasswdError> {
+    let err = |source| PasswdError::Write { path: path.display().to_string(), source };
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
+    {
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        let mut f = opts.open(&tmp).map_err(err)?;
+        for l in lines {
+            writeln!(f, "{l}").map_err(err)?;
+        }
+        f.sync_all().map_err(err)?;
+    }
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
+/// Sets `user`'s password: replaces its line, or appends one. Other lines
+/// and comments are kept as they are; the file is created if missing.
+pub fn set_password(path: &Path, user: &str, password: &str) -> Result<(), PasswdError> {
+    check_user(user)?;
+    let entry = format!("{user}:{}", hash_password(password));
+    let mut lines = read_lines(path)?;
+    match lines.iter().position(|l| is_user_line(l, user)) {
+        Some(i) => lines[i] = entry,
+        None => lines.push(entry),
+    }
+    write_lines(path, &lines)
+}
+
+/// Removes `user` from the file.
+pub fn delete_user(path: &Path, user: &str) -> Result<(), PasswdError> {
+    let mut lines = read_lines(path)?;
+    let before = lines.len();
+    lines.retain(|l| !is_user_line(l, user));
+    if lines.len() == before {
+        return Err(PasswdError::NoSuchUser(user.to_owned()));
+    }
+    write_lines(path, &lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pbkdf2_round_trip() {
+        let h = hash_password("isimaG1");
+        let f = PasswordFile::parse(&format!("G1:{h}\n"), "t").unwrap();
+        assert_eq!(f.verify("G1", b"isimaG1"), Some(true));
+        assert_eq!(f.verify("G1", b"isimaG2"), Some(false));
+        assert_eq!(f.verify("G2", b"isimaG1"), None);
+    }
+
+    /// A line as mosquitto_passwd 2.0 writes it (101 iterations), computed
+    /// from the PBKDF2 definition with a fixed salt.
+    #[test]
+    fn mosquitto_7_format() {
+        let line = format!("u:{}", hash_with_salt("secret", b"0123456789ab", 101));
+        assert!(line.starts_with("u:$7$101$MDEyMzQ1Njc4OWFi$"), "{line}");
+        let f = PasswordFile::parse(&line, "t").unwrap();
+        assert_eq!(f.verify("u", b"secret"), Some(true));
+    }
+
+    #[test]
+    fn mosquitto_6_format() {
+        let salt = b"saltsaltsalt";
+        let mut h = Sha512::new();
+        h.update(b"pw");
+        h.update(salt);
+        let line = format!("old:$6${}${}", STANDARD.encode(salt), STANDARD.encode(h.finalize()));
+        let f = PasswordFile::parse(&line, "t").unwrap();
+        assert_eq!(f.verify("old", b"pw"), Some(true));
+        assert_eq!(f.verify("old", b"pW"), Some(false));
+    }
+
+    #[test]
+    fn syntax_errors_name_the_line() {
+        let err = PasswordFile::parse("# users\nG1:$7$x$y$z\n", "classroom.passwd").unwrap_err().to_string();
+        assert!(err.starts_with("classroom.passwd line 2:"), "{err}");
+        let err = PasswordFile::parse("\n\nnocolon\n", "p").unwrap_err().to_string();
+        assert!(err.contains("line 3"), "{err}");
+        let err = PasswordFile::parse("u:$5$abc$def\n", "p").unwrap_err().to_string();
+        assert!(err.contains("unknown hash format"), "{err}");
+    }
+
+    #[test]
+    fn set_password_replaces_appends_and_keeps_comments() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("passwd");
+        std::fs::write(&p, "# classroom\nG1:$7$1$AAAA$AAAA\n").unwrap();
+        set_password(&p, "G1", "one").unwrap();
+        set_password(&p, "G2", "two").unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0], "# classroom");
+        assert!(lines[1].starts_with("G1:$7$1000$"));
+        assert!(lines[2].starts_with("G2:$7$1000$"));
+        let f = PasswordFile::load(&p).unwrap();
+        assert_eq!(f.verify("G1", b"one"), Some(true));
+        assert_eq!(f.verify("G2", b"two"), Some(true));
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        delete_user(&p, "G1").unwrap();
+        assert!(delete_user(&p, "G1").is_err());
+        assert_eq!(PasswordFile::load(&p).unwrap().verify("G1", b"one"), None);
+        assert!(set_password(&p, "a:b", "x").is_err());
+    }
+
+    #[test]
+    fn shipped_classroom_file() {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/classroom.passwd");
+        let f = PasswordFile::load(&p).unwrap();
+        assert_eq!(f.len(), 17);
+        for g in 1..=16 {
+            assert_eq!(f.verify(&format!("G{g}"), format!("isimaG{g}").as_bytes()), Some(true), "G{g}");
+        }
+        assert_eq!(f.verify("G5", b"isimaG6"), Some(false));
+        assert_eq!(f.verify("prof", b"isimaProf"), Some(true));
+    }
+}
