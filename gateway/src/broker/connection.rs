@@ -1,0 +1,639 @@
+//! One client connection: CONNECT handshake, then a loop that reads packets,
+//! writes what the session has queued, and enforces keep-alive, until the
+//! client disconnects, breaks the protocol, is taken over, or the broker
+//! shuts down. Bad input closes this connection only, with a log line and a
+//! counter.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use bytestring::ByteString;
+use rmqtt_codec::error::DecodeError;
+use rmqtt_codec::v3::{Connect, ConnectAck, ConnectAckReason, Packet, SubscribeReturnCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use super::auth::{AclDecision, Action, ClientInfo, ConnectDecision, ConnectRefusal};
+use super::codec::{CodecError, MqttCodec};
+use super::router::Metrics;
+use super::session::{Attached, Delivery, Kick, OutState, Outgoing, Session};
+use super::topic;
+use super::Shared;
+use crate::message::{Message, Origin};
+use tokio_util::codec::{Decoder, Encoder};
+
+static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Flush the write buffer once it holds this much, even mid-batch.
+const WRITE_HIGH_WATER: usize = 64 * 1024;
+
+/// Why a connection ended; decides whether the will is published.
+#[derive(Debug)]
+enum End {
+    Disconnect,
+    Eof,
+    Io(std::io::Error),
+    Protocol(String),
+    KeepAlive,
+    Kicked(Kick),
+    Shutdown,
+}
+
+impl End {
+    fn publishes_will(&self) -> bool {
+        match self {
+            End::Disconnect | End::Shutdown => false,
+            End::Kicked(k) => k.publish_will,
+            End::Eof | End::Io(_) | End::Protocol(_) | End::KeepAlive => true,
+        }
+    }
+}
+
+struct Conn {
+    reader: OwnedReadHalf,
+    writer: OwnedWriteHalf,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    codec: MqttCodec,
+    shared: Arc<Shared>,
+}
+
+impl Conn {
+    fn send(&mut self, packet: Packet) {
+        // Encoding server packets built here cannot fail (ids are set,
+        // sizes are bounded by what was accepted).
+        if let Err(e) = self.codec.encode(packet, &mut self.wbuf) {
+            warn!(error = %e, "cannot encode packet");
+        }
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.wbuf.is_empty() {
+            self.writer.write_all(&self.wbuf).await?;
+            Metrics::add(&self.shared.router.metrics.bytes_sent, self.wbuf.len() as u64);
+            self.wbuf.clear();
+        }
+        Ok(())
+    }
+
+    /// Reads until one whole packet is decoded. `Ok(None)` on clean EOF.
+    async fn read_packet(&mut self) -> Result<Option<Packet>, ReadError> {
+        loop {
+            if let Some(p) = self.codec.decode(&mut self.rbuf)? {
+                return Ok(Some(p));
+            }
+            let n = self.reader.read_buf(&mut self.rbuf).await?;
+            if n == 0 {
+                return if self.rbuf.is_empty() { Ok(None) } else { Err(ReadError::Truncated) };
+            }
+            Metrics::add(&self.shared.router.metrics.bytes_received, n as u64);
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("connection closed in the middle of a packet")]
+    Truncated,
+}
+
+/// Serves one accepted TCP connection to the end.
+pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+    let (reader, writer) = stream.into_split();
+    let mut conn = Conn {
+        reader,
+        writer,
+        rbuf: BytesMut::with_capacity(1024),
+        wbuf: BytesMut::with_capacity(1024),
+        codec: MqttCodec::new(shared.settings.max_packet_size),
+        shared: shared.clone(),
+    };
+    let metrics = &shared.router.metrics;
+    let first = tokio::select! {
+        r = tokio::time::timeout(shared.settings.connect_timeout, conn.read_packet()) => r,
+        _ = shared.shutdown.cancelled() => return,
+    };
+    let connect = match first {
+        Err(_) => {
+            Metrics::inc(&metrics.connect_timeouts);
+            info!(%peer, "closing connection: no CONNECT within connect_timeout_ms");
+            return;
+        }
+        Ok(Ok(Some(Packet::Connect(c)))) => c,
+        Ok(Ok(None)) => return,
+        Ok(Ok(Some(other))) => {
+            Metrics::inc(&metrics.protocol_errors);
+            info!(%peer, packet = ?other.packet_type(), "closing connection: first packet is not CONNECT");
+            return;
+        }
+        Ok(Err(ReadError::Codec(CodecError::Decode(DecodeError::UnsupportedProtocolLevel)))) => {
+            Metrics::inc(&metrics.connections_refused);
+            info!(%peer, "refusing connection: unacceptable protocol version (CONNACK 1)");
+            refuse(&mut conn, ConnectAckReason::UnacceptableProtocolVersion).await;
+            return;
+        }
+        Ok(Err(ReadError::Codec(CodecError::Decode(DecodeError::InvalidClientId)))) => {
+            Metrics::inc(&metrics.connections_refused);
+            info!(%peer, "refusing connection: empty client id without clean session (CONNACK 2)");
+            refuse(&mut conn, ConnectAckReason::IdentifierRejected).await;
+            return;
+        }
+        Ok(Err(e)) => {
+            Metrics::inc(&metrics.protocol_errors);
+            info!(%peer, error = %e, "closing connection: invalid CONNECT");
+            return;
+        }
+    };
+    let Some((session, client, kick_rx, gone_tx)) = handshake(&mut conn, *connect, peer).await else { return };
+    let will = client.will.clone();
+    let end = run(&mut conn, &session, &client, kick_rx).await;
+    let _ = conn.flush().await;
+    teardown(&shared, &session, &client, end, will);
+    drop(gone_tx);
+}
+
+async fn refuse(conn: &mut Conn, reason: ConnectAckReason) {
+    conn.send(Packet::ConnectAck(ConnectAck { return_code: reason, session_present: false }));
+    let _ = conn.flush().await;
+}
+
+/// What the connection keeps about its client.
+struct Client {
+    info: ClientInfo,
+    /// Built once: every message from this client carries it.
+    origin: Origin,
+    conn_id: u64,
+    keep_alive: u16,
+    will: Option<Message>,
+}
+
+/// Checks the CONNECT, authenticates, attaches the session (taking over an
+/// older connection with the same client id) and sends CONNACK.
+async fn handshake(
+    conn: &mut Conn,
+    connect: Connect,
+    peer: SocketAddr,
+) -> Option<(Arc<Session>, Client, oneshot::Receiver<Kick>, oneshot::Sender<()>)> {
+    let shared = conn.shared.clone();
+    let metrics = &shared.router.metrics;
+    let client_id: Arc<str> = if connect.client_id.is_empty() {
+        format!("auto-{:016x}", rand::random::<u64>()).into()
+    } else {
+        Arc::from(&*connect.client_id)
+    };
+    if client_id.contains('\0') {
+        Metrics::inc(&metrics.connections_refused);
+        info!(%peer, "refusing connection: client id contains NUL (CONNACK 2)");
+        refuse(conn, ConnectAckReason::IdentifierRejected).await;
+        return None;
+    }
+    let info = ClientInfo {
+        client_id: client_id.to_string(),
+        username: connect.username.as_ref().map(|u| u.to_string()),
+        peer,
+    };
+    let refusal = match shared.auth.authenticate(&info, connect.password.as_deref()) {
+        ConnectDecision::Accept => None,
+        ConnectDecision::Refuse(r) => Some(r),
+        ConnectDecision::Abstain => Some(ConnectRefusal::NotAuthorized),
+    };
+    let will = match &connect.last_will {
+        None => None,
+        Some(w) => {
+            if let Err(e) = topic::validate_name(&w.topic) {
+                Metrics::inc(&metrics.protocol_errors);
+                info!(%peer, client_id = %client_id, error = %e, "closing connection: invalid will topic");
+                return None;
+            }
+            Some(Message::new(
+                w.topic.clone(),
+                w.message.clone(),
+                w.qos.value(),
+                w.retain,
+                Origin::Will(ByteString::from(&*client_id)),
+            ))
+        }
+    };
+    let refusal = refusal.or_else(|| {
+        let denied = will.as_ref().is_some_and(|w| !publish_allowed(&shared, &info, &w.topic));
+        denied.then_some(ConnectRefusal::NotAuthorized)
+    });
+    if let Some(r) = refusal {
+        Metrics::inc(&metrics.connections_refused);
+        let reason = match r {
+            ConnectRefusal::BadCredentials => ConnectAckReason::BadUserNameOrPassword,
+            ConnectRefusal::NotAuthorized => ConnectAckReason::NotAuthorized,
+        };
+        info!(%peer, client_id = %client_id, username = ?info.username, code = u8::from(reason), "refusing connection: {}", reason.reason());
+        refuse(conn, reason).await;
+        return None;
+    }
+
+    let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
+    let clean = connect.clean_session;
+    let router = &shared.router;
+    let (session, session_present, kick_rx, gone_tx) = loop {
+        let existing = router.session(&client_id);
+        if let Some(s) = &existing {
+            let attached = s.lock().attached.take();
+            if let Some(old) = attached {
+                info!(client_id = %client_id, "client take-over: closing the previous connection");
+                let _ = old.kick.send(Kick { publish_will: clean });
+                let _ = tokio::time::timeout(Duration::from_secs(5), old.gone).await;
+                continue;
+            }
+        }
+        let (kick_tx, kick_rx) = oneshot::channel();
+        let (gone_tx, gone_rx) = oneshot::channel();
+        let attached = Attached { conn_id, kick: kick_tx, gone: gone_rx };
+        match existing {
+            Some(s) if !clean && !s.lock().clean => {
+                let mut st = s.lock();
+                if st.attached.is_some() {
+                    continue;
+                }
+                st.attached = Some(attached);
+                drop(st);
+                break (s, true, kick_rx, gone_tx);
+            }
+            other => {
+                if let Some(old) = other {
+                    router.remove_session(&old);
+                }
+                let s = Arc::new(Session::new(client_id.clone(), clean));
+                s.lock().attached = Some(attached);
+                let mut map = router.sessions.lock().unwrap_or_else(|e| e.into_inner());
+                if map.contains_key(&client_id) {
+                    continue;
+                }
+                map.insert(client_id.clone(), s.clone());
+                drop(map);
+                break (s, false, kick_rx, gone_tx);
+            }
+        }
+    };
+    if !clean {
+        router.session_changed(&session);
+    }
+    Metrics::inc(&metrics.connections_accepted);
+    metrics.clients_connected.fetch_add(1, Ordering::Relaxed);
+    conn.send(Packet::ConnectAck(ConnectAck {
+        return_code: ConnectAckReason::ConnectionAccepted,
+        session_present,
+    }));
+    info!(
+        client_id = %client_id, %peer, username = ?info.username, clean_session = clean,
+        session_present, keep_alive = connect.keep_alive, protocol = connect.protocol.level(),
+        "client connected"
+    );
+    // Resume: what was in flight goes again, same packet ids, DUP = 1.
+    let resend: Vec<Outgoing> = session.lock().outgoing.iter().cloned().collect();
+    for o in resend {
+        match o.state {
+            OutState::AwaitPuback | OutState::AwaitPubrec => {
+                encode_publish(&mut conn.wbuf, &o.delivery, Some(o.packet_id), true);
+            }
+            OutState::AwaitPubcomp => conn.send(Packet::PublishRelease { packet_id: nz(o.packet_id) }),
+        }
+    }
+    let origin = Origin::Client(ByteString::from(&*client_id));
+    let client = Client { info, origin, conn_id, keep_alive: connect.keep_alive, will };
+    Some((session, client, kick_rx, gone_tx))
+}
+
+fn publish_allowed(shared: &Shared, info: &ClientInfo, topic: &str) -> bool {
+    if topic.starts_with("$SYS") {
+        return false;
+    }
+    shared.auth.authorize(info, Action::Publish, topic) == AclDecision::Allow
+}
+
+fn nz(id: u16) -> std::num::NonZeroU16 {
+    std::num::NonZeroU16::new(id).unwrap_or(std::num::NonZeroU16::MIN)
+}
+
+/// Writes a PUBLISH straight into the buffer: the hot path, without the
+/// boxing the generic encoder needs.
+fn encode_publish(buf: &mut BytesMut, d: &Delivery, packet_id: Option<u16>, dup: bool) {
+    let topic = d.message.topic.as_bytes();
+    let payload = &d.message.payload;
+    let remaining = 2 + topic.len() + if packet_id.is_some() { 2 } else { 0 } + payload.len();
+    let mut first = 0x30 | (d.qos << 1);
+    if d.retain {
+        first |= 0x01;
+    }
+    if dup {
+        first |= 0x08;
+    }
+    buf.reserve(5 + remaining);
+    buf.put_u8(first);
+    let mut len = remaining;
+    loop {
+        let mut byte = (len % 128) as u8;
+        len /= 128;
+        if len > 0 {
+            byte |= 0x80;
+        }
+        buf.put_u8(byte);
+        if len == 0 {
+            break;
+        }
+    }
+    buf.put_u16(topic.len() as u16);
+    buf.put_slice(topic);
+    if let Some(id) = packet_id {
+        buf.put_u16(id);
+    }
+    buf.put_slice(payload);
+}
+
+/// Moves queued deliveries into the write buffer, within the in-flight
+/// window. Returns true when more are ready than were taken.
+fn pump(conn: &mut Conn, session: &Session) -> bool {
+    let max_inflight = conn.shared.settings.max_inflight as usize;
+    let mut st = session.lock();
+    let mut sent = 0u64;
+    let mut persistent_change = false;
+    let more = loop {
+        let Some(front) = st.queue.front() else { break false };
+        if front.qos > 0 && st.outgoing.len() >= max_inflight {
+            break false;
+        }
+        if conn.wbuf.len() >= WRITE_HIGH_WATER {
+            break true;
+        }
+        let Some(d) = st.queue.pop_front() else { break false };
+        if d.qos == 0 {
+            encode_publish(&mut conn.wbuf, &d, None, false);
+        } else {
+            let id = st.next_packet_id();
+            encode_publish(&mut conn.wbuf, &d, Some(id), false);
+            let state = if d.qos == 1 { OutState::AwaitPuback } else { OutState::AwaitPubrec };
+            st.outgoing.push_back(Outgoing { packet_id: id, delivery: d, state });
+            persistent_change = true;
+        }
+        sent += 1;
+    };
+    let clean = st.clean;
+    drop(st);
+    if sent > 0 {
+        Metrics::add(&conn.shared.router.metrics.messages_sent, sent);
+    }
+    if persistent_change && !clean {
+        conn.shared.router.session_changed(session);
+    }
+    more
+}
+
+async fn run(conn: &mut Conn, session: &Arc<Session>, client: &Client, mut kick_rx: oneshot::Receiver<Kick>) -> End {
+    let shared = conn.shared.clone();
+    let keep_alive = (client.keep_alive > 0).then(|| Duration::from_millis(u64::from(client.keep_alive) * 1500));
+    let far = Duration::from_secs(86400 * 365);
+    let deadline = tokio::time::sleep(keep_alive.unwrap_or(far));
+    tokio::pin!(deadline);
+    loop {
+        // Packets already buffered (pipelined after CONNECT, or several per read).
+        loop {
+            match conn.codec.decode(&mut conn.rbuf) {
+                Ok(Some(packet)) => {
+                    if let Some(end) = handle(conn, session, client, packet) {
+                        return end;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return End::Protocol(e.to_string()),
+            }
+        }
+        let more = pump(conn, session);
+        if let Err(e) = conn.flush().await {
+            return End::Io(e);
+        }
+        if more {
+            session.notify.notify_one();
+        }
+        tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => return End::Shutdown,
+            k = &mut kick_rx => return End::Kicked(k.unwrap_or(Kick { publish_will: false })),
+            r = conn.reader.read_buf(&mut conn.rbuf) => match r {
+                Ok(0) => return End::Eof,
+                Ok(n) => {
+                    Metrics::add(&shared.router.metrics.bytes_received, n as u64);
+                    if let Some(ka) = keep_alive {
+                        deadline.as_mut().reset(Instant::now() + ka);
+                    }
+                }
+                Err(e) => return End::Io(e),
+            },
+            _ = session.notify.notified() => {}
+            _ = &mut deadline, if keep_alive.is_some() => return End::KeepAlive,
+        }
+    }
+}
+
+/// Handles one packet from a connected client. `Some(end)` closes.
+fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Packet) -> Option<End> {
+    let shared = conn.shared.clone();
+    let router = &shared.router;
+    let metrics = &router.metrics;
+    match packet {
+        Packet::Publish(p) => {
+            if let Err(e) = topic::validate_name(&p.topic) {
+                return Some(End::Protocol(format!("invalid topic name in PUBLISH: {e}")));
+            }
+            Metrics::inc(&metrics.messages_received);
+            let qos = p.qos.value();
+            let packet_id = p.packet_id.map(|id| id.get());
+            let allowed = publish_allowed(&shared, &client.info, &p.topic);
+            if !allowed {
+                Metrics::inc(&metrics.publish_denied);
+                info!(client_id = %client.info.client_id, username = ?client.info.username, topic = %p.topic, "PUBLISH denied by ACL, message dropped");
+            }
+            let message = || Message {
+                topic: p.topic.clone(),
+                payload: p.payload.clone(),
+                qos,
+                retain: p.retain,
+                origin: client.origin.clone(),
+                received_at: std::time::SystemTime::now(),
+            };
+            match (qos, packet_id) {
+                (0, _) => {
+                    if allowed {
+                        router.publish(message());
+                    }
+                }
+                (1, Some(id)) => {
+                    if allowed {
+                        router.publish(message());
+                    }
+                    conn.send(Packet::PublishAck { packet_id: nz(id) });
+                }
+                (2, Some(id)) => {
+                    let mut st = session.lock();
+                    let first_time = st.incoming_qos2.insert(id);
+                    let clean = st.clean;
+                    drop(st);
+                    if first_time {
+                        if allowed {
+                            router.publish(message());
+                        }
+                        if !clean {
+                            router.session_changed(session);
+                        }
+                    }
+                    conn.send(Packet::PublishReceived { packet_id: nz(id) });
+                }
+                _ => return Some(End::Protocol("PUBLISH without packet id".into())),
+            }
+        }
+        Packet::PublishAck { packet_id } => {
+            ack_outgoing(conn, session, packet_id.get(), OutState::AwaitPuback);
+        }
+        Packet::PublishReceived { packet_id } => {
+            let id = packet_id.get();
+            let mut st = session.lock();
+            if let Some(o) = st.outgoing.iter_mut().find(|o| o.packet_id == id) {
+                o.state = OutState::AwaitPubcomp;
+            }
+            let clean = st.clean;
+            drop(st);
+            if !clean {
+                router.session_changed(session);
+            }
+            conn.send(Packet::PublishRelease { packet_id });
+        }
+        Packet::PublishRelease { packet_id } => {
+            let mut st = session.lock();
+            st.incoming_qos2.remove(&packet_id.get());
+            let clean = st.clean;
+            drop(st);
+            if !clean {
+                router.session_changed(session);
+            }
+            conn.send(Packet::PublishComplete { packet_id });
+        }
+        Packet::PublishComplete { packet_id } => {
+            ack_outgoing(conn, session, packet_id.get(), OutState::AwaitPubcomp);
+        }
+        Packet::Subscribe { packet_id, topic_filters } => {
+            let mut codes = Vec::with_capacity(topic_filters.len());
+            let mut retained = Vec::new();
+            for (filter, qos) in topic_filters {
+                if let Err(e) = topic::validate_filter(&filter) {
+                    info!(client_id = %client.info.client_id, %filter, error = %e, "SUBSCRIBE refused: invalid filter");
+                    codes.push(SubscribeReturnCode::Failure);
+                    continue;
+                }
+                if shared.auth.authorize(&client.info, Action::Subscribe, &filter) != AclDecision::Allow {
+                    Metrics::inc(&metrics.subscribe_denied);
+                    info!(client_id = %client.info.client_id, username = ?client.info.username, %filter, "SUBSCRIBE denied by ACL (0x80)");
+                    codes.push(SubscribeReturnCode::Failure);
+                    continue;
+                }
+                let granted = qos.value();
+                session.lock().subscriptions.insert(filter.to_string(), granted);
+                router.subscribe(&filter, session, granted);
+                debug!(client_id = %client.info.client_id, %filter, qos = granted, "subscribed");
+                for m in router.retained_matching(&filter) {
+                    let q = m.qos.min(granted);
+                    retained.push(Delivery { message: m, qos: q, retain: true });
+                }
+                codes.push(SubscribeReturnCode::Success(qos));
+            }
+            conn.send(Packet::SubscribeAck { packet_id, status: codes });
+            if !session.lock().clean {
+                router.session_changed(session);
+            }
+            for d in retained {
+                router.deliver(session, d);
+            }
+        }
+        Packet::Unsubscribe { packet_id, topic_filters } => {
+            for filter in topic_filters {
+                session.lock().subscriptions.remove(&*filter);
+                router.unsubscribe(&filter, session);
+            }
+            if !session.lock().clean {
+                router.session_changed(session);
+            }
+            conn.send(Packet::UnsubscribeAck { packet_id });
+        }
+        Packet::PingRequest => conn.send(Packet::PingResponse),
+        Packet::Disconnect => return Some(End::Disconnect),
+        Packet::Connect(_) => return Some(End::Protocol("second CONNECT".into())),
+        other => {
+            return Some(End::Protocol(format!("unexpected packet type {:#04x} from a client", other.packet_type())));
+        }
+    }
+    None
+}
+
+fn ack_outgoing(conn: &Conn, session: &Session, id: u16, expected: OutState) {
+    let mut st = session.lock();
+    match st.outgoing.iter().position(|o| o.packet_id == id && o.state == expected) {
+        Some(i) => {
+            st.outgoing.remove(i);
+        }
+        None => debug!(client_id = %session.client_id, packet_id = id, "acknowledgement for an unknown packet id ignored"),
+    }
+    let clean = st.clean;
+    drop(st);
+    if !clean {
+        conn.shared.router.session_changed(session);
+    }
+    // A freed in-flight slot may let queued messages go.
+    session.notify.notify_one();
+}
+
+fn teardown(shared: &Shared, session: &Arc<Session>, client: &Client, end: End, will: Option<Message>) {
+    let router = &shared.router;
+    let metrics = &router.metrics;
+    metrics.clients_connected.fetch_sub(1, Ordering::Relaxed);
+    let mut st = session.lock();
+    let still_mine = st.attached.as_ref().is_some_and(|a| a.conn_id == client.conn_id);
+    if still_mine {
+        st.attached = None;
+    }
+    let clean = st.clean;
+    drop(st);
+    if still_mine && clean {
+        router.remove_session(session);
+    } else if !clean {
+        router.session_changed(session);
+    }
+    let client_id = &client.info.client_id;
+    match &end {
+        End::Disconnect => info!(%client_id, "client disconnected"),
+        End::Shutdown => debug!(%client_id, "connection closed: broker shutting down"),
+        End::Eof => info!(%client_id, "client closed the connection without DISCONNECT"),
+        End::Io(e) => info!(%client_id, error = %e, "connection lost"),
+        End::Kicked(_) => info!(%client_id, "connection closed: taken over by a new connection"),
+        End::KeepAlive => {
+            Metrics::inc(&metrics.keepalive_timeouts);
+            info!(%client_id, keep_alive = client.keep_alive, "connection closed: keep-alive timeout");
+        }
+        End::Protocol(why) => {
+            Metrics::inc(&metrics.protocol_errors);
+            warn!(%client_id, peer = %client.info.peer, error = %why, "connection closed: protocol violation");
+        }
+    }
+    if end.publishes_will() {
+        if let Some(w) = will {
+            Metrics::inc(&metrics.wills_published);
+            info!(%client_id, topic = %w.topic, "publishing will");
+            router.publish(w);
+        }
+    }
+}

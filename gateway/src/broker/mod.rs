@@ -1,0 +1,243 @@
+//! The embedded MQTT 3.1/3.1.1 broker.
+//!
+//! # Layout
+//! - [`codec`]: framing and packet checks on top of `rmqtt-codec`.
+//! - [`topic`], [`trie`]: topic names, filters, and the subscription tree.
+//! - [`session`]: per-client state that outlives a connection.
+//! - [`router`]: sessions, subscriptions, retained messages; routes every message.
+//! - [`connection`]: one task per client connection.
+//! - [`auth`]: password file, ACL, and the trait auth plugins implement.
+//! - [`store`]: SQLite persistence of sessions and retained messages.
+//! - [`sys`]: the `$SYS/broker/...` topics.
+//!
+//! [`Broker::start`] binds, restores what was saved, and returns a
+//! [`BrokerHandle`] with the bound address; [`BrokerHandle::shutdown`] stops
+//! accepting, closes connections, and saves sessions before returning.
+
+pub mod auth;
+pub mod codec;
+mod connection;
+pub mod router;
+pub mod session;
+pub mod store;
+mod sys;
+pub mod topic;
+pub mod trie;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::message::Message;
+use auth::Authenticator;
+use router::{Metrics, QueueLimits, Router};
+use store::{Batch, Store};
+
+#[derive(Debug, Error)]
+pub enum BrokerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthError),
+}
+
+/// Runtime settings of the broker, resolved from [`crate::config::BrokerConfig`].
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    pub listen: SocketAddr,
+    pub max_packet_size: u32,
+    pub max_connections: usize,
+    pub max_inflight: u16,
+    pub max_queued: usize,
+    pub queue_qos0_offline: bool,
+    pub connect_timeout: Duration,
+    pub sys_interval: Duration,
+    pub persist_interval: Duration,
+    /// None: sessions and retained messages live in memory only.
+    pub data_dir: Option<PathBuf>,
+}
+
+impl BrokerSettings {
+    /// Settings for tests and quick trials: loopback port 0, in-memory.
+    pub fn ephemeral() -> Self {
+        BrokerSettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            max_packet_size: 1024 * 1024,
+            max_connections: 10_000,
+            max_inflight: 32,
+            max_queued: 1000,
+            queue_qos0_offline: false,
+            connect_timeout: Duration::from_secs(10),
+            sys_interval: Duration::from_secs(10),
+            persist_interval: Duration::from_secs(1),
+            data_dir: None,
+        }
+    }
+}
+
+/// State shared by every connection task.
+pub(crate) struct Shared {
+    pub router: Router,
+    pub auth: Arc<dyn Authenticator>,
+    pub settings: BrokerSettings,
+    pub shutdown: CancellationToken,
+    pub started: Instant,
+}
+
+pub struct Broker;
+
+/// A running broker.
+pub struct BrokerHandle {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+    tracker: TaskTracker,
+    store: Option<Arc<Mutex<Store>>>,
+}
+
+impl Broker {
+    /// Binds the listener, restores saved state and starts serving.
+    pub async fn start(settings: BrokerSettings, auth: Arc<dyn Authenticator>) -> Result<BrokerHandle, BrokerError> {
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .map_err(|source| BrokerError::Bind { addr: settings.listen, source })?;
+        let local_addr = listener.local_addr().map_err(|source| BrokerError::Bind { addr: settings.listen, source })?;
+        let router = Router::new(QueueLimits {
+            max_queued: settings.max_queued,
+            queue_qos0_offline: settings.queue_qos0_offline,
+        });
+        let store = match &settings.data_dir {
+            Some(dir) => {
+                let store = Store::open(dir)?;
+                let (retained, sessions) = store.load()?;
+                info!(retained = retained.len(), sessions = sessions.len(), path = %dir.display(), "restored broker state");
+                router.restore_retained(retained);
+                let mut map = router.sessions.lock().unwrap_or_else(|e| e.into_inner());
+                for s in sessions {
+                    let s = Arc::new(s);
+                    let subs: Vec<(String, u8)> = s.lock().subscriptions.iter().map(|(f, q)| (f.clone(), *q)).collect();
+                    for (f, q) in subs {
+                        router.subscribe(&f, &s, q);
+                    }
+                    map.insert(s.client_id.clone(), s);
+                }
+                drop(map);
+                Some(Arc::new(Mutex::new(store)))
+            }
+            None => None,
+        };
+        let shared = Arc::new(Shared {
+            router,
+            auth,
+            settings,
+            shutdown: CancellationToken::new(),
+            started: Instant::now(),
+        });
+        let tracker = TaskTracker::new();
+        tracker.spawn(accept_loop(listener, shared.clone(), tracker.clone()));
+        tracker.spawn(sys::run(shared.clone()));
+        if let Some(store) = &store {
+            tracker.spawn(save_loop(shared.clone(), store.clone()));
+        }
+        info!(addr = %local_addr, "MQTT broker listening");
+        Ok(BrokerHandle { shared, local_addr, tracker, store })
+    }
+}
+
+impl BrokerHandle {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.router.metrics
+    }
+
+    /// Publishes a message as the broker (sources and tests use this).
+    pub fn publish(&self, message: Message) {
+        self.shared.router.publish(message);
+    }
+
+    /// Stops accepting, closes every connection (no wills), saves sessions
+    /// and retained messages, and returns when all is done.
+    pub async fn shutdown(self) {
+        self.shared.shutdown.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        if let Some(store) = self.store {
+            save_now(&self.shared, &store).await;
+        }
+        info!("MQTT broker stopped");
+    }
+}
+
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: TaskTracker) {
+    let open = Arc::new(AtomicUsize::new(0));
+    loop {
+        let accepted = tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Typically EMFILE: back off instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if open.load(Ordering::Relaxed) >= shared.settings.max_connections {
+            Metrics::inc(&shared.router.metrics.connections_over_limit);
+            warn!(%peer, max_connections = shared.settings.max_connections, "connection refused: max_connections reached");
+            drop(stream);
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        open.fetch_add(1, Ordering::Relaxed);
+        let shared = shared.clone();
+        let open = open.clone();
+        tracker.spawn(async move {
+            connection::serve(stream, peer, shared).await;
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+async fn save_loop(shared: Arc<Shared>, store: Arc<Mutex<Store>>) {
+    let mut tick = tokio::time::interval(shared.settings.persist_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => save_now(&shared, &store).await,
+        }
+    }
+}
+
+async fn save_now(shared: &Arc<Shared>, store: &Arc<Mutex<Store>>) {
+    let batch = Batch::collect(&shared.router);
+    if batch.is_empty() {
+        return;
+    }
+    let store = store.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let mut s = store.lock().unwrap_or_else(|e| e.into_inner());
+        s.save(&batch)
+    })
+    .await;
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => error!(error = %e, "saving sessions and retained messages failed"),
+        Err(e) => error!(error = %e, "session saver task failed"),
+    }
+}

@@ -1,0 +1,227 @@
+//! The broker's shared state: sessions by client id, the subscription tree,
+//! retained messages, counters. [`Router::publish`] is the one path every
+//! message takes to its subscribers, whether it came from a client, a will
+//! or `$SYS`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytestring::ByteString;
+
+use super::session::{Delivery, Session};
+use super::topic;
+use super::trie::SubscriptionTree;
+use crate::message::{Message, QoS};
+
+/// Counters, readable at any time (`$SYS`, logs, tests).
+#[derive(Default, Debug)]
+pub struct Metrics {
+    pub messages_received: AtomicU64,
+    pub messages_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    pub publish_denied: AtomicU64,
+    pub subscribe_denied: AtomicU64,
+    pub dropped_queue_full: AtomicU64,
+    pub dropped_no_subscriber: AtomicU64,
+    pub connections_accepted: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub connections_over_limit: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub connect_timeouts: AtomicU64,
+    pub keepalive_timeouts: AtomicU64,
+    pub wills_published: AtomicU64,
+    pub clients_connected: AtomicUsize,
+}
+
+impl Metrics {
+    pub fn inc(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+}
+
+/// Limits the router applies when queueing.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    pub max_queued: usize,
+    pub queue_qos0_offline: bool,
+}
+
+pub struct Router {
+    pub sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
+    subscriptions: RwLock<SubscriptionTree<Session>>,
+    retained: RwLock<HashMap<ByteString, Arc<Message>>>,
+    pub metrics: Metrics,
+    limits: QueueLimits,
+    /// Client ids whose persisted form must be rewritten or deleted.
+    dirty_sessions: Mutex<HashSet<Arc<str>>>,
+    /// Retained topics changed since the last save (None = deleted).
+    dirty_retained: Mutex<HashMap<ByteString, Option<Arc<Message>>>>,
+}
+
+impl Router {
+    pub fn new(limits: QueueLimits) -> Self {
+        Router {
+            sessions: Mutex::new(HashMap::new()),
+            subscriptions: RwLock::new(SubscriptionTree::default()),
+            retained: RwLock::new(HashMap::new()),
+            metrics: Metrics::default(),
+            limits,
+            dirty_sessions: Mutex::new(HashSet::new()),
+            dirty_retained: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Routes one message to every matching subscription, once per
+    /// subscriber at the highest granted QoS, and updates the retained store.
+    pub fn publish(&self, message: Message) {
+        let message = Arc::new(message);
+        if message.retain {
+            self.retain(&message);
+        }
+        let mut targets: Vec<(Arc<Session>, QoS)> = Vec::new();
+        {
+            let tree = self.subscriptions.read().unwrap_or_else(|e| e.into_inner());
+            tree.for_each_match(&message.topic, |s, granted| {
+                match targets.iter_mut().find(|(t, _)| Arc::ptr_eq(t, s)) {
+                    Some((_, q)) => *q = (*q).max(granted),
+                    None => targets.push((s.clone(), granted)),
+                }
+            });
+        }
+        if targets.is_empty() {
+            Metrics::inc(&self.metrics.dropped_no_subscriber);
+        }
+        for (session, granted) in targets {
+            let qos = message.qos.min(granted);
+            self.deliver(&session, Delivery { message: message.clone(), qos, retain: false });
+        }
+    }
+
+    /// Queues one delivery for one session and wakes its connection.
+    pub fn deliver(&self, session: &Arc<Session>, delivery: Delivery) {
+        {
+            let mut st = session.lock();
+            if st.attached.is_none() {
+                if st.clean || (delivery.qos == 0 && !self.limits.queue_qos0_offline) {
+                    return;
+                }
+            }
+            if st.queue.len() >= self.limits.max_queued {
+                st.queue.pop_front();
+                Metrics::inc(&self.metrics.dropped_queue_full);
+            }
+            let persist = !st.clean && delivery.qos > 0;
+            st.queue.push_back(delivery);
+            drop(st);
+            if persist {
+                self.session_changed(session);
+            }
+        }
+        session.notify.notify_one();
+    }
+
+    /// Records that a persistent session changed (cheap when already dirty).
+    pub fn session_changed(&self, session: &Session) {
+        if session.mark_dirty() {
+            self.mark_session_id(&session.client_id);
+        }
+    }
+
+    /// Enlists a client id for the next save, whatever its session is now.
+    pub fn mark_session_id(&self, client_id: &Arc<str>) {
+        self.dirty_sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(client_id.clone());
+    }
+
+    fn retain(&self, message: &Arc<Message>) {
+        let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
+        let change = if message.payload.is_empty() {
+            if retained.remove(&message.topic).is_none() {
+                return;
+            }
+            None
+        } else {
+            retained.insert(message.topic.clone(), message.clone());
+            Some(message.clone())
+        };
+        drop(retained);
+        if !message.topic.starts_with('$') {
+            self.dirty_retained.lock().unwrap_or_else(|e| e.into_inner()).insert(message.topic.clone(), change);
+        }
+    }
+
+    /// Restores retained messages at start-up (not marked dirty).
+    pub fn restore_retained(&self, messages: impl IntoIterator<Item = Message>) {
+        let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
+        for m in messages {
+            retained.insert(m.topic.clone(), Arc::new(m));
+        }
+    }
+
+    pub fn retained_count(&self) -> usize {
+        self.retained.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Retained messages matching a filter, oldest topic first is not
+    /// guaranteed; each is sent with retain = 1.
+    pub fn retained_matching(&self, filter: &str) -> Vec<Arc<Message>> {
+        let retained = self.retained.read().unwrap_or_else(|e| e.into_inner());
+        if !filter.contains(['+', '#']) {
+            return retained.get(filter).cloned().into_iter().collect();
+        }
+        retained.values().filter(|m| topic::matches(filter, &m.topic)).cloned().collect()
+    }
+
+    pub fn subscribe(&self, filter: &str, session: &Arc<Session>, qos: QoS) {
+        self.subscriptions.write().unwrap_or_else(|e| e.into_inner()).insert(filter, session, qos);
+    }
+
+    pub fn unsubscribe(&self, filter: &str, session: &Arc<Session>) -> bool {
+        self.subscriptions.write().unwrap_or_else(|e| e.into_inner()).remove(filter, session)
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.subscriptions.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Removes a session and all its subscriptions (clean session ended or
+    /// replaced). Only removes the map entry if it is still this session.
+    pub fn remove_session(&self, session: &Arc<Session>) {
+        let filters: Vec<String> = session.lock().subscriptions.keys().cloned().collect();
+        {
+            let mut tree = self.subscriptions.write().unwrap_or_else(|e| e.into_inner());
+            for f in &filters {
+                tree.remove(f, session);
+            }
+        }
+        let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        if sessions.get(&session.client_id).is_some_and(|s| Arc::ptr_eq(s, session)) {
+            sessions.remove(&session.client_id);
+        }
+        drop(sessions);
+        self.mark_session_id(&session.client_id);
+    }
+
+    /// Takes what must be saved: client ids to rewrite or delete, and
+    /// retained changes.
+    pub fn take_dirty(&self) -> (Vec<Arc<str>>, HashMap<ByteString, Option<Arc<Message>>>) {
+        let ids = std::mem::take(&mut *self.dirty_sessions.lock().unwrap_or_else(|e| e.into_inner()));
+        let retained = std::mem::take(&mut *self.dirty_retained.lock().unwrap_or_else(|e| e.into_inner()));
+        (ids.into_iter().collect(), retained)
+    }
+
+    pub fn session(&self, client_id: &str) -> Option<Arc<Session>> {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).get(client_id).cloned()
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}

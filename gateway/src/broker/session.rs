@@ -1,0 +1,157 @@
+//! A client's session: its subscriptions, the messages waiting for it, the
+//! QoS 1/2 exchanges in flight both ways. It outlives the TCP connection
+//! when the client asked for a persistent session (clean session = 0).
+//!
+//! The router pushes deliveries into [`SessionState::queue`] and wakes the
+//! connection task through [`Session::notify`]; the connection task moves
+//! them to `outgoing` as it sends them and removes them on PUBACK/PUBCOMP.
+//! Because the queue and the in-flight table live here rather than in the
+//! connection task, a disconnect loses nothing and a resume redelivers the
+//! in-flight messages with the same packet ids.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use tokio::sync::{oneshot, Notify};
+
+use crate::message::{Message, QoS};
+
+/// One message on its way to one client.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    pub message: Arc<Message>,
+    /// min(publish QoS, granted QoS).
+    pub qos: QoS,
+    /// Set only for retained messages sent because of a new subscription.
+    pub retain: bool,
+}
+
+/// Where an outgoing QoS 1/2 message stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutState {
+    /// QoS 1 PUBLISH sent, waiting for PUBACK.
+    AwaitPuback,
+    /// QoS 2 PUBLISH sent, waiting for PUBREC.
+    AwaitPubrec,
+    /// PUBREL sent, waiting for PUBCOMP.
+    AwaitPubcomp,
+}
+
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub packet_id: u16,
+    pub delivery: Delivery,
+    pub state: OutState,
+}
+
+/// Sent to a connection to make it close.
+#[derive(Debug, Clone, Copy)]
+pub struct Kick {
+    /// Publish the will of the kicked connection (take-over by a clean session).
+    pub publish_will: bool,
+}
+
+/// The connection currently attached to a session.
+pub struct Attached {
+    pub conn_id: u64,
+    pub kick: oneshot::Sender<Kick>,
+    /// Resolves (with an error) when the connection task has detached.
+    pub gone: oneshot::Receiver<()>,
+}
+
+pub struct SessionState {
+    pub clean: bool,
+    pub attached: Option<Attached>,
+    pub subscriptions: HashMap<String, QoS>,
+    pub queue: VecDeque<Delivery>,
+    pub outgoing: VecDeque<Outgoing>,
+    /// QoS 2 packet ids received and PUBREC'd, waiting for PUBREL.
+    pub incoming_qos2: HashSet<u16>,
+    next_packet_id: u16,
+}
+
+impl SessionState {
+    /// A packet id not in use by an outgoing exchange.
+    pub fn next_packet_id(&mut self) -> u16 {
+        loop {
+            self.next_packet_id = self.next_packet_id.wrapping_add(1);
+            if self.next_packet_id == 0 {
+                self.next_packet_id = 1;
+            }
+            let id = self.next_packet_id;
+            if !self.outgoing.iter().any(|o| o.packet_id == id) {
+                return id;
+            }
+        }
+    }
+
+    pub fn last_packet_id(&self) -> u16 {
+        self.next_packet_id
+    }
+}
+
+pub struct Session {
+    pub client_id: Arc<str>,
+    state: Mutex<SessionState>,
+    /// Wakes the attached connection when something was queued.
+    pub notify: Notify,
+    /// Set when the persistent part changed since the last save.
+    dirty: AtomicBool,
+}
+
+impl Session {
+    pub fn new(client_id: Arc<str>, clean: bool) -> Self {
+        Session {
+            client_id,
+            state: Mutex::new(SessionState {
+                clean,
+                attached: None,
+                subscriptions: HashMap::new(),
+                queue: VecDeque::new(),
+                outgoing: VecDeque::new(),
+                incoming_qos2: HashSet::new(),
+                next_packet_id: 0,
+            }),
+            notify: Notify::new(),
+            dirty: AtomicBool::new(false),
+        }
+    }
+
+    /// Rebuilds a persisted session (offline, clean = false).
+    pub fn restore(
+        client_id: Arc<str>,
+        subscriptions: HashMap<String, QoS>,
+        queue: VecDeque<Delivery>,
+        outgoing: VecDeque<Outgoing>,
+        incoming_qos2: HashSet<u16>,
+        last_packet_id: u16,
+    ) -> Self {
+        let s = Session::new(client_id, false);
+        {
+            let mut st = s.lock();
+            st.subscriptions = subscriptions;
+            st.queue = queue;
+            st.outgoing = outgoing;
+            st.incoming_qos2 = incoming_qos2;
+            st.next_packet_id = last_packet_id;
+        }
+        s
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, SessionState> {
+        // A panic while holding a session lock is a bug; the state itself
+        // is still consistent enough to keep serving others.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks the session for the next save. Returns true the first time
+    /// since the last [`Session::take_dirty`], so the caller can enlist it.
+    pub fn mark_dirty(&self) -> bool {
+        !self.dirty.swap(true, Ordering::AcqRel)
+    }
+
+    pub fn take_dirty(&self) -> bool {
+        self.dirty.swap(false, Ordering::AcqRel)
+    }
+}

@@ -1,0 +1,23 @@
+//! Capteurs gateway: an edge IoT gateway with an embedded MQTT broker.
+//!
+//! # Data flow
+//! ```text
+//! sources (serial, BLE)  ──┐
+//!                          ├─> plugins (WASM) ─> broker ─> buffer (SQLite) ─> upstream (cloud)
+//! MQTT clients ────────────┘                      │
+//!                                                 └─> local subscribers
+//! ```
+//! One type, [`message::Message`], flows through every stage.
+//!
+//! # Layout
+//! - [`config`]: the TOML configuration tree, its defaults and checks.
+//! - [`message`]: the message type.
+//! - [`broker`]: the embedded MQTT 3.1.1 broker (sessions, retained, auth, `$SYS`, persistence).
+//! - [`gateway`]: wires the stages from a configuration and runs them until shutdown.
+
+pub mod broker;
+pub mod config;
+pub mod gateway;
+pub mod message;
+
+pub use config::GatewayConfig;
