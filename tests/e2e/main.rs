@@ -1,0 +1,5 @@
+//! End-to-end tests: real MQTT clients (raw, paho-mqtt, mosquitto-clients)
+//! over loopback TCP against the gateway. One test binary, as Vector does.
+
+mod broker;
+mod persistence;

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Runs the whole test suite, installing what the tests need when it is missing:
+# Debian's mosquitto + mosquitto-clients (the cloud stand-in and interop
+# clients), Python paho-mqtt 1.6.1 in ./.venv (the API the course is written
+# in), and the wasm32-wasip2 target (rust-toolchain.toml lists it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] || ! command -v mosquitto_sub >/dev/null 2>&1; then
+  echo "== installing mosquitto and mosquitto-clients"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
+fi
+
+if ! .venv/bin/python3 -c 'import paho.mqtt, sys; sys.exit(0 if paho.mqtt.__version__.startswith("1.6") else 1)' 2>/dev/null; then
+  echo "== creating .venv with paho-mqtt 1.6.1"
+  rm -rf .venv
+  python3 -m venv .venv
+  .venv/bin/pip install -q --disable-pip-version-check paho-mqtt==1.6.1
+fi
+export CAPTEURS_PYTHON="$PWD/.venv/bin/python3"
+
+rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
+
+echo "== building"
+cargo build --workspace --all-targets
+echo "== testing"
+cargo test --workspace --no-fail-fast
