@@ -17,11 +17,17 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../configs/gateway.toml");
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{origin}: {message}")]
     Parse { origin: String, message: String },
     #[error("{origin}: invalid configuration:\n{}", problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
-    Invalid { origin: String, problems: Vec<String> },
+    Invalid {
+        origin: String,
+        problems: Vec<String>,
+    },
 }
 
 /// The whole configuration tree.
@@ -59,7 +65,10 @@ pub struct GatewaySection {
 
 impl Default for GatewaySection {
     fn default() -> Self {
-        GatewaySection { id: "capteurs".into(), data_dir: PathBuf::from("./capteurs-data") }
+        GatewaySection {
+            id: "capteurs".into(),
+            data_dir: PathBuf::from("./capteurs-data"),
+        }
     }
 }
 
@@ -111,32 +120,48 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info".into() }
+        LogConfig {
+            level: "info".into(),
+        }
     }
 }
 
 impl GatewayConfig {
     /// The embedded default (`configs/gateway.toml`).
     pub fn embedded_default() -> Result<Self, ConfigError> {
-        Self::parse(DEFAULT_CONFIG, "embedded default configuration", Path::new("."))
+        Self::parse(
+            DEFAULT_CONFIG,
+            "embedded default configuration",
+            Path::new("."),
+        )
     }
 
     /// Reads and checks a file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        let base = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         Self::parse(&text, &path.display().to_string(), base)
     }
 
     /// Parses and checks TOML text; `origin` names it in errors.
     pub fn parse(text: &str, origin: &str, base_dir: &Path) -> Result<Self, ConfigError> {
-        let mut cfg: GatewayConfig = toml::from_str(text)
-            .map_err(|e| ConfigError::Parse { origin: origin.to_owned(), message: e.to_string() })?;
+        let mut cfg: GatewayConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            origin: origin.to_owned(),
+            message: e.to_string(),
+        })?;
         cfg.base_dir = base_dir.to_owned();
         let problems = cfg.validate(text);
         if !problems.is_empty() {
-            return Err(ConfigError::Invalid { origin: origin.to_owned(), problems });
+            return Err(ConfigError::Invalid {
+                origin: origin.to_owned(),
+                problems,
+            });
         }
         Ok(cfg)
     }
@@ -154,10 +179,18 @@ impl GatewayConfig {
         };
         let b = &self.broker;
         if let Err(e) = b.listen.parse::<SocketAddr>() {
-            bad("broker", "listen", format!("{:?} is not an address:port ({e})", b.listen));
+            bad(
+                "broker",
+                "listen",
+                format!("{:?} is not an address:port ({e})", b.listen),
+            );
         }
         if b.max_packet_size < 64 || b.max_packet_size > 268_435_455 {
-            bad("broker", "max_packet_size", "must be between 64 and 268435455 bytes".into());
+            bad(
+                "broker",
+                "max_packet_size",
+                "must be between 64 and 268435455 bytes".into(),
+            );
         }
         if b.max_connections == 0 {
             bad("broker", "max_connections", "must be at least 1".into());
@@ -177,19 +210,34 @@ impl GatewayConfig {
         if b.persist_interval_ms == 0 {
             bad("broker", "persist_interval_ms", "must be at least 1".into());
         }
-        for (key, file) in [("password_file", &b.password_file), ("acl_file", &b.acl_file)] {
+        for (key, file) in [
+            ("password_file", &b.password_file),
+            ("acl_file", &b.acl_file),
+        ] {
             if let Some(f) = file {
                 let p = self.resolve(f);
                 if !p.is_file() {
-                    bad("broker", key, format!("{} does not exist or is not a file", p.display()));
+                    bad(
+                        "broker",
+                        key,
+                        format!("{} does not exist or is not a file", p.display()),
+                    );
                 }
             }
         }
         if self.gateway.id.is_empty() || self.gateway.id.contains(['/', '+', '#', '\0']) {
-            bad("gateway", "id", "must be non-empty and contain no '/', '+', '#' or NUL".into());
+            bad(
+                "gateway",
+                "id",
+                "must be non-empty and contain no '/', '+', '#' or NUL".into(),
+            );
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            bad("log", "level", format!("{:?} is not a log filter ({e})", self.log.level));
+            bad(
+                "log",
+                "level",
+                format!("{:?} is not a log filter ({e})", self.log.level),
+            );
         }
         problems
     }
@@ -252,9 +300,13 @@ mod tests {
 
     #[test]
     fn unknown_key_names_line() {
-        let err = GatewayConfig::parse("[broker]\nlisten = \"127.0.0.1:1\"\nlisten_port = 3\n", "t.toml", Path::new("."))
-            .unwrap_err()
-            .to_string();
+        let err = GatewayConfig::parse(
+            "[broker]\nlisten = \"127.0.0.1:1\"\nlisten_port = 3\n",
+            "t.toml",
+            Path::new("."),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("line 3"), "{err}");
         assert!(err.contains("listen_port"), "{err}");
     }
@@ -263,9 +315,17 @@ mod tests {
     fn semantic_errors_are_all_reported_with_lines() {
         let text = "[broker]\nlisten = \"nowhere\"\n\nmax_inflight = 0\n";
         let err = GatewayConfig::parse(text, "t.toml", Path::new(".")).unwrap_err();
-        let ConfigError::Invalid { problems, .. } = err else { panic!("{err}") };
+        let ConfigError::Invalid { problems, .. } = err else {
+            panic!("{err}")
+        };
         assert_eq!(problems.len(), 2, "{problems:?}");
-        assert!(problems[0].starts_with("line 2: broker.listen"), "{problems:?}");
-        assert!(problems[1].starts_with("line 4: broker.max_inflight"), "{problems:?}");
+        assert!(
+            problems[0].starts_with("line 2: broker.listen"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].starts_with("line 4: broker.max_inflight"),
+            "{problems:?}"
+        );
     }
 }

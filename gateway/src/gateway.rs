@@ -26,7 +26,10 @@ pub enum Error {
 /// Broker settings from the configuration.
 pub fn broker_settings(cfg: &GatewayConfig) -> Result<BrokerSettings, Error> {
     let b = &cfg.broker;
-    let listen: SocketAddr = b.listen.parse().map_err(|_| Error::Listen(b.listen.clone()))?;
+    let listen: SocketAddr = b
+        .listen
+        .parse()
+        .map_err(|_| Error::Listen(b.listen.clone()))?;
     Ok(BrokerSettings {
         listen,
         max_packet_size: b.max_packet_size,
@@ -46,7 +49,11 @@ pub fn authenticator(cfg: &GatewayConfig) -> Result<FileAuth, Error> {
     let b = &cfg.broker;
     let passwd = b.password_file.as_ref().map(|p| cfg.resolve(p));
     let acl = b.acl_file.as_ref().map(|p| cfg.resolve(p));
-    Ok(FileAuth::new(b.allow_anonymous, passwd.as_deref(), acl.as_deref())?)
+    Ok(FileAuth::new(
+        b.allow_anonymous,
+        passwd.as_deref(),
+        acl.as_deref(),
+    )?)
 }
 
 /// Starts every stage.

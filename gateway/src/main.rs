@@ -77,7 +77,12 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             println!("{}: OK", file.display());
             Ok(())
         }
-        Some(Command::Passwd { file, user, password, delete }) => {
+        Some(Command::Passwd {
+            file,
+            user,
+            password,
+            delete,
+        }) => {
             if delete {
                 passwd::delete_user(&file, &user)?;
                 return Ok(());
@@ -87,7 +92,10 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 None => {
                     eprint!("Password for {user}: ");
                     let mut line = String::new();
-                    std::io::stdin().lock().read_line(&mut line).context("reading the password")?;
+                    std::io::stdin()
+                        .lock()
+                        .read_line(&mut line)
+                        .context("reading the password")?;
                     line.trim_end_matches(['\r', '\n']).to_owned()
                 }
             };
@@ -124,7 +132,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
 fn init_logging(level: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let ansi = std::io::stderr().is_terminal();
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 /// Installs the SIGINT/SIGTERM handlers now (before the broker announces

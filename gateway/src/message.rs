@@ -35,7 +35,13 @@ pub struct Message {
 }
 
 impl Message {
-    pub fn new(topic: impl Into<ByteString>, payload: impl Into<Bytes>, qos: QoS, retain: bool, origin: Origin) -> Self {
+    pub fn new(
+        topic: impl Into<ByteString>,
+        payload: impl Into<Bytes>,
+        qos: QoS,
+        retain: bool,
+        origin: Origin,
+    ) -> Self {
         Message {
             topic: topic.into(),
             payload: payload.into(),

@@ -30,9 +30,17 @@ fn start(data_dir: &Path, extra: &[&str]) -> (Child, SocketAddr, mpsc::Receiver<
         }
     });
     let addr = loop {
-        let line = rx.recv_timeout(Duration::from_secs(20)).expect("gateway logs its address");
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("gateway logs its address");
         if line.contains("MQTT broker listening") {
-            let a = line.split("addr=").nth(1).expect("addr field").split_whitespace().next().unwrap();
+            let a = line
+                .split("addr=")
+                .nth(1)
+                .expect("addr field")
+                .split_whitespace()
+                .next()
+                .unwrap();
             break a.parse().expect("socket address");
         }
     };
@@ -89,7 +97,11 @@ fn subscribe_and_read_one(s: &mut TcpStream, filter: &str) -> Vec<u8> {
 }
 
 fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill").args([sig, &child.id().to_string()]).status().unwrap().success();
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
     assert!(ok);
 }
 
@@ -109,7 +121,11 @@ fn sigterm_saves_state_and_exits_zero_then_restart_restores_it() {
     let dir = tempfile::tempdir().unwrap();
     let (mut child, addr, _log) = start(dir.path(), &[]);
     let mut c = mqtt_connect(addr, "writer");
-    publish_retained_qos1(&mut c, "capteurs/temperature/fr/aubiere/rue_chebarde", b"21.37");
+    publish_retained_qos1(
+        &mut c,
+        "capteurs/temperature/fr/aubiere/rue_chebarde",
+        b"21.37",
+    );
     signal(&child, "-TERM");
     let status = wait_exit(&mut child);
     assert!(status.success(), "exit status {status:?}");
@@ -130,7 +146,8 @@ fn classroom_config_runs() {
     // Anonymous refused with CONNACK 5 in the classroom.
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"\x10\x0e\x00\x04MQTT\x04\x02\x00\x3c\x00\x02an").unwrap();
+    s.write_all(b"\x10\x0e\x00\x04MQTT\x04\x02\x00\x3c\x00\x02an")
+        .unwrap();
     let mut connack = [0u8; 4];
     s.read_exact(&mut connack).unwrap();
     assert_eq!(connack, [0x20, 2, 0, 5]);
@@ -143,31 +160,69 @@ fn check_config_reports_key_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "[broker]\nlisten = \"nowhere\"\nmax_inflight = 0\n").unwrap();
-    let out = Command::new(BIN).arg("check-config").arg(&bad).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&bad)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("line 2: broker.listen"), "{err}");
     assert!(err.contains("line 3: broker.max_inflight"), "{err}");
 
     let typo = dir.path().join("typo.toml");
-    std::fs::write(&typo, "[broker]\nlisten = \"127.0.0.1:1883\"\nallow_anonymus = true\n").unwrap();
-    let out = Command::new(BIN).arg("check-config").arg(&typo).output().unwrap();
+    std::fs::write(
+        &typo,
+        "[broker]\nlisten = \"127.0.0.1:1883\"\nallow_anonymus = true\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&typo)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("line 3") && err.contains("allow_anonymus"), "{err}");
+    assert!(
+        err.contains("line 3") && err.contains("allow_anonymus"),
+        "{err}"
+    );
 
     let good = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/gateway.toml");
-    let out = Command::new(BIN).arg("check-config").arg(&good).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn passwd_command_writes_a_usable_file() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("passwd");
-    let out = Command::new(BIN).arg("passwd").arg(&file).args(["G1", "--password", "isimaG1"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let mut child = Command::new(BIN).arg("passwd").arg(&file).arg("G2").stdin(Stdio::piped()).spawn().unwrap();
+    let out = Command::new(BIN)
+        .arg("passwd")
+        .arg(&file)
+        .args(["G1", "--password", "isimaG1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut child = Command::new(BIN)
+        .arg("passwd")
+        .arg(&file)
+        .arg("G2")
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
     child.stdin.take().unwrap().write_all(b"isimaG2\n").unwrap();
     assert!(child.wait().unwrap().success());
     let text = std::fs::read_to_string(&file).unwrap();
@@ -175,9 +230,17 @@ fn passwd_command_writes_a_usable_file() {
     assert!(text.lines().any(|l| l.starts_with("G2:$7$")), "{text}");
 
     let cfg = dir.path().join("gw.toml");
-    std::fs::write(&cfg, "[broker]\nallow_anonymous = false\npassword_file = \"passwd\"\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "[broker]\nallow_anonymous = false\npassword_file = \"passwd\"\n",
+    )
+    .unwrap();
     let (mut gw, addr, _log) = start(dir.path(), &["--config", cfg.to_str().unwrap()]);
-    for (user, pass, code) in [("G1", "isimaG1", 0u8), ("G2", "isimaG2", 0), ("G2", "isimaG1", 4)] {
+    for (user, pass, code) in [
+        ("G1", "isimaG1", 0u8),
+        ("G2", "isimaG2", 0),
+        ("G2", "isimaG1", 4),
+    ] {
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
         let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0xc2, 0, 60, 0, 1, b'x'];

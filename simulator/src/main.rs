@@ -5,10 +5,16 @@
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "capteurs-sim", version, about = "Capteurs simulator (course replay, fleets, bench)")]
+#[command(
+    name = "capteurs-sim",
+    version,
+    about = "Capteurs simulator (course replay, fleets, bench)"
+)]
 struct Cli {}
 
 fn main() -> anyhow::Result<()> {
     let _cli = Cli::parse();
-    anyhow::bail!("no subcommand yet: course, fleet, serial and bench come with the simulator issue")
+    anyhow::bail!(
+        "no subcommand yet: course, fleet, serial and bench come with the simulator issue"
+    )
 }

@@ -17,16 +17,26 @@ fn qos(n: u8) -> QoS {
 #[tokio::test]
 async fn connack_codes() {
     let b = TestBroker::start(classroom_auth(), |_| {}).await;
-    let (_, ack) = RawClient::connect_with(b.addr, &ConnectOpts::new("a").login("G1", "isimaG1")).await;
+    let (_, ack) =
+        RawClient::connect_with(b.addr, &ConnectOpts::new("a").login("G1", "isimaG1")).await;
     assert_eq!(ack.return_code, ConnectAckReason::ConnectionAccepted);
-    let (_, ack) = RawClient::connect_with(b.addr, &ConnectOpts::new("b").login("G1", "wrong")).await;
+    let (_, ack) =
+        RawClient::connect_with(b.addr, &ConnectOpts::new("b").login("G1", "wrong")).await;
     assert_eq!(ack.return_code, ConnectAckReason::BadUserNameOrPassword);
-    let (_, ack) = RawClient::connect_with(b.addr, &ConnectOpts::new("c").login("nobody", "x")).await;
+    let (_, ack) =
+        RawClient::connect_with(b.addr, &ConnectOpts::new("c").login("nobody", "x")).await;
     assert_eq!(ack.return_code, ConnectAckReason::BadUserNameOrPassword);
     let (_, ack) = RawClient::connect_with(b.addr, &ConnectOpts::new("d")).await;
-    assert_eq!(ack.return_code, ConnectAckReason::NotAuthorized, "anonymous refused in the classroom");
+    assert_eq!(
+        ack.return_code,
+        ConnectAckReason::NotAuthorized,
+        "anonymous refused in the classroom"
+    );
     // Will topic the user may not publish to: not authorised.
-    let opts = ConnectOpts::new("e").login("G1", "isimaG1").will("isima/G2", "x", QoS::AtMostOnce, false);
+    let opts =
+        ConnectOpts::new("e")
+            .login("G1", "isimaG1")
+            .will("isima/G2", "x", QoS::AtMostOnce, false);
     let (_, ack) = RawClient::connect_with(b.addr, &opts).await;
     assert_eq!(ack.return_code, ConnectAckReason::NotAuthorized);
 }
@@ -36,17 +46,24 @@ async fn connack_protocol_and_identifier() {
     let b = TestBroker::open().await;
     // Protocol level 6 → CONNACK 1, then close.
     let mut c = RawClient::tcp(b.addr).await;
-    c.send_raw(b"\x10\x10\x00\x04MQTT\x06\x02\x00\x3c\x00\x04abcd").await;
+    c.send_raw(b"\x10\x10\x00\x04MQTT\x06\x02\x00\x3c\x00\x04abcd")
+        .await;
     match c.recv().await {
-        Some(Packet::ConnectAck(ack)) => assert_eq!(ack.return_code, ConnectAckReason::UnacceptableProtocolVersion),
+        Some(Packet::ConnectAck(ack)) => assert_eq!(
+            ack.return_code,
+            ConnectAckReason::UnacceptableProtocolVersion
+        ),
         other => panic!("expected CONNACK 1, got {other:?}"),
     }
     c.expect_closed().await;
     // Empty client id with clean session 0 → CONNACK 2.
     let mut c = RawClient::tcp(b.addr).await;
-    c.send_raw(b"\x10\x0c\x00\x04MQTT\x04\x00\x00\x3c\x00\x00").await;
+    c.send_raw(b"\x10\x0c\x00\x04MQTT\x04\x00\x00\x3c\x00\x00")
+        .await;
     match c.recv().await {
-        Some(Packet::ConnectAck(ack)) => assert_eq!(ack.return_code, ConnectAckReason::IdentifierRejected),
+        Some(Packet::ConnectAck(ack)) => {
+            assert_eq!(ack.return_code, ConnectAckReason::IdentifierRejected)
+        }
         other => panic!("expected CONNACK 2, got {other:?}"),
     }
     c.expect_closed().await;
@@ -55,14 +72,18 @@ async fn connack_protocol_and_identifier() {
     c.subscribe("x", QoS::AtMostOnce).await;
     // MQTT 3.1 (MQIsdp) still accepted.
     let mut c = RawClient::tcp(b.addr).await;
-    c.send_raw(b"\x10\x12\x00\x06MQIsdp\x03\x02\x00\x3c\x00\x04abcd").await;
+    c.send_raw(b"\x10\x12\x00\x06MQIsdp\x03\x02\x00\x3c\x00\x04abcd")
+        .await;
     match c.recv().await {
-        Some(Packet::ConnectAck(ack)) => assert_eq!(ack.return_code, ConnectAckReason::ConnectionAccepted),
+        Some(Packet::ConnectAck(ack)) => {
+            assert_eq!(ack.return_code, ConnectAckReason::ConnectionAccepted)
+        }
         other => panic!("expected CONNACK 0, got {other:?}"),
     }
     // Unknown protocol name: closed without CONNACK.
     let mut c = RawClient::tcp(b.addr).await;
-    c.send_raw(b"\x10\x10\x00\x04MQTX\x04\x02\x00\x3c\x00\x04abcd").await;
+    c.send_raw(b"\x10\x10\x00\x04MQTX\x04\x02\x00\x3c\x00\x04abcd")
+        .await;
     c.expect_closed().await;
 }
 
@@ -88,20 +109,43 @@ async fn session_present_flag() {
 async fn wildcards_and_dollar_topics() {
     let b = TestBroker::open().await;
     let mut sub = RawClient::connect(b.addr, &ConnectOpts::new("sub")).await;
-    sub.subscribe("capteurs/+/fr/aubiere/rue_chebarde", QoS::AtMostOnce).await;
+    sub.subscribe("capteurs/+/fr/aubiere/rue_chebarde", QoS::AtMostOnce)
+        .await;
     sub.subscribe("isima/#", QoS::AtMostOnce).await;
     let mut all = RawClient::connect(b.addr, &ConnectOpts::new("all")).await;
     all.subscribe("#", QoS::AtMostOnce).await;
     let mut p = RawClient::connect(b.addr, &ConnectOpts::new("pub")).await;
-    p.publish("capteurs/temperature/fr/aubiere/rue_chebarde", b"21.37", QoS::AtMostOnce, false).await;
-    p.publish("capteurs/temperature/fr/clermont/rue_chebarde", b"no", QoS::AtMostOnce, false).await;
+    p.publish(
+        "capteurs/temperature/fr/aubiere/rue_chebarde",
+        b"21.37",
+        QoS::AtMostOnce,
+        false,
+    )
+    .await;
+    p.publish(
+        "capteurs/temperature/fr/clermont/rue_chebarde",
+        b"no",
+        QoS::AtMostOnce,
+        false,
+    )
+    .await;
     p.publish("isima", b"parent", QoS::AtMostOnce, false).await;
     let r = sub.receive().await;
-    assert_eq!((r.topic.as_str(), &r.payload[..]), ("capteurs/temperature/fr/aubiere/rue_chebarde", &b"21.37"[..]));
+    assert_eq!(
+        (r.topic.as_str(), &r.payload[..]),
+        (
+            "capteurs/temperature/fr/aubiere/rue_chebarde",
+            &b"21.37"[..]
+        )
+    );
     let r = sub.receive().await;
     assert_eq!(r.topic, "isima", "isima/# matches isima itself");
     sub.expect_nothing().await;
-    for t in ["capteurs/temperature/fr/aubiere/rue_chebarde", "capteurs/temperature/fr/clermont/rue_chebarde", "isima"] {
+    for t in [
+        "capteurs/temperature/fr/aubiere/rue_chebarde",
+        "capteurs/temperature/fr/clermont/rue_chebarde",
+        "isima",
+    ] {
         assert_eq!(all.receive().await.topic, t);
     }
     // `#` does not match $SYS topics, even though $SYS/broker/version is retained.
@@ -110,20 +154,40 @@ async fn wildcards_and_dollar_topics() {
     sys.subscribe("$SYS/broker/version", QoS::AtMostOnce).await;
     let r = sys.receive().await;
     assert!(r.retain);
-    assert!(String::from_utf8(r.payload).unwrap().starts_with("capteurs-gateway"));
+    assert!(String::from_utf8(r.payload)
+        .unwrap()
+        .starts_with("capteurs-gateway"));
 }
 
 #[tokio::test]
 async fn invalid_filters_get_failure_and_invalid_topics_close() {
     let b = TestBroker::open().await;
     let mut c = RawClient::connect(b.addr, &ConnectOpts::new("c")).await;
-    let codes = c.subscribe_many(&[("a/#/b", QoS::AtMostOnce), ("ok/+", QoS::AtLeastOnce), ("a+", QoS::AtMostOnce)]).await;
+    let codes = c
+        .subscribe_many(&[
+            ("a/#/b", QoS::AtMostOnce),
+            ("ok/+", QoS::AtLeastOnce),
+            ("a+", QoS::AtMostOnce),
+        ])
+        .await;
     assert_eq!(
         codes,
-        vec![SubscribeReturnCode::Failure, SubscribeReturnCode::Success(QoS::AtLeastOnce), SubscribeReturnCode::Failure]
+        vec![
+            SubscribeReturnCode::Failure,
+            SubscribeReturnCode::Success(QoS::AtLeastOnce),
+            SubscribeReturnCode::Failure
+        ]
     );
     // A wildcard in a PUBLISH topic is a protocol violation: closed.
-    c.send(publish_packet("a/+", b"x", QoS::AtMostOnce, false, None, false)).await;
+    c.send(publish_packet(
+        "a/+",
+        b"x",
+        QoS::AtMostOnce,
+        false,
+        None,
+        false,
+    ))
+    .await;
     c.expect_closed().await;
     let errors = Metrics::get(&b.handle().metrics().protocol_errors);
     assert!(errors >= 1);
@@ -135,12 +199,16 @@ async fn qos_is_min_of_publish_and_granted() {
     let mut subs = Vec::new();
     for g in 0..3u8 {
         let mut s = RawClient::connect(b.addr, &ConnectOpts::new(&format!("s{g}"))).await;
-        assert_eq!(s.subscribe("q/t", qos(g)).await, SubscribeReturnCode::Success(qos(g)));
+        assert_eq!(
+            s.subscribe("q/t", qos(g)).await,
+            SubscribeReturnCode::Success(qos(g))
+        );
         subs.push(s);
     }
     let mut p = RawClient::connect(b.addr, &ConnectOpts::new("p")).await;
     for pq in 0..3u8 {
-        p.publish("q/t", format!("{pq}").as_bytes(), qos(pq), false).await;
+        p.publish("q/t", format!("{pq}").as_bytes(), qos(pq), false)
+            .await;
         for (g, s) in subs.iter_mut().enumerate() {
             let r = s.receive().await;
             assert_eq!(r.qos, pq.min(g as u8), "publish QoS {pq}, granted {g}");
@@ -172,13 +240,35 @@ async fn qos2_inbound_is_delivered_once_despite_duplicates() {
     s.subscribe("t", QoS::AtMostOnce).await;
     let mut p = RawClient::connect(b.addr, &ConnectOpts::new("p")).await;
     let id = std::num::NonZeroU16::new(7).unwrap();
-    p.send(publish_packet("t", b"x", QoS::ExactlyOnce, false, Some(id), false)).await;
-    assert!(matches!(p.recv().await, Some(Packet::PublishReceived { packet_id }) if packet_id == id));
+    p.send(publish_packet(
+        "t",
+        b"x",
+        QoS::ExactlyOnce,
+        false,
+        Some(id),
+        false,
+    ))
+    .await;
+    assert!(
+        matches!(p.recv().await, Some(Packet::PublishReceived { packet_id }) if packet_id == id)
+    );
     // The same packet again (DUP): PUBREC again, but no second delivery.
-    p.send(publish_packet("t", b"x", QoS::ExactlyOnce, false, Some(id), true)).await;
-    assert!(matches!(p.recv().await, Some(Packet::PublishReceived { packet_id }) if packet_id == id));
+    p.send(publish_packet(
+        "t",
+        b"x",
+        QoS::ExactlyOnce,
+        false,
+        Some(id),
+        true,
+    ))
+    .await;
+    assert!(
+        matches!(p.recv().await, Some(Packet::PublishReceived { packet_id }) if packet_id == id)
+    );
     p.send(Packet::PublishRelease { packet_id: id }).await;
-    assert!(matches!(p.recv().await, Some(Packet::PublishComplete { packet_id }) if packet_id == id));
+    assert!(
+        matches!(p.recv().await, Some(Packet::PublishComplete { packet_id }) if packet_id == id)
+    );
     assert_eq!(s.receive().await.payload, b"x");
     s.expect_nothing().await;
 }
@@ -218,7 +308,7 @@ async fn retained_messages() {
     // Wildcard subscription gets every retained match.
     let mut w = RawClient::connect(b.addr, &ConnectOpts::new("w")).await;
     w.subscribe("isima/+", QoS::AtMostOnce).await;
-    let mut got = vec![w.receive().await, w.receive().await];
+    let mut got = [w.receive().await, w.receive().await];
     got.sort_by(|a, b| a.topic.cmp(&b.topic));
     assert_eq!(got[0].payload, b"live");
     assert_eq!(got[1].payload, b"g2");
@@ -245,10 +335,13 @@ async fn persistent_session_queues_while_offline_in_order() {
     s.disconnect().await;
     let mut p = RawClient::connect(b.addr, &ConnectOpts::new("p")).await;
     for i in 0..20 {
-        p.publish("f/x", format!("{i}").as_bytes(), QoS::AtLeastOnce, false).await;
+        p.publish("f/x", format!("{i}").as_bytes(), QoS::AtLeastOnce, false)
+            .await;
     }
-    p.publish("f/x", b"qos0-not-queued", QoS::AtMostOnce, false).await;
-    let (mut s, ack) = RawClient::connect_with(b.addr, &ConnectOpts::new("persist").clean(false)).await;
+    p.publish("f/x", b"qos0-not-queued", QoS::AtMostOnce, false)
+        .await;
+    let (mut s, ack) =
+        RawClient::connect_with(b.addr, &ConnectOpts::new("persist").clean(false)).await;
     assert!(ack.session_present);
     for i in 0..20 {
         let r = s.receive().await;
@@ -268,7 +361,8 @@ async fn offline_queue_is_bounded_oldest_dropped() {
     s.disconnect().await;
     let mut p = RawClient::connect(b.addr, &ConnectOpts::new("p")).await;
     for i in 0..8 {
-        p.publish("b", format!("{i}").as_bytes(), QoS::AtLeastOnce, false).await;
+        p.publish("b", format!("{i}").as_bytes(), QoS::AtLeastOnce, false)
+            .await;
     }
     let mut s = RawClient::connect(b.addr, &ConnectOpts::new("small").clean(false)).await;
     for i in 3..8 {
@@ -294,16 +388,26 @@ async fn unacknowledged_messages_are_redelivered_with_dup_and_same_id() {
     let mut s = RawClient::connect(b.addr, &ConnectOpts::new("redeliver").clean(false)).await;
     let again1 = s.expect_publish().await;
     let again2 = s.expect_publish().await;
-    assert_eq!((again1.packet_id, again1.dup, &again1.payload[..]), (first.packet_id, true, &b"one"[..]));
-    assert_eq!((again2.packet_id, again2.dup, &again2.payload[..]), (second.packet_id, true, &b"two"[..]));
+    assert_eq!(
+        (again1.packet_id, again1.dup, &again1.payload[..]),
+        (first.packet_id, true, &b"one"[..])
+    );
+    assert_eq!(
+        (again2.packet_id, again2.dup, &again2.payload[..]),
+        (second.packet_id, true, &b"two"[..])
+    );
     s.ack(&again1).await;
     // QoS 2: acknowledge with PUBREC, then drop before PUBCOMP: PUBREL is resent.
     let id = std::num::NonZeroU16::new(again2.packet_id.unwrap()).unwrap();
     s.send(Packet::PublishReceived { packet_id: id }).await;
-    assert!(matches!(s.recv().await, Some(Packet::PublishRelease { packet_id }) if packet_id == id));
+    assert!(
+        matches!(s.recv().await, Some(Packet::PublishRelease { packet_id }) if packet_id == id)
+    );
     s.kill();
     let mut s = RawClient::connect(b.addr, &ConnectOpts::new("redeliver").clean(false)).await;
-    assert!(matches!(s.recv().await, Some(Packet::PublishRelease { packet_id }) if packet_id == id));
+    assert!(
+        matches!(s.recv().await, Some(Packet::PublishRelease { packet_id }) if packet_id == id)
+    );
     s.send(Packet::PublishComplete { packet_id: id }).await;
     s.expect_nothing().await;
     // The UNSUBSCRIBE after a resume gets its UNSUBACK.
@@ -317,7 +421,8 @@ async fn inflight_window_holds_the_rest_in_the_queue() {
     s.subscribe("w", QoS::AtLeastOnce).await;
     let mut p = RawClient::connect(b.addr, &ConnectOpts::new("p")).await;
     for i in 0..5 {
-        p.publish("w", format!("{i}").as_bytes(), QoS::AtLeastOnce, false).await;
+        p.publish("w", format!("{i}").as_bytes(), QoS::AtLeastOnce, false)
+            .await;
     }
     let a = s.expect_publish().await;
     let b2 = s.expect_publish().await;
@@ -338,7 +443,11 @@ async fn will_on_abrupt_close_not_after_disconnect() {
     let b = TestBroker::open().await;
     let mut w = RawClient::connect(b.addr, &ConnectOpts::new("watcher")).await;
     w.subscribe("isima/LWT", QoS::AtLeastOnce).await;
-    let c = RawClient::connect(b.addr, &ConnectOpts::new("dies").will("isima/LWT", "Lost Connection", QoS::AtLeastOnce, true)).await;
+    let c = RawClient::connect(
+        b.addr,
+        &ConnectOpts::new("dies").will("isima/LWT", "Lost Connection", QoS::AtLeastOnce, true),
+    )
+    .await;
     c.kill();
     let r = w.receive().await;
     assert_eq!((&r.payload[..], r.qos), (&b"Lost Connection"[..], 1));
@@ -348,7 +457,11 @@ async fn will_on_abrupt_close_not_after_disconnect() {
     let r = late.receive().await;
     assert!(r.retain);
     // A clean DISCONNECT: no will.
-    let c = RawClient::connect(b.addr, &ConnectOpts::new("polite").will("isima/LWT", "polite", QoS::AtMostOnce, false)).await;
+    let c = RawClient::connect(
+        b.addr,
+        &ConnectOpts::new("polite").will("isima/LWT", "polite", QoS::AtMostOnce, false),
+    )
+    .await;
     c.disconnect().await;
     w.expect_nothing().await;
 }
@@ -358,7 +471,11 @@ async fn will_on_protocol_violation() {
     let b = TestBroker::open().await;
     let mut w = RawClient::connect(b.addr, &ConnectOpts::new("watcher")).await;
     w.subscribe("lwt", QoS::AtMostOnce).await;
-    let mut c = RawClient::connect(b.addr, &ConnectOpts::new("bad").will("lwt", "violated", QoS::AtMostOnce, false)).await;
+    let mut c = RawClient::connect(
+        b.addr,
+        &ConnectOpts::new("bad").will("lwt", "violated", QoS::AtMostOnce, false),
+    )
+    .await;
     c.send(ConnectOpts::new("bad").packet()).await; // second CONNECT
     c.expect_closed().await;
     assert_eq!(w.receive().await.payload, b"violated");
@@ -370,10 +487,19 @@ async fn keep_alive_timeout_fires_will_and_zero_disables_it() {
     let mut w = RawClient::connect(b.addr, &ConnectOpts::new("watcher").keep_alive(0)).await;
     w.subscribe("ka", QoS::AtMostOnce).await;
     let started = std::time::Instant::now();
-    let mut silent = RawClient::connect(b.addr, &ConnectOpts::new("silent").keep_alive(1).will("ka", "timeout", QoS::AtMostOnce, false)).await;
+    let mut silent = RawClient::connect(
+        b.addr,
+        &ConnectOpts::new("silent")
+            .keep_alive(1)
+            .will("ka", "timeout", QoS::AtMostOnce, false),
+    )
+    .await;
     assert_eq!(w.receive().await.payload, b"timeout");
     let waited = started.elapsed();
-    assert!(waited >= std::time::Duration::from_millis(1400), "closed after {waited:?}, before 1.5 × keep-alive");
+    assert!(
+        waited >= std::time::Duration::from_millis(1400),
+        "closed after {waited:?}, before 1.5 × keep-alive"
+    );
     silent.expect_closed().await;
     assert_eq!(Metrics::get(&b.handle().metrics().keepalive_timeouts), 1);
     // PINGREQ keeps a connection alive past its keep-alive.
@@ -393,7 +519,9 @@ async fn take_over_closes_old_connection_will_only_without_resume() {
     let b = TestBroker::open().await;
     let mut w = RawClient::connect(b.addr, &ConnectOpts::new("watcher")).await;
     w.subscribe("to", QoS::AtMostOnce).await;
-    let opts = ConnectOpts::new("same").clean(false).will("to", "will-1", QoS::AtMostOnce, false);
+    let opts = ConnectOpts::new("same")
+        .clean(false)
+        .will("to", "will-1", QoS::AtMostOnce, false);
     let mut old = RawClient::connect(b.addr, &opts).await;
     old.subscribe("kept", QoS::AtLeastOnce).await;
     // New connection resumes the session: old is closed, no will.
@@ -406,7 +534,8 @@ async fn take_over_closes_old_connection_will_only_without_resume() {
     p.publish("kept", b"k", QoS::AtLeastOnce, false).await;
     assert_eq!(new.receive().await.payload, b"k");
     // A clean-session take-over: the old connection's will fires.
-    let (mut newer, ack) = RawClient::connect_with(b.addr, &ConnectOpts::new("same").clean(true)).await;
+    let (mut newer, ack) =
+        RawClient::connect_with(b.addr, &ConnectOpts::new("same").clean(true)).await;
     assert!(!ack.session_present);
     new.expect_closed().await;
     assert_eq!(w.receive().await.payload, b"will-1");
@@ -417,7 +546,10 @@ async fn take_over_closes_old_connection_will_only_without_resume() {
 
 #[tokio::test]
 async fn sys_topics_are_published_and_refreshed() {
-    let b = TestBroker::start(open_auth(), |s| s.sys_interval = std::time::Duration::from_millis(200)).await;
+    let b = TestBroker::start(open_auth(), |s| {
+        s.sys_interval = std::time::Duration::from_millis(200)
+    })
+    .await;
     let mut s = RawClient::connect(b.addr, &ConnectOpts::new("sys")).await;
     s.subscribe("$SYS/#", QoS::AtMostOnce).await;
     let required = [
@@ -451,16 +583,29 @@ async fn sys_topics_are_published_and_refreshed() {
 async fn classroom_acl_denies_subscribe_and_publish() {
     let b = TestBroker::start(classroom_auth(), |_| {}).await;
     let mut g2 = RawClient::connect(b.addr, &ConnectOpts::new("g2").login("G2", "isimaG2")).await;
-    let codes = g2.subscribe_many(&[("isima/#", QoS::AtMostOnce), ("#", QoS::AtMostOnce), ("my_topic", QoS::AtMostOnce)]).await;
+    let codes = g2
+        .subscribe_many(&[
+            ("isima/#", QoS::AtMostOnce),
+            ("#", QoS::AtMostOnce),
+            ("my_topic", QoS::AtMostOnce),
+        ])
+        .await;
     assert_eq!(
         codes,
-        vec![SubscribeReturnCode::Success(QoS::AtMostOnce), SubscribeReturnCode::Failure, SubscribeReturnCode::Failure]
+        vec![
+            SubscribeReturnCode::Success(QoS::AtMostOnce),
+            SubscribeReturnCode::Failure,
+            SubscribeReturnCode::Failure
+        ]
     );
     let mut g1 = RawClient::connect(b.addr, &ConnectOpts::new("g1").login("G1", "isimaG1")).await;
-    g1.publish("isima/G2", b"intrus", QoS::AtLeastOnce, false).await; // acked, but dropped
+    g1.publish("isima/G2", b"intrus", QoS::AtLeastOnce, false)
+        .await; // acked, but dropped
     g1.publish("isima", b"intrus", QoS::AtMostOnce, false).await;
-    g1.publish("isima/G1", b"mine", QoS::AtMostOnce, false).await;
-    g1.publish("isima/G1/sensor1", b"mine too", QoS::AtMostOnce, false).await;
+    g1.publish("isima/G1", b"mine", QoS::AtMostOnce, false)
+        .await;
+    g1.publish("isima/G1/sensor1", b"mine too", QoS::AtMostOnce, false)
+        .await;
     assert_eq!(g2.receive().await.payload, b"mine");
     assert_eq!(g2.receive().await.payload, b"mine too");
     g2.expect_nothing().await;
@@ -471,7 +616,10 @@ async fn classroom_acl_denies_subscribe_and_publish() {
 
 #[tokio::test]
 async fn connect_timeout_closes_silent_sockets() {
-    let b = TestBroker::start(open_auth(), |s| s.connect_timeout = std::time::Duration::from_millis(200)).await;
+    let b = TestBroker::start(open_auth(), |s| {
+        s.connect_timeout = std::time::Duration::from_millis(200)
+    })
+    .await;
     let mut c = RawClient::tcp(b.addr).await;
     c.expect_closed().await;
     assert_eq!(Metrics::get(&b.handle().metrics().connect_timeouts), 1);
@@ -485,7 +633,10 @@ async fn max_connections_is_enforced() {
     let mut c = RawClient::tcp(b.addr).await;
     c.send(ConnectOpts::new("c").packet()).await;
     c.expect_closed().await;
-    assert_eq!(Metrics::get(&b.handle().metrics().connections_over_limit), 1);
+    assert_eq!(
+        Metrics::get(&b.handle().metrics().connections_over_limit),
+        1
+    );
 }
 
 #[tokio::test]
@@ -496,7 +647,15 @@ async fn max_packet_size_is_enforced() {
     let mut c = RawClient::connect(b.addr, &ConnectOpts::new("c")).await;
     c.publish("big", &[b'x'; 900], QoS::AtMostOnce, false).await;
     assert_eq!(s.receive().await.payload.len(), 900);
-    c.send(publish_packet("big", &[b'x'; 2000], QoS::AtMostOnce, false, None, false)).await;
+    c.send(publish_packet(
+        "big",
+        &[b'x'; 2000],
+        QoS::AtMostOnce,
+        false,
+        None,
+        false,
+    ))
+    .await;
     c.expect_closed().await;
     s.expect_nothing().await;
 }
@@ -510,26 +669,61 @@ async fn malformed_packets_close_only_the_offender() {
     good.subscribe("still/#", QoS::AtLeastOnce).await;
     let connect = b"\x10\x0e\x00\x04MQTT\x04\x02\x00\x3c\x00\x02ev".to_vec();
     let cases: Vec<(&str, Vec<u8>, bool)> = vec![
-        ("packet before CONNECT", b"\x82\x06\x00\x01\x00\x01a\x00".to_vec(), false),
+        (
+            "packet before CONNECT",
+            b"\x82\x06\x00\x01\x00\x01a\x00".to_vec(),
+            false,
+        ),
         ("garbage first byte", b"\x00\x00".to_vec(), false),
-        ("five-byte remaining length", b"\x30\xff\xff\xff\xff\x01".to_vec(), true),
-        ("wrong remaining length (too short for topic)", b"\x30\x02\x00\x05ab".to_vec(), true),
-        ("invalid UTF-8 topic", b"\x30\x05\x00\x02\xff\xfex".to_vec(), true),
+        (
+            "five-byte remaining length",
+            b"\x30\xff\xff\xff\xff\x01".to_vec(),
+            true,
+        ),
+        (
+            "wrong remaining length (too short for topic)",
+            b"\x30\x02\x00\x05ab".to_vec(),
+            true,
+        ),
+        (
+            "invalid UTF-8 topic",
+            b"\x30\x05\x00\x02\xff\xfex".to_vec(),
+            true,
+        ),
         ("NUL in topic", b"\x30\x05\x00\x02a\x00x".to_vec(), true),
         ("second CONNECT", connect.clone(), true),
         ("PINGREQ with body", b"\xc0\x01\x00".to_vec(), true),
-        ("reserved SUBSCRIBE option bits", b"\x82\x06\x00\x01\x00\x01a\x04".to_vec(), true),
-        ("SUBSCRIBE with wrong fixed-header flags", b"\x80\x06\x00\x01\x00\x01a\x00".to_vec(), true),
+        (
+            "reserved SUBSCRIBE option bits",
+            b"\x82\x06\x00\x01\x00\x01a\x04".to_vec(),
+            true,
+        ),
+        (
+            "SUBSCRIBE with wrong fixed-header flags",
+            b"\x80\x06\x00\x01\x00\x01a\x00".to_vec(),
+            true,
+        ),
         ("QoS 3 PUBLISH", b"\x36\x05\x00\x01a\x00\x01".to_vec(), true),
-        ("PUBLISH QoS 1 with packet id 0", b"\x32\x05\x00\x01a\x00\x00".to_vec(), true),
+        (
+            "PUBLISH QoS 1 with packet id 0",
+            b"\x32\x05\x00\x01a\x00\x00".to_vec(),
+            true,
+        ),
         ("CONNACK from a client", b"\x20\x02\x00\x00".to_vec(), true),
-        ("password without user name", b"\x10\x12\x00\x04MQTT\x04\x42\x00\x3c\x00\x02ab\x00\x02pw".to_vec(), false),
+        (
+            "password without user name",
+            b"\x10\x12\x00\x04MQTT\x04\x42\x00\x3c\x00\x02ab\x00\x02pw".to_vec(),
+            false,
+        ),
     ];
     for (what, bytes, after_connect) in cases {
         let mut c = RawClient::tcp(b.addr).await;
         if after_connect {
             c.send_raw(&connect).await;
-            assert!(matches!(c.recv().await, Some(Packet::ConnectAck(_))), "{what}: CONNACK");
+            assert!(
+                matches!(c.recv().await, Some(Packet::ConnectAck(_))),
+                "{what}: CONNACK"
+            );
         }
         c.send_raw(&bytes).await;
         match c.recv_within(WAIT).await {
@@ -538,7 +732,8 @@ async fn malformed_packets_close_only_the_offender() {
         }
     }
     let mut p = RawClient::connect(b.addr, &ConnectOpts::new("p")).await;
-    p.publish("still/alive", b"yes", QoS::AtLeastOnce, false).await;
+    p.publish("still/alive", b"yes", QoS::AtLeastOnce, false)
+        .await;
     assert_eq!(good.receive().await.payload, b"yes");
     assert!(Metrics::get(&b.handle().metrics().protocol_errors) >= 12);
 }
@@ -548,7 +743,11 @@ async fn truncated_packet_then_close_publishes_will() {
     let b = TestBroker::open().await;
     let mut w = RawClient::connect(b.addr, &ConnectOpts::new("w")).await;
     w.subscribe("cut", QoS::AtMostOnce).await;
-    let mut c = RawClient::connect(b.addr, &ConnectOpts::new("c").will("cut", "gone", QoS::AtMostOnce, false)).await;
+    let mut c = RawClient::connect(
+        b.addr,
+        &ConnectOpts::new("c").will("cut", "gone", QoS::AtMostOnce, false),
+    )
+    .await;
     c.send_raw(b"\x30\x10\x00\x03abc").await; // announces 16 bytes, sends 5
     c.kill();
     assert_eq!(w.receive().await.payload, b"gone");

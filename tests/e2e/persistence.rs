@@ -9,17 +9,31 @@ async fn retained_and_sessions_survive_restart() {
     let data = dir.path().to_owned();
     let mut b = TestBroker::start(open_auth(), |s| s.data_dir = Some(data.clone())).await;
     let mut p = RawClient::connect(b.addr, &ConnectOpts::new("p")).await;
-    p.publish("capteurs/temperature/fr/aubiere/rue_chebarde", b"21.37", QoS::AtLeastOnce, true).await;
-    p.publish("gone", b"soon deleted", QoS::AtMostOnce, true).await;
+    p.publish(
+        "capteurs/temperature/fr/aubiere/rue_chebarde",
+        b"21.37",
+        QoS::AtLeastOnce,
+        true,
+    )
+    .await;
+    p.publish("gone", b"soon deleted", QoS::AtMostOnce, true)
+        .await;
     p.publish("gone", b"", QoS::AtMostOnce, true).await;
     // A persistent subscriber, offline with queued messages and one in flight.
     let mut s = RawClient::connect(b.addr, &ConnectOpts::new("keeper").clean(false)).await;
     s.subscribe("cmd/#", QoS::ExactlyOnce).await;
-    p.publish("cmd/1", b"in flight", QoS::AtLeastOnce, false).await;
+    p.publish("cmd/1", b"in flight", QoS::AtLeastOnce, false)
+        .await;
     let inflight = s.expect_publish().await;
     s.kill();
     for i in 0..3 {
-        p.publish("cmd/2", format!("queued {i}").as_bytes(), QoS::ExactlyOnce, false).await;
+        p.publish(
+            "cmd/2",
+            format!("queued {i}").as_bytes(),
+            QoS::ExactlyOnce,
+            false,
+        )
+        .await;
     }
     // A clean session leaves nothing behind.
     let c = RawClient::connect(b.addr, &ConnectOpts::new("ephemeral")).await;
@@ -31,14 +45,29 @@ async fn retained_and_sessions_survive_restart() {
     let mut r = RawClient::connect(b.addr, &ConnectOpts::new("reader")).await;
     r.subscribe("#", QoS::AtLeastOnce).await;
     let got = r.receive().await;
-    assert_eq!((got.topic.as_str(), &got.payload[..], got.retain), ("capteurs/temperature/fr/aubiere/rue_chebarde", &b"21.37"[..], true));
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..], got.retain),
+        (
+            "capteurs/temperature/fr/aubiere/rue_chebarde",
+            &b"21.37"[..],
+            true
+        )
+    );
     r.expect_nothing().await; // "gone" stayed deleted
-    let (mut s, ack) = RawClient::connect_with(b.addr, &ConnectOpts::new("keeper").clean(false)).await;
+    let (mut s, ack) =
+        RawClient::connect_with(b.addr, &ConnectOpts::new("keeper").clean(false)).await;
     assert!(ack.session_present, "persistent session restored");
     let again = s.expect_publish().await;
-    assert_eq!((again.packet_id, again.dup, &again.payload[..]), (inflight.packet_id, true, &b"in flight"[..]));
+    assert_eq!(
+        (again.packet_id, again.dup, &again.payload[..]),
+        (inflight.packet_id, true, &b"in flight"[..])
+    );
     s.ack(&again).await;
-    let queued = [s.expect_publish().await, s.expect_publish().await, s.expect_publish().await];
+    let queued = [
+        s.expect_publish().await,
+        s.expect_publish().await,
+        s.expect_publish().await,
+    ];
     for (i, m) in queued.iter().enumerate() {
         assert_eq!(m.payload, format!("queued {i}").as_bytes());
         assert_eq!(m.qos, 2);
@@ -48,8 +77,10 @@ async fn retained_and_sessions_survive_restart() {
     }
     // The subscription itself was restored.
     let mut p = RawClient::connect(b.addr, &ConnectOpts::new("p2")).await;
-    p.publish("cmd/3", b"after restart", QoS::AtLeastOnce, false).await;
+    p.publish("cmd/3", b"after restart", QoS::AtLeastOnce, false)
+        .await;
     assert_eq!(s.receive().await.payload, b"after restart");
-    let (_, ack) = RawClient::connect_with(b.addr, &ConnectOpts::new("ephemeral").clean(false)).await;
+    let (_, ack) =
+        RawClient::connect_with(b.addr, &ConnectOpts::new("ephemeral").clean(false)).await;
     assert!(!ack.session_present, "clean sessions are not persisted");
 }

@@ -13,7 +13,9 @@ use capteurs_gateway::broker::auth::{Authenticator, FileAuth};
 use capteurs_gateway::broker::{Broker, BrokerHandle, BrokerSettings};
 use rmqtt_codec::types::Protocol;
 pub use rmqtt_codec::types::QoS;
-pub use rmqtt_codec::v3::{Codec, Connect, ConnectAck, ConnectAckReason, LastWill, Packet, SubscribeReturnCode};
+pub use rmqtt_codec::v3::{
+    Codec, Connect, ConnectAck, ConnectAckReason, LastWill, Packet, SubscribeReturnCode,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::codec::{Decoder, Encoder};
@@ -25,7 +27,10 @@ pub const QUIET: Duration = Duration::from_millis(300);
 
 /// The workspace root (for configs/ and the course scripts).
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_owned()
 }
 
 /// Every client allowed, no passwords.
@@ -37,7 +42,12 @@ pub fn open_auth() -> Arc<dyn Authenticator> {
 pub fn classroom_auth() -> Arc<dyn Authenticator> {
     let c = workspace().join("configs");
     Arc::new(
-        FileAuth::new(false, Some(&c.join("classroom.passwd")), Some(&c.join("classroom.acl"))).expect("classroom auth"),
+        FileAuth::new(
+            false,
+            Some(&c.join("classroom.passwd")),
+            Some(&c.join("classroom.acl")),
+        )
+        .expect("classroom auth"),
     )
 }
 
@@ -49,12 +59,21 @@ pub struct TestBroker {
 }
 
 impl TestBroker {
-    pub async fn start(auth: Arc<dyn Authenticator>, tweak: impl FnOnce(&mut BrokerSettings)) -> TestBroker {
+    pub async fn start(
+        auth: Arc<dyn Authenticator>,
+        tweak: impl FnOnce(&mut BrokerSettings),
+    ) -> TestBroker {
         let mut settings = BrokerSettings::ephemeral();
         tweak(&mut settings);
-        let handle = Broker::start(settings.clone(), auth).await.expect("broker starts");
+        let handle = Broker::start(settings.clone(), auth)
+            .await
+            .expect("broker starts");
         let addr = handle.local_addr();
-        TestBroker { handle: Some(handle), addr, settings }
+        TestBroker {
+            handle: Some(handle),
+            addr,
+            settings,
+        }
     }
 
     pub async fn open() -> TestBroker {
@@ -110,7 +129,12 @@ impl ConnectOpts {
         self
     }
     pub fn will(mut self, topic: &str, payload: &str, qos: QoS, retain: bool) -> Self {
-        self.will = Some(LastWill { qos, retain, topic: topic.into(), message: Bytes::from(payload.to_owned()) });
+        self.will = Some(LastWill {
+            qos,
+            retain,
+            topic: topic.into(),
+            message: Bytes::from(payload.to_owned()),
+        });
         self
     }
     pub fn packet(&self) -> Packet {
@@ -150,7 +174,12 @@ impl RawClient {
     pub async fn tcp(addr: SocketAddr) -> RawClient {
         let stream = TcpStream::connect(addr).await.expect("TCP connect");
         stream.set_nodelay(true).ok();
-        RawClient { stream, rbuf: BytesMut::new(), codec: Codec::new(0), next_id: 0 }
+        RawClient {
+            stream,
+            rbuf: BytesMut::new(),
+            codec: Codec::new(0),
+            next_id: 0,
+        }
     }
 
     /// TCP connect, CONNECT, and return the CONNACK.
@@ -166,7 +195,12 @@ impl RawClient {
     /// Connects and asserts the connection is accepted.
     pub async fn connect(addr: SocketAddr, opts: &ConnectOpts) -> RawClient {
         let (c, ack) = Self::connect_with(addr, opts).await;
-        assert_eq!(ack.return_code, ConnectAckReason::ConnectionAccepted, "CONNACK for {}", opts.client_id);
+        assert_eq!(
+            ack.return_code,
+            ConnectAckReason::ConnectionAccepted,
+            "CONNACK for {}",
+            opts.client_id
+        );
         c
     }
 
@@ -187,10 +221,17 @@ impl RawClient {
 
     /// Next packet within `d`: `Err` on timeout, `Ok(None)` when the
     /// broker closed the connection.
-    pub async fn recv_within(&mut self, d: Duration) -> Result<Option<Packet>, tokio::time::error::Elapsed> {
+    pub async fn recv_within(
+        &mut self,
+        d: Duration,
+    ) -> Result<Option<Packet>, tokio::time::error::Elapsed> {
         tokio::time::timeout(d, async {
             loop {
-                if let Some((p, _)) = self.codec.decode(&mut self.rbuf).expect("broker sent a malformed packet") {
+                if let Some((p, _)) = self
+                    .codec
+                    .decode(&mut self.rbuf)
+                    .expect("broker sent a malformed packet")
+                {
                     return Some(p);
                 }
                 match self.stream.read_buf(&mut self.rbuf).await {
@@ -204,7 +245,9 @@ impl RawClient {
 
     /// Next packet; panics if none arrives within [`WAIT`].
     pub async fn recv(&mut self) -> Option<Packet> {
-        self.recv_within(WAIT).await.expect("timed out waiting for a packet")
+        self.recv_within(WAIT)
+            .await
+            .expect("timed out waiting for a packet")
     }
 
     /// Asserts the broker closes the connection (within [`WAIT`]), with no
@@ -225,10 +268,20 @@ impl RawClient {
 
     pub async fn subscribe_many(&mut self, filters: &[(&str, QoS)]) -> Vec<SubscribeReturnCode> {
         let packet_id = self.next_packet_id();
-        let topic_filters = filters.iter().map(|(f, q)| (ByteString::from(*f), *q)).collect();
-        self.send(Packet::Subscribe { packet_id, topic_filters }).await;
+        let topic_filters = filters
+            .iter()
+            .map(|(f, q)| (ByteString::from(*f), *q))
+            .collect();
+        self.send(Packet::Subscribe {
+            packet_id,
+            topic_filters,
+        })
+        .await;
         match self.recv().await {
-            Some(Packet::SubscribeAck { packet_id: id, status }) => {
+            Some(Packet::SubscribeAck {
+                packet_id: id,
+                status,
+            }) => {
                 assert_eq!(id, packet_id);
                 status
             }
@@ -242,7 +295,11 @@ impl RawClient {
 
     pub async fn unsubscribe(&mut self, filter: &str) {
         let packet_id = self.next_packet_id();
-        self.send(Packet::Unsubscribe { packet_id, topic_filters: vec![filter.into()] }).await;
+        self.send(Packet::Unsubscribe {
+            packet_id,
+            topic_filters: vec![filter.into()],
+        })
+        .await;
         match self.recv().await {
             Some(Packet::UnsubscribeAck { packet_id: id }) => assert_eq!(id, packet_id),
             other => panic!("expected UNSUBACK, got {other:?}"),
@@ -252,7 +309,10 @@ impl RawClient {
     /// Publishes and completes the QoS flow (waits for PUBACK / PUBREC+PUBCOMP).
     pub async fn publish(&mut self, topic: &str, payload: &[u8], qos: QoS, retain: bool) {
         let packet_id = (qos != QoS::AtMostOnce).then(|| self.next_packet_id());
-        self.send(publish_packet(topic, payload, qos, retain, packet_id, false)).await;
+        self.send(publish_packet(
+            topic, payload, qos, retain, packet_id, false,
+        ))
+        .await;
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => match self.recv().await {
@@ -298,7 +358,9 @@ impl RawClient {
 
     /// Acknowledges a received PUBLISH (PUBACK, or PUBREC/PUBREL/PUBCOMP).
     pub async fn ack(&mut self, r: &Received) {
-        let Some(id) = r.packet_id.and_then(std::num::NonZeroU16::new) else { return };
+        let Some(id) = r.packet_id.and_then(std::num::NonZeroU16::new) else {
+            return;
+        };
         if r.qos == 1 {
             self.send(Packet::PublishAck { packet_id: id }).await;
         } else if r.qos == 2 {

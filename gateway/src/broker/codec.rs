@@ -37,7 +37,10 @@ pub struct MqttCodec {
 
 impl MqttCodec {
     pub fn new(max_packet_size: u32) -> Self {
-        MqttCodec { inner: V3Codec::new(0), max_packet_size }
+        MqttCodec {
+            inner: V3Codec::new(0),
+            max_packet_size,
+        }
     }
 }
 
@@ -61,30 +64,32 @@ fn remaining_length(src: &[u8]) -> Result<Option<(u32, usize)>, CodecError> {
 fn check_frame(first: u8, body: &[u8]) -> Result<(), CodecError> {
     match first >> 4 {
         // CONNECT: password flag requires user name flag (MQTT-3.1.2-22).
-        1 => {
-            if body.len() >= 2 {
-                let name_len = u16::from_be_bytes([body[0], body[1]]) as usize;
-                if let Some(&flags) = body.get(2 + name_len + 1) {
-                    if flags & 0x40 != 0 && flags & 0x80 == 0 {
-                        return Err(CodecError::Violation("password flag set without user name flag"));
-                    }
+        1 if body.len() >= 2 => {
+            let name_len = u16::from_be_bytes([body[0], body[1]]) as usize;
+            if let Some(&flags) = body.get(2 + name_len + 1) {
+                if flags & 0x40 != 0 && flags & 0x80 == 0 {
+                    return Err(CodecError::Violation(
+                        "password flag set without user name flag",
+                    ));
                 }
             }
         }
         // PUBLISH: DUP must be 0 for QoS 0 (MQTT-3.3.1-2); QoS 3 is refused by the decoder.
-        3 => {
-            if first & 0x08 != 0 && first & 0x06 == 0 {
-                return Err(CodecError::Violation("DUP flag set on a QoS 0 PUBLISH"));
-            }
+        3 if first & 0x08 != 0 && first & 0x06 == 0 => {
+            return Err(CodecError::Violation("DUP flag set on a QoS 0 PUBLISH"));
         }
         // SUBSCRIBE: upper six bits of each requested QoS byte are reserved (MQTT-3-8.3-4).
         8 => {
             let mut rest = body.get(2..).unwrap_or_default();
             while rest.len() >= 2 {
                 let len = u16::from_be_bytes([rest[0], rest[1]]) as usize;
-                let Some(&options) = rest.get(2 + len) else { break };
+                let Some(&options) = rest.get(2 + len) else {
+                    break;
+                };
                 if options & 0xfc != 0 {
-                    return Err(CodecError::Violation("reserved bits set in SUBSCRIBE options"));
+                    return Err(CodecError::Violation(
+                        "reserved bits set in SUBSCRIBE options",
+                    ));
                 }
                 if options & 0x03 == 3 {
                     return Err(CodecError::Violation("SUBSCRIBE requests QoS 3"));
@@ -93,10 +98,8 @@ fn check_frame(first: u8, body: &[u8]) -> Result<(), CodecError> {
             }
         }
         // PINGREQ, DISCONNECT: no variable header, no payload.
-        12 | 14 => {
-            if !body.is_empty() {
-                return Err(CodecError::Violation("PINGREQ or DISCONNECT with a body"));
-            }
+        12 | 14 if !body.is_empty() => {
+            return Err(CodecError::Violation("PINGREQ or DISCONNECT with a body"));
         }
         _ => {}
     }
@@ -111,9 +114,14 @@ impl Decoder for MqttCodec {
         if src.len() < 2 {
             return Ok(None);
         }
-        let Some((len, header)) = remaining_length(src)? else { return Ok(None) };
+        let Some((len, header)) = remaining_length(src)? else {
+            return Ok(None);
+        };
         if len > self.max_packet_size {
-            return Err(CodecError::TooLarge { size: len, max: self.max_packet_size });
+            return Err(CodecError::TooLarge {
+                size: len,
+                max: self.max_packet_size,
+            });
         }
         let total = header + len as usize;
         if src.len() < total {
@@ -151,13 +159,17 @@ mod tests {
 
     #[test]
     fn connect_311() {
-        let p = decode(b"\x10\x10\x00\x04MQTT\x04\x02\x00\x3c\x00\x04abcd").unwrap().unwrap();
+        let p = decode(b"\x10\x10\x00\x04MQTT\x04\x02\x00\x3c\x00\x04abcd")
+            .unwrap()
+            .unwrap();
         assert!(matches!(p, Packet::Connect(c) if c.client_id == "abcd" && c.keep_alive == 60));
     }
 
     #[test]
     fn connect_31_mqisdp() {
-        let p = decode(b"\x10\x12\x00\x06MQIsdp\x03\x02\x00\x3c\x00\x04abcd").unwrap().unwrap();
+        let p = decode(b"\x10\x12\x00\x06MQIsdp\x03\x02\x00\x3c\x00\x04abcd")
+            .unwrap()
+            .unwrap();
         assert!(matches!(p, Packet::Connect(c) if c.protocol.level() == 3));
     }
 
@@ -176,15 +188,30 @@ mod tests {
             Err(CodecError::Violation(_))
         ));
         // reserved subscribe option bits
-        assert!(matches!(decode(b"\x82\x06\x00\x01\x00\x01a\x04"), Err(CodecError::Violation(_))));
+        assert!(matches!(
+            decode(b"\x82\x06\x00\x01\x00\x01a\x04"),
+            Err(CodecError::Violation(_))
+        ));
         // QoS 0 with DUP
-        assert!(matches!(decode(b"\x38\x03\x00\x01a"), Err(CodecError::Violation(_))));
+        assert!(matches!(
+            decode(b"\x38\x03\x00\x01a"),
+            Err(CodecError::Violation(_))
+        ));
         // PINGREQ with a body
-        assert!(matches!(decode(b"\xc0\x01\x00"), Err(CodecError::Violation(_))));
+        assert!(matches!(
+            decode(b"\xc0\x01\x00"),
+            Err(CodecError::Violation(_))
+        ));
         // remaining length of five bytes
-        assert!(matches!(decode(b"\x30\xff\xff\xff\xff\x01"), Err(CodecError::BadRemainingLength)));
+        assert!(matches!(
+            decode(b"\x30\xff\xff\xff\xff\x01"),
+            Err(CodecError::BadRemainingLength)
+        ));
         // too large, refused from the header alone
-        assert!(matches!(decode(b"\x30\x80\x10"), Err(CodecError::TooLarge { .. })));
+        assert!(matches!(
+            decode(b"\x30\x80\x10"),
+            Err(CodecError::TooLarge { .. })
+        ));
         // QoS 3 publish
         assert!(decode(b"\x36\x05\x00\x01a\x00\x01").is_err());
         // unknown packet type 0 and 15
@@ -198,8 +225,14 @@ mod tests {
     fn two_packets_in_one_buffer() {
         let mut codec = MqttCodec::new(1024);
         let mut buf = BytesMut::from(&b"\xc0\x00\xe0\x00"[..]);
-        assert!(matches!(codec.decode(&mut buf).unwrap(), Some(Packet::PingRequest)));
-        assert!(matches!(codec.decode(&mut buf).unwrap(), Some(Packet::Disconnect)));
+        assert!(matches!(
+            codec.decode(&mut buf).unwrap(),
+            Some(Packet::PingRequest)
+        ));
+        assert!(matches!(
+            codec.decode(&mut buf).unwrap(),
+            Some(Packet::Disconnect)
+        ));
         assert!(codec.decode(&mut buf).unwrap().is_none());
     }
 }

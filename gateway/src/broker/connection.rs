@@ -77,7 +77,10 @@ impl Conn {
     async fn flush(&mut self) -> std::io::Result<()> {
         if !self.wbuf.is_empty() {
             self.writer.write_all(&self.wbuf).await?;
-            Metrics::add(&self.shared.router.metrics.bytes_sent, self.wbuf.len() as u64);
+            Metrics::add(
+                &self.shared.router.metrics.bytes_sent,
+                self.wbuf.len() as u64,
+            );
             self.wbuf.clear();
         }
         Ok(())
@@ -91,7 +94,11 @@ impl Conn {
             }
             let n = self.reader.read_buf(&mut self.rbuf).await?;
             if n == 0 {
-                return if self.rbuf.is_empty() { Ok(None) } else { Err(ReadError::Truncated) };
+                return if self.rbuf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(ReadError::Truncated)
+                };
             }
             Metrics::add(&self.shared.router.metrics.bytes_received, n as u64);
         }
@@ -155,7 +162,10 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
             return;
         }
     };
-    let Some((session, client, kick_rx, gone_tx)) = handshake(&mut conn, *connect, peer).await else { return };
+    let Some((session, client, kick_rx, gone_tx)) = handshake(&mut conn, *connect, peer).await
+    else {
+        return;
+    };
     let will = client.will.clone();
     let end = run(&mut conn, &session, &client, kick_rx).await;
     let _ = conn.flush().await;
@@ -164,7 +174,10 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
 }
 
 async fn refuse(conn: &mut Conn, reason: ConnectAckReason) {
-    conn.send(Packet::ConnectAck(ConnectAck { return_code: reason, session_present: false }));
+    conn.send(Packet::ConnectAck(ConnectAck {
+        return_code: reason,
+        session_present: false,
+    }));
     let _ = conn.flush().await;
 }
 
@@ -184,7 +197,12 @@ async fn handshake(
     conn: &mut Conn,
     connect: Connect,
     peer: SocketAddr,
-) -> Option<(Arc<Session>, Client, oneshot::Receiver<Kick>, oneshot::Sender<()>)> {
+) -> Option<(
+    Arc<Session>,
+    Client,
+    oneshot::Receiver<Kick>,
+    oneshot::Sender<()>,
+)> {
     let shared = conn.shared.clone();
     let metrics = &shared.router.metrics;
     let client_id: Arc<str> = if connect.client_id.is_empty() {
@@ -226,7 +244,9 @@ async fn handshake(
         }
     };
     let refusal = refusal.or_else(|| {
-        let denied = will.as_ref().is_some_and(|w| !publish_allowed(&shared, &info, &w.topic));
+        let denied = will
+            .as_ref()
+            .is_some_and(|w| !publish_allowed(&shared, &info, &w.topic));
         denied.then_some(ConnectRefusal::NotAuthorized)
     });
     if let Some(r) = refusal {
@@ -249,14 +269,20 @@ async fn handshake(
             let attached = s.lock().attached.take();
             if let Some(old) = attached {
                 info!(client_id = %client_id, "client take-over: closing the previous connection");
-                let _ = old.kick.send(Kick { publish_will: clean });
+                let _ = old.kick.send(Kick {
+                    publish_will: clean,
+                });
                 let _ = tokio::time::timeout(Duration::from_secs(5), old.gone).await;
                 continue;
             }
         }
         let (kick_tx, kick_rx) = oneshot::channel();
         let (gone_tx, gone_rx) = oneshot::channel();
-        let attached = Attached { conn_id, kick: kick_tx, gone: gone_rx };
+        let attached = Attached {
+            conn_id,
+            kick: kick_tx,
+            gone: gone_rx,
+        };
         match existing {
             Some(s) if !clean && !s.lock().clean => {
                 let mut st = s.lock();
@@ -304,11 +330,19 @@ async fn handshake(
             OutState::AwaitPuback | OutState::AwaitPubrec => {
                 encode_publish(&mut conn.wbuf, &o.delivery, Some(o.packet_id), true);
             }
-            OutState::AwaitPubcomp => conn.send(Packet::PublishRelease { packet_id: nz(o.packet_id) }),
+            OutState::AwaitPubcomp => conn.send(Packet::PublishRelease {
+                packet_id: nz(o.packet_id),
+            }),
         }
     }
     let origin = Origin::Client(ByteString::from(&*client_id));
-    let client = Client { info, origin, conn_id, keep_alive: connect.keep_alive, will };
+    let client = Client {
+        info,
+        origin,
+        conn_id,
+        keep_alive: connect.keep_alive,
+        will,
+    };
     Some((session, client, kick_rx, gone_tx))
 }
 
@@ -366,21 +400,33 @@ fn pump(conn: &mut Conn, session: &Session) -> bool {
     let mut sent = 0u64;
     let mut persistent_change = false;
     let more = loop {
-        let Some(front) = st.queue.front() else { break false };
+        let Some(front) = st.queue.front() else {
+            break false;
+        };
         if front.qos > 0 && st.outgoing.len() >= max_inflight {
             break false;
         }
         if conn.wbuf.len() >= WRITE_HIGH_WATER {
             break true;
         }
-        let Some(d) = st.queue.pop_front() else { break false };
+        let Some(d) = st.queue.pop_front() else {
+            break false;
+        };
         if d.qos == 0 {
             encode_publish(&mut conn.wbuf, &d, None, false);
         } else {
             let id = st.next_packet_id();
             encode_publish(&mut conn.wbuf, &d, Some(id), false);
-            let state = if d.qos == 1 { OutState::AwaitPuback } else { OutState::AwaitPubrec };
-            st.outgoing.push_back(Outgoing { packet_id: id, delivery: d, state });
+            let state = if d.qos == 1 {
+                OutState::AwaitPuback
+            } else {
+                OutState::AwaitPubrec
+            };
+            st.outgoing.push_back(Outgoing {
+                packet_id: id,
+                delivery: d,
+                state,
+            });
             persistent_change = true;
         }
         sent += 1;
@@ -396,9 +442,15 @@ fn pump(conn: &mut Conn, session: &Session) -> bool {
     more
 }
 
-async fn run(conn: &mut Conn, session: &Arc<Session>, client: &Client, mut kick_rx: oneshot::Receiver<Kick>) -> End {
+async fn run(
+    conn: &mut Conn,
+    session: &Arc<Session>,
+    client: &Client,
+    mut kick_rx: oneshot::Receiver<Kick>,
+) -> End {
     let shared = conn.shared.clone();
-    let keep_alive = (client.keep_alive > 0).then(|| Duration::from_millis(u64::from(client.keep_alive) * 1500));
+    let keep_alive =
+        (client.keep_alive > 0).then(|| Duration::from_millis(u64::from(client.keep_alive) * 1500));
     let far = Duration::from_secs(86400 * 365);
     let deadline = tokio::time::sleep(keep_alive.unwrap_or(far));
     tokio::pin!(deadline);
@@ -527,7 +579,10 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
         Packet::PublishComplete { packet_id } => {
             ack_outgoing(conn, session, packet_id.get(), OutState::AwaitPubcomp);
         }
-        Packet::Subscribe { packet_id, topic_filters } => {
+        Packet::Subscribe {
+            packet_id,
+            topic_filters,
+        } => {
             let mut codes = Vec::with_capacity(topic_filters.len());
             let mut retained = Vec::new();
             for (filter, qos) in topic_filters {
@@ -536,23 +591,37 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
                     codes.push(SubscribeReturnCode::Failure);
                     continue;
                 }
-                if shared.auth.authorize(&client.info, Action::Subscribe, &filter) != AclDecision::Allow {
+                if shared
+                    .auth
+                    .authorize(&client.info, Action::Subscribe, &filter)
+                    != AclDecision::Allow
+                {
                     Metrics::inc(&metrics.subscribe_denied);
                     info!(client_id = %client.info.client_id, username = ?client.info.username, %filter, "SUBSCRIBE denied by ACL (0x80)");
                     codes.push(SubscribeReturnCode::Failure);
                     continue;
                 }
                 let granted = qos.value();
-                session.lock().subscriptions.insert(filter.to_string(), granted);
+                session
+                    .lock()
+                    .subscriptions
+                    .insert(filter.to_string(), granted);
                 router.subscribe(&filter, session, granted);
                 debug!(client_id = %client.info.client_id, %filter, qos = granted, "subscribed");
                 for m in router.retained_matching(&filter) {
                     let q = m.qos.min(granted);
-                    retained.push(Delivery { message: m, qos: q, retain: true });
+                    retained.push(Delivery {
+                        message: m,
+                        qos: q,
+                        retain: true,
+                    });
                 }
                 codes.push(SubscribeReturnCode::Success(qos));
             }
-            conn.send(Packet::SubscribeAck { packet_id, status: codes });
+            conn.send(Packet::SubscribeAck {
+                packet_id,
+                status: codes,
+            });
             if !session.lock().clean {
                 router.session_changed(session);
             }
@@ -560,7 +629,10 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
                 router.deliver(session, d);
             }
         }
-        Packet::Unsubscribe { packet_id, topic_filters } => {
+        Packet::Unsubscribe {
+            packet_id,
+            topic_filters,
+        } => {
             for filter in topic_filters {
                 session.lock().subscriptions.remove(&*filter);
                 router.unsubscribe(&filter, session);
@@ -574,7 +646,10 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
         Packet::Disconnect => return Some(End::Disconnect),
         Packet::Connect(_) => return Some(End::Protocol("second CONNECT".into())),
         other => {
-            return Some(End::Protocol(format!("unexpected packet type {:#04x} from a client", other.packet_type())));
+            return Some(End::Protocol(format!(
+                "unexpected packet type {:#04x} from a client",
+                other.packet_type()
+            )));
         }
     }
     None
@@ -582,11 +657,17 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
 
 fn ack_outgoing(conn: &Conn, session: &Session, id: u16, expected: OutState) {
     let mut st = session.lock();
-    match st.outgoing.iter().position(|o| o.packet_id == id && o.state == expected) {
+    match st
+        .outgoing
+        .iter()
+        .position(|o| o.packet_id == id && o.state == expected)
+    {
         Some(i) => {
             st.outgoing.remove(i);
         }
-        None => debug!(client_id = %session.client_id, packet_id = id, "acknowledgement for an unknown packet id ignored"),
+        None => {
+            debug!(client_id = %session.client_id, packet_id = id, "acknowledgement for an unknown packet id ignored")
+        }
     }
     let clean = st.clean;
     drop(st);
@@ -597,12 +678,21 @@ fn ack_outgoing(conn: &Conn, session: &Session, id: u16, expected: OutState) {
     session.notify.notify_one();
 }
 
-fn teardown(shared: &Shared, session: &Arc<Session>, client: &Client, end: End, will: Option<Message>) {
+fn teardown(
+    shared: &Shared,
+    session: &Arc<Session>,
+    client: &Client,
+    end: End,
+    will: Option<Message>,
+) {
     let router = &shared.router;
     let metrics = &router.metrics;
     metrics.clients_connected.fetch_sub(1, Ordering::Relaxed);
     let mut st = session.lock();
-    let still_mine = st.attached.as_ref().is_some_and(|a| a.conn_id == client.conn_id);
+    let still_mine = st
+        .attached
+        .as_ref()
+        .is_some_and(|a| a.conn_id == client.conn_id);
     if still_mine {
         st.attached = None;
     }

@@ -44,7 +44,10 @@ use store::{Batch, Store};
 #[derive(Debug, Error)]
 pub enum BrokerError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] store::StoreError),
     #[error(transparent)]
@@ -106,11 +109,21 @@ pub struct BrokerHandle {
 
 impl Broker {
     /// Binds the listener, restores saved state and starts serving.
-    pub async fn start(settings: BrokerSettings, auth: Arc<dyn Authenticator>) -> Result<BrokerHandle, BrokerError> {
-        let listener = TcpListener::bind(settings.listen)
-            .await
-            .map_err(|source| BrokerError::Bind { addr: settings.listen, source })?;
-        let local_addr = listener.local_addr().map_err(|source| BrokerError::Bind { addr: settings.listen, source })?;
+    pub async fn start(
+        settings: BrokerSettings,
+        auth: Arc<dyn Authenticator>,
+    ) -> Result<BrokerHandle, BrokerError> {
+        let listener =
+            TcpListener::bind(settings.listen)
+                .await
+                .map_err(|source| BrokerError::Bind {
+                    addr: settings.listen,
+                    source,
+                })?;
+        let local_addr = listener.local_addr().map_err(|source| BrokerError::Bind {
+            addr: settings.listen,
+            source,
+        })?;
         let router = Router::new(QueueLimits {
             max_queued: settings.max_queued,
             queue_qos0_offline: settings.queue_qos0_offline,
@@ -124,7 +137,12 @@ impl Broker {
                 let mut map = router.sessions.lock().unwrap_or_else(|e| e.into_inner());
                 for s in sessions {
                     let s = Arc::new(s);
-                    let subs: Vec<(String, u8)> = s.lock().subscriptions.iter().map(|(f, q)| (f.clone(), *q)).collect();
+                    let subs: Vec<(String, u8)> = s
+                        .lock()
+                        .subscriptions
+                        .iter()
+                        .map(|(f, q)| (f.clone(), *q))
+                        .collect();
                     for (f, q) in subs {
                         router.subscribe(&f, &s, q);
                     }
@@ -149,7 +167,12 @@ impl Broker {
             tracker.spawn(save_loop(shared.clone(), store.clone()));
         }
         info!(addr = %local_addr, "MQTT broker listening");
-        Ok(BrokerHandle { shared, local_addr, tracker, store })
+        Ok(BrokerHandle {
+            shared,
+            local_addr,
+            tracker,
+            store,
+        })
     }
 }
 

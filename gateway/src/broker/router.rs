@@ -47,6 +47,10 @@ impl Metrics {
     }
 }
 
+/// Retained topics changed since the last save: the new message, or None
+/// when it was deleted.
+pub type RetainedChanges = HashMap<ByteString, Option<Arc<Message>>>;
+
 /// Limits the router applies when queueing.
 #[derive(Debug, Clone, Copy)]
 pub struct QueueLimits {
@@ -63,7 +67,7 @@ pub struct Router {
     /// Client ids whose persisted form must be rewritten or deleted.
     dirty_sessions: Mutex<HashSet<Arc<str>>>,
     /// Retained topics changed since the last save (None = deleted).
-    dirty_retained: Mutex<HashMap<ByteString, Option<Arc<Message>>>>,
+    dirty_retained: Mutex<RetainedChanges>,
 }
 
 impl Router {
@@ -101,7 +105,14 @@ impl Router {
         }
         for (session, granted) in targets {
             let qos = message.qos.min(granted);
-            self.deliver(&session, Delivery { message: message.clone(), qos, retain: false });
+            self.deliver(
+                &session,
+                Delivery {
+                    message: message.clone(),
+                    qos,
+                    retain: false,
+                },
+            );
         }
     }
 
@@ -109,10 +120,10 @@ impl Router {
     pub fn deliver(&self, session: &Arc<Session>, delivery: Delivery) {
         {
             let mut st = session.lock();
-            if st.attached.is_none() {
-                if st.clean || (delivery.qos == 0 && !self.limits.queue_qos0_offline) {
-                    return;
-                }
+            if st.attached.is_none()
+                && (st.clean || (delivery.qos == 0 && !self.limits.queue_qos0_offline))
+            {
+                return;
             }
             if st.queue.len() >= self.limits.max_queued {
                 st.queue.pop_front();
@@ -137,7 +148,10 @@ impl Router {
 
     /// Enlists a client id for the next save, whatever its session is now.
     pub fn mark_session_id(&self, client_id: &Arc<str>) {
-        self.dirty_sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(client_id.clone());
+        self.dirty_sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(client_id.clone());
     }
 
     fn retain(&self, message: &Arc<Message>) {
@@ -153,7 +167,10 @@ impl Router {
         };
         drop(retained);
         if !message.topic.starts_with('$') {
-            self.dirty_retained.lock().unwrap_or_else(|e| e.into_inner()).insert(message.topic.clone(), change);
+            self.dirty_retained
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(message.topic.clone(), change);
         }
     }
 
@@ -166,7 +183,10 @@ impl Router {
     }
 
     pub fn retained_count(&self) -> usize {
-        self.retained.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.retained
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Retained messages matching a filter, oldest topic first is not
@@ -176,19 +196,32 @@ impl Router {
         if !filter.contains(['+', '#']) {
             return retained.get(filter).cloned().into_iter().collect();
         }
-        retained.values().filter(|m| topic::matches(filter, &m.topic)).cloned().collect()
+        retained
+            .values()
+            .filter(|m| topic::matches(filter, &m.topic))
+            .cloned()
+            .collect()
     }
 
     pub fn subscribe(&self, filter: &str, session: &Arc<Session>, qos: QoS) {
-        self.subscriptions.write().unwrap_or_else(|e| e.into_inner()).insert(filter, session, qos);
+        self.subscriptions
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(filter, session, qos);
     }
 
     pub fn unsubscribe(&self, filter: &str, session: &Arc<Session>) -> bool {
-        self.subscriptions.write().unwrap_or_else(|e| e.into_inner()).remove(filter, session)
+        self.subscriptions
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(filter, session)
     }
 
     pub fn subscription_count(&self) -> usize {
-        self.subscriptions.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.subscriptions
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 
     /// Removes a session and all its subscriptions (clean session ended or
@@ -196,13 +229,19 @@ impl Router {
     pub fn remove_session(&self, session: &Arc<Session>) {
         let filters: Vec<String> = session.lock().subscriptions.keys().cloned().collect();
         {
-            let mut tree = self.subscriptions.write().unwrap_or_else(|e| e.into_inner());
+            let mut tree = self
+                .subscriptions
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
             for f in &filters {
                 tree.remove(f, session);
             }
         }
         let mut sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
-        if sessions.get(&session.client_id).is_some_and(|s| Arc::ptr_eq(s, session)) {
+        if sessions
+            .get(&session.client_id)
+            .is_some_and(|s| Arc::ptr_eq(s, session))
+        {
             sessions.remove(&session.client_id);
         }
         drop(sessions);
@@ -211,17 +250,34 @@ impl Router {
 
     /// Takes what must be saved: client ids to rewrite or delete, and
     /// retained changes.
-    pub fn take_dirty(&self) -> (Vec<Arc<str>>, HashMap<ByteString, Option<Arc<Message>>>) {
-        let ids = std::mem::take(&mut *self.dirty_sessions.lock().unwrap_or_else(|e| e.into_inner()));
-        let retained = std::mem::take(&mut *self.dirty_retained.lock().unwrap_or_else(|e| e.into_inner()));
+    pub fn take_dirty(&self) -> (Vec<Arc<str>>, RetainedChanges) {
+        let ids = std::mem::take(
+            &mut *self
+                .dirty_sessions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
+        let retained = std::mem::take(
+            &mut *self
+                .dirty_retained
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        );
         (ids.into_iter().collect(), retained)
     }
 
     pub fn session(&self, client_id: &str) -> Option<Arc<Session>> {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).get(client_id).cloned()
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(client_id)
+            .cloned()
     }
 
     pub fn session_count(&self) -> usize {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
     }
 }

@@ -24,9 +24,15 @@ use crate::message::{Message, Origin};
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error("SQLite error on {path}: {source}")]
-    Sqlite { path: String, source: rusqlite::Error },
+    Sqlite {
+        path: String,
+        source: rusqlite::Error,
+    },
     #[error("cannot create data directory {path}: {source}")]
-    Dir { path: String, source: std::io::Error },
+    Dir {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 const SCHEMA: &str = "
@@ -82,7 +88,11 @@ impl SavedSession {
         let st = session.lock();
         SavedSession {
             client_id: session.client_id.clone(),
-            subscriptions: st.subscriptions.iter().map(|(f, q)| (f.clone(), *q)).collect(),
+            subscriptions: st
+                .subscriptions
+                .iter()
+                .map(|(f, q)| (f.clone(), *q))
+                .collect(),
             outgoing: st.outgoing.iter().cloned().collect(),
             queue: st.queue.iter().filter(|d| d.qos > 0).cloned().collect(),
             incoming_qos2: st.incoming_qos2.iter().copied().collect(),
@@ -118,7 +128,10 @@ impl Batch {
                 (id, saved)
             })
             .collect();
-        Batch { sessions, retained: retained.into_iter().collect() }
+        Batch {
+            sessions,
+            retained: retained.into_iter().collect(),
+        }
     }
 }
 
@@ -128,32 +141,47 @@ pub struct Store {
 }
 
 fn ms(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl Store {
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|source| StoreError::Dir { path: data_dir.display().to_string(), source })?;
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Dir {
+            path: data_dir.display().to_string(),
+            source,
+        })?;
         let file = data_dir.join("broker.sqlite");
         let path = file.display().to_string();
-        let err = |source| StoreError::Sqlite { path: path.clone(), source };
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
         let conn = Connection::open(&file).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
         Ok(Store { conn, path })
     }
 
     fn err(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
-        move |source| StoreError::Sqlite { path: self.path.clone(), source }
+        move |source| StoreError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
     }
 
     /// Writes one batch in one transaction.
     pub fn save(&mut self, batch: &Batch) -> Result<(), StoreError> {
         let path = self.path.clone();
-        let err = |source| StoreError::Sqlite { path: path.clone(), source };
+        let err = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
         let tx = self.conn.transaction().map_err(err)?;
         for (topic, m) in &batch.retained {
             match m {
@@ -170,7 +198,12 @@ impl Store {
             }
         }
         for (id, saved) in &batch.sessions {
-            for table in ["sessions", "subscriptions", "session_messages", "incoming_qos2"] {
+            for table in [
+                "sessions",
+                "subscriptions",
+                "session_messages",
+                "incoming_qos2",
+            ] {
                 tx.prepare_cached(&format!("DELETE FROM {table} WHERE client_id = ?1"))
                     .and_then(|mut s| s.execute(params![&**id]))
                     .map_err(err)?;
@@ -180,9 +213,11 @@ impl Store {
                 .and_then(|mut st| st.execute(params![&**id, s.last_packet_id]))
                 .map_err(err)?;
             for (filter, qos) in &s.subscriptions {
-                tx.prepare_cached("INSERT INTO subscriptions (client_id, filter, qos) VALUES (?1, ?2, ?3)")
-                    .and_then(|mut st| st.execute(params![&**id, filter, qos]))
-                    .map_err(err)?;
+                tx.prepare_cached(
+                    "INSERT INTO subscriptions (client_id, filter, qos) VALUES (?1, ?2, ?3)",
+                )
+                .and_then(|mut st| st.execute(params![&**id, filter, qos]))
+                .map_err(err)?;
             }
             let rows = s
                 .outgoing
@@ -216,9 +251,11 @@ impl Store {
                 .map_err(err)?;
             }
             for pid in &s.incoming_qos2 {
-                tx.prepare_cached("INSERT INTO incoming_qos2 (client_id, packet_id) VALUES (?1, ?2)")
-                    .and_then(|mut st| st.execute(params![&**id, pid]))
-                    .map_err(err)?;
+                tx.prepare_cached(
+                    "INSERT INTO incoming_qos2 (client_id, packet_id) VALUES (?1, ?2)",
+                )
+                .and_then(|mut st| st.execute(params![&**id, pid]))
+                .map_err(err)?;
             }
         }
         tx.commit().map_err(err)
@@ -228,7 +265,10 @@ impl Store {
     pub fn load(&self) -> Result<(Vec<Message>, Vec<Session>), StoreError> {
         let err = self.err();
         let mut retained = Vec::new();
-        let mut stmt = self.conn.prepare("SELECT topic, payload, qos, ts_ms FROM retained").map_err(&err)?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT topic, payload, qos, ts_ms FROM retained")
+            .map_err(&err)?;
         let rows = stmt
             .query_map([], |r| {
                 let topic: String = r.get(0)?;
@@ -240,21 +280,42 @@ impl Store {
             .map_err(&err)?;
         for row in rows {
             let (topic, payload, qos, ts) = row.map_err(&err)?;
-            let mut m = Message::new(topic, Bytes::from(payload), qos.min(2), true, Origin::Broker);
+            let mut m = Message::new(
+                topic,
+                Bytes::from(payload),
+                qos.min(2),
+                true,
+                Origin::Broker,
+            );
             m.received_at = SystemTime::UNIX_EPOCH + Duration::from_millis(ts.max(0) as u64);
             retained.push(m);
         }
 
         let mut last_ids: HashMap<String, u16> = HashMap::new();
-        let mut stmt = self.conn.prepare("SELECT client_id, last_packet_id FROM sessions").map_err(&err)?;
-        for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u16>(1)?))).map_err(&err)? {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT client_id, last_packet_id FROM sessions")
+            .map_err(&err)?;
+        for row in stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u16>(1)?)))
+            .map_err(&err)?
+        {
             let (id, last) = row.map_err(&err)?;
             last_ids.insert(id, last);
         }
         let mut subs: HashMap<String, HashMap<String, u8>> = HashMap::new();
-        let mut stmt = self.conn.prepare("SELECT client_id, filter, qos FROM subscriptions").map_err(&err)?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT client_id, filter, qos FROM subscriptions")
+            .map_err(&err)?;
         for row in stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, u8>(2)?)))
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, u8>(2)?,
+                ))
+            })
             .map_err(&err)?
         {
             let (id, filter, qos) = row.map_err(&err)?;
@@ -280,8 +341,18 @@ impl Store {
             .map_err(&err)?;
         for row in rows {
             let (id, state, packet_id, topic, payload, qos, retain) = row.map_err(&err)?;
-            let message = Arc::new(Message::new(topic, Bytes::from(payload), qos.min(2), retain, Origin::Broker));
-            let delivery = Delivery { message, qos: qos.min(2), retain };
+            let message = Arc::new(Message::new(
+                topic,
+                Bytes::from(payload),
+                qos.min(2),
+                retain,
+                Origin::Broker,
+            ));
+            let delivery = Delivery {
+                message,
+                qos: qos.min(2),
+                retain,
+            };
             let entry = queues.entry(id).or_default();
             let state = match state {
                 1 => OutState::AwaitPuback,
@@ -292,11 +363,21 @@ impl Store {
                     continue;
                 }
             };
-            entry.0.push_back(Outgoing { packet_id, delivery, state });
+            entry.0.push_back(Outgoing {
+                packet_id,
+                delivery,
+                state,
+            });
         }
         let mut qos2: HashMap<String, HashSet<u16>> = HashMap::new();
-        let mut stmt = self.conn.prepare("SELECT client_id, packet_id FROM incoming_qos2").map_err(&err)?;
-        for row in stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u16>(1)?))).map_err(&err)? {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT client_id, packet_id FROM incoming_qos2")
+            .map_err(&err)?;
+        for row in stmt
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u16>(1)?)))
+            .map_err(&err)?
+        {
             let (id, pid) = row.map_err(&err)?;
             qos2.entry(id).or_default().insert(pid);
         }

@@ -12,7 +12,13 @@ use crate::message::{Message, Origin};
 pub const VERSION: &str = concat!("capteurs-gateway ", env!("CARGO_PKG_VERSION"));
 
 fn put(shared: &Shared, topic: &str, value: String) {
-    shared.router.publish(Message::new(topic.to_owned(), value, 0, true, Origin::Broker));
+    shared.router.publish(Message::new(
+        topic.to_owned(),
+        value,
+        0,
+        true,
+        Origin::Broker,
+    ));
 }
 
 /// Publishes the `$SYS` tree now and every `sys_interval`.
@@ -31,15 +37,55 @@ fn publish_all(shared: &Shared) {
     let m = &shared.router.metrics;
     let uptime = shared.started.elapsed().as_secs();
     put(shared, "$SYS/broker/uptime", format!("{uptime} seconds"));
-    put(shared, "$SYS/broker/clients/connected", m.clients_connected.load(Ordering::Relaxed).to_string());
-    put(shared, "$SYS/broker/clients/total", shared.router.session_count().to_string());
-    put(shared, "$SYS/broker/messages/received", Metrics::get(&m.messages_received).to_string());
-    put(shared, "$SYS/broker/messages/sent", Metrics::get(&m.messages_sent).to_string());
-    put(shared, "$SYS/broker/messages/dropped", Metrics::get(&m.dropped_queue_full).to_string());
-    put(shared, "$SYS/broker/publish/denied", Metrics::get(&m.publish_denied).to_string());
-    put(shared, "$SYS/broker/bytes/received", Metrics::get(&m.bytes_received).to_string());
-    put(shared, "$SYS/broker/bytes/sent", Metrics::get(&m.bytes_sent).to_string());
-    put(shared, "$SYS/broker/subscriptions/count", shared.router.subscription_count().to_string());
+    put(
+        shared,
+        "$SYS/broker/clients/connected",
+        m.clients_connected.load(Ordering::Relaxed).to_string(),
+    );
+    put(
+        shared,
+        "$SYS/broker/clients/total",
+        shared.router.session_count().to_string(),
+    );
+    put(
+        shared,
+        "$SYS/broker/messages/received",
+        Metrics::get(&m.messages_received).to_string(),
+    );
+    put(
+        shared,
+        "$SYS/broker/messages/sent",
+        Metrics::get(&m.messages_sent).to_string(),
+    );
+    put(
+        shared,
+        "$SYS/broker/messages/dropped",
+        Metrics::get(&m.dropped_queue_full).to_string(),
+    );
+    put(
+        shared,
+        "$SYS/broker/publish/denied",
+        Metrics::get(&m.publish_denied).to_string(),
+    );
+    put(
+        shared,
+        "$SYS/broker/bytes/received",
+        Metrics::get(&m.bytes_received).to_string(),
+    );
+    put(
+        shared,
+        "$SYS/broker/bytes/sent",
+        Metrics::get(&m.bytes_sent).to_string(),
+    );
+    put(
+        shared,
+        "$SYS/broker/subscriptions/count",
+        shared.router.subscription_count().to_string(),
+    );
     // Counted after the other $SYS topics were stored, so it includes them, as mosquitto's does.
-    put(shared, "$SYS/broker/retained messages/count", (shared.router.retained_count() + 1).to_string());
+    put(
+        shared,
+        "$SYS/broker/retained messages/count",
+        (shared.router.retained_count() + 1).to_string(),
+    );
 }

@@ -99,7 +99,17 @@ mod tests {
 
     #[test]
     fn filters() {
-        for ok in ["#", "+", "a/#", "a/+/b", "+/+", "/+", "a//#", "$SYS/#", "isima/G1/#"] {
+        for ok in [
+            "#",
+            "+",
+            "a/#",
+            "a/+/b",
+            "+/+",
+            "/+",
+            "a//#",
+            "$SYS/#",
+            "isima/G1/#",
+        ] {
             assert!(validate_filter(ok).is_ok(), "{ok}");
         }
         assert_eq!(validate_filter("a/#/b"), Err(TopicError::MisplacedHash));

@@ -21,7 +21,10 @@ struct Node<S> {
 
 impl<S> Default for Node<S> {
     fn default() -> Self {
-        Node { children: HashMap::new(), entries: Vec::new() }
+        Node {
+            children: HashMap::new(),
+            entries: Vec::new(),
+        }
     }
 }
 
@@ -38,7 +41,10 @@ pub struct SubscriptionTree<S> {
 
 impl<S> Default for SubscriptionTree<S> {
     fn default() -> Self {
-        SubscriptionTree { root: Node::default(), count: 0 }
+        SubscriptionTree {
+            root: Node::default(),
+            count: 0,
+        }
     }
 }
 
@@ -59,11 +65,18 @@ impl<S> SubscriptionTree<S> {
         for level in filter.split('/') {
             node = node.children.entry(level.into()).or_default();
         }
-        if let Some(e) = node.entries.iter_mut().find(|e| Arc::ptr_eq(&e.subscriber, subscriber)) {
+        if let Some(e) = node
+            .entries
+            .iter_mut()
+            .find(|e| Arc::ptr_eq(&e.subscriber, subscriber))
+        {
             e.qos = qos;
             false
         } else {
-            node.entries.push(Entry { subscriber: subscriber.clone(), qos });
+            node.entries.push(Entry {
+                subscriber: subscriber.clone(),
+                qos,
+            });
             self.count += 1;
             true
         }
@@ -93,11 +106,14 @@ fn remove_rec<S>(node: &mut Node<S>, levels: &[&str], subscriber: &Arc<S>) -> bo
     match levels.split_first() {
         None => {
             let before = node.entries.len();
-            node.entries.retain(|e| !Arc::ptr_eq(&e.subscriber, subscriber));
+            node.entries
+                .retain(|e| !Arc::ptr_eq(&e.subscriber, subscriber));
             node.entries.len() != before
         }
         Some((level, rest)) => {
-            let Some(child) = node.children.get_mut(*level) else { return false };
+            let Some(child) = node.children.get_mut(*level) else {
+                return false;
+            };
             let removed = remove_rec(child, rest, subscriber);
             if child.is_empty() {
                 node.children.remove(*level);
@@ -107,7 +123,12 @@ fn remove_rec<S>(node: &mut Node<S>, levels: &[&str], subscriber: &Arc<S>) -> bo
     }
 }
 
-fn match_rec<S>(node: &Node<S>, levels: &[&str], dollar_root: bool, f: &mut impl FnMut(&Arc<S>, u8)) {
+fn match_rec<S>(
+    node: &Node<S>,
+    levels: &[&str],
+    dollar_root: bool,
+    f: &mut impl FnMut(&Arc<S>, u8),
+) {
     // `#` here matches the rest, including nothing (parent level).
     if !dollar_root {
         if let Some(hash) = node.children.get("#") {
@@ -152,8 +173,14 @@ mod tests {
         t.insert("capteurs/+/fr/#", &a, 1);
         t.insert("#", &b, 0);
         t.insert("$SYS/broker/version", &b, 2);
-        assert_eq!(matched(&t, "capteurs/temperature/fr/aubiere/x"), vec![("a".into(), 1), ("b".into(), 0)]);
-        assert_eq!(matched(&t, "capteurs/temperature/fr"), vec![("a".into(), 1), ("b".into(), 0)]);
+        assert_eq!(
+            matched(&t, "capteurs/temperature/fr/aubiere/x"),
+            vec![("a".into(), 1), ("b".into(), 0)]
+        );
+        assert_eq!(
+            matched(&t, "capteurs/temperature/fr"),
+            vec![("a".into(), 1), ("b".into(), 0)]
+        );
         assert_eq!(matched(&t, "$SYS/broker/version"), vec![("b".into(), 2)]);
         assert_eq!(matched(&t, "$SYS/broker/uptime"), vec![]);
         assert_eq!(t.len(), 3);
@@ -176,8 +203,13 @@ mod tests {
     /// The tree agrees with the reference `matches` on a grid of cases.
     #[test]
     fn agrees_with_matches() {
-        let filters = ["#", "+", "a", "a/#", "a/+", "+/b", "a/b", "a/+/c", "+/+", "/+", "$SYS/#", "+/#", "a//b", "a/b/#"];
-        let names = ["a", "a/b", "a/b/c", "/b", "b", "a//b", "$SYS/x", "$SYS", "a/", "/", "x/b"];
+        let filters = [
+            "#", "+", "a", "a/#", "a/+", "+/b", "a/b", "a/+/c", "+/+", "/+", "$SYS/#", "+/#",
+            "a//b", "a/b/#",
+        ];
+        let names = [
+            "a", "a/b", "a/b/c", "/b", "b", "a//b", "$SYS/x", "$SYS", "a/", "/", "x/b",
+        ];
         let mut t = SubscriptionTree::default();
         let subs: Vec<Arc<String>> = filters.iter().map(|f| Arc::new(f.to_string())).collect();
         for s in &subs {
@@ -185,8 +217,11 @@ mod tests {
         }
         for name in names {
             let got: Vec<String> = matched(&t, name).into_iter().map(|(s, _)| s).collect();
-            let mut want: Vec<String> =
-                filters.iter().filter(|f| matches(f, name)).map(|f| f.to_string()).collect();
+            let mut want: Vec<String> = filters
+                .iter()
+                .filter(|f| matches(f, name))
+                .map(|f| f.to_string())
+                .collect();
             want.sort();
             assert_eq!(got, want, "name {name}");
         }

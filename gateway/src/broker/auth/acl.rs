@@ -38,9 +38,16 @@ use crate::broker::topic;
 #[derive(Debug, Error)]
 pub enum AclError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{origin} line {line}: {what}")]
-    Syntax { origin: String, line: usize, what: String },
+    Syntax {
+        origin: String,
+        line: usize,
+        what: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,7 +62,9 @@ impl Access {
     fn allows(self, action: Action) -> bool {
         matches!(
             (self, action),
-            (Access::ReadWrite, _) | (Access::Read, Action::Subscribe) | (Access::Write, Action::Publish)
+            (Access::ReadWrite, _)
+                | (Access::Read, Action::Subscribe)
+                | (Access::Write, Action::Publish)
         )
     }
 }
@@ -91,7 +100,11 @@ enum Verdict {
     None,
 }
 
-fn judge<'a>(rules: impl Iterator<Item = (Access, std::borrow::Cow<'a, str>)>, action: Action, topic: &str) -> Verdict {
+fn judge<'a>(
+    rules: impl Iterator<Item = (Access, std::borrow::Cow<'a, str>)>,
+    action: Action,
+    topic: &str,
+) -> Verdict {
     let mut allowed = false;
     for (access, filter) in rules {
         if !Rule::applies(&filter, action, access, topic) {
@@ -133,8 +146,10 @@ fn substitute<'a>(filter: &'a str, client: &ClientInfo) -> Option<std::borrow::C
 
 impl Acl {
     pub fn load(path: &Path) -> Result<Acl, AclError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| AclError::Read { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| AclError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::parse(&text, &path.display().to_string())
     }
 
@@ -147,7 +162,11 @@ impl Acl {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let syntax = |what: String| AclError::Syntax { origin: origin.to_owned(), line: i + 1, what };
+            let syntax = |what: String| AclError::Syntax {
+                origin: origin.to_owned(),
+                line: i + 1,
+                what,
+            };
             let (keyword, rest) = line.split_once(char::is_whitespace).unwrap_or((line, ""));
             let rest = rest.trim();
             match keyword {
@@ -170,18 +189,28 @@ impl Acl {
                     if filter.is_empty() {
                         return Err(syntax(format!("`{keyword}` needs a topic filter")));
                     }
-                    topic::validate_filter(filter).map_err(|e| syntax(format!("invalid topic filter {filter:?}: {e}")))?;
+                    topic::validate_filter(filter)
+                        .map_err(|e| syntax(format!("invalid topic filter {filter:?}: {e}")))?;
                     if keyword == "topic" && filter.contains('%') {
-                        return Err(syntax("%u and %c are only substituted in `pattern` rules".into()));
+                        return Err(syntax(
+                            "%u and %c are only substituted in `pattern` rules".into(),
+                        ));
                     }
-                    let rule = Rule { access, filter: filter.to_owned() };
+                    let rule = Rule {
+                        access,
+                        filter: filter.to_owned(),
+                    };
                     match (keyword, &current_user) {
                         ("pattern", _) => acl.patterns.push(rule),
                         (_, Some(u)) => acl.users.entry(u.clone()).or_default().push(rule),
                         (_, None) => acl.anonymous.push(rule),
                     }
                 }
-                other => return Err(syntax(format!("unknown keyword {other:?} (expected user, topic or pattern)"))),
+                other => {
+                    return Err(syntax(format!(
+                        "unknown keyword {other:?} (expected user, topic or pattern)"
+                    )))
+                }
             }
         }
         Ok(acl)
@@ -194,8 +223,13 @@ impl Acl {
             Some(u) => self.users.get(u).map(Vec::as_slice).unwrap_or_default(),
             None => &self.anonymous,
         };
-        let direct = own.iter().map(|r| (r.access, std::borrow::Cow::Borrowed(r.filter.as_str())));
-        let patterns = self.patterns.iter().filter_map(|r| substitute(&r.filter, client).map(|f| (r.access, f)));
+        let direct = own
+            .iter()
+            .map(|r| (r.access, std::borrow::Cow::Borrowed(r.filter.as_str())));
+        let patterns = self
+            .patterns
+            .iter()
+            .filter_map(|r| substitute(&r.filter, client).map(|f| (r.access, f)));
         matches!(judge(direct.chain(patterns), action, topic), Verdict::Allow)
     }
 }
@@ -228,7 +262,13 @@ mod tests {
         for denied in ["isima/G2", "isima", "my_topic", "isima/G10", "isima/G1x"] {
             assert!(!acl.check(&g1, Action::Publish, denied), "{denied}");
         }
-        for ok in ["isima/#", "isima/G2", "isima/+", "$SYS/broker/version", "$SYS/#"] {
+        for ok in [
+            "isima/#",
+            "isima/G2",
+            "isima/+",
+            "$SYS/broker/version",
+            "$SYS/#",
+        ] {
             assert!(acl.check(&g1, Action::Subscribe, ok), "{ok}");
         }
         for denied in ["#", "my_topic", "+/G1"] {
@@ -249,7 +289,10 @@ mod tests {
         assert!(!acl.check(&sneaky, Action::Publish, "isima/G1/a"));
         let slash = client(Some("G1/.."), "x");
         assert!(!acl.check(&slash, Action::Publish, "isima/G1/../a"));
-        assert!(!acl.check(&client(None, "x"), Action::Publish, "isima//a"), "no user name, no %u rule");
+        assert!(
+            !acl.check(&client(None, "x"), Action::Publish, "isima//a"),
+            "no user name, no %u rule"
+        );
         assert!(acl.check(&client(None, "box7"), Action::Publish, "dev/box7"));
         assert!(!acl.check(&client(None, "+"), Action::Publish, "dev/+"));
     }
@@ -264,26 +307,40 @@ mod tests {
         let alice = client(Some("alice"), "a");
         assert!(acl.check(&alice, Action::Publish, "x/y"));
         assert!(!acl.check(&alice, Action::Publish, "secret/plans"));
-        assert!(!acl.check(&alice, Action::Subscribe, "#"), "overlaps a denied filter");
+        assert!(
+            !acl.check(&alice, Action::Subscribe, "#"),
+            "overlaps a denied filter"
+        );
         assert!(acl.check(&alice, Action::Subscribe, "x/#"));
         assert!(!acl.check(&client(Some("bob"), "b"), Action::Publish, "x"));
     }
 
     #[test]
     fn syntax_errors_name_the_line() {
-        let err = Acl::parse("user a\ntopic read a/#/b\n", "acl").unwrap_err().to_string();
+        let err = Acl::parse("user a\ntopic read a/#/b\n", "acl")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("acl line 2: invalid topic filter"), "{err}");
         let err = Acl::parse("\nfoo bar\n", "acl").unwrap_err().to_string();
-        assert!(err.contains("line 2") && err.contains("unknown keyword"), "{err}");
+        assert!(
+            err.contains("line 2") && err.contains("unknown keyword"),
+            "{err}"
+        );
         let err = Acl::parse("topic read\n", "acl").unwrap_err().to_string();
         assert!(err.contains("needs a topic filter"), "{err}");
-        let err = Acl::parse("topic read isima/%u\n", "acl").unwrap_err().to_string();
+        let err = Acl::parse("topic read isima/%u\n", "acl")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("only substituted in `pattern`"), "{err}");
     }
 
     #[test]
     fn filters_with_spaces() {
         let acl = Acl::parse("topic read $SYS/broker/retained messages/count\n", "t").unwrap();
-        assert!(acl.check(&client(None, "a"), Action::Subscribe, "$SYS/broker/retained messages/count"));
+        assert!(acl.check(
+            &client(None, "a"),
+            Action::Subscribe,
+            "$SYS/broker/retained messages/count"
+        ));
     }
 }

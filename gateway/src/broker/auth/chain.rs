@@ -42,12 +42,25 @@ mod tests {
 
     #[test]
     fn first_definite_answer_wins() {
-        let c = ClientInfo { client_id: "c".into(), username: None, peer: ([127, 0, 0, 1], 1).into() };
+        let c = ClientInfo {
+            client_id: "c".into(),
+            username: None,
+            peer: ([127, 0, 0, 1], 1).into(),
+        };
         let empty = AuthChain(vec![Arc::new(Abstains)]);
-        assert_eq!(empty.authenticate(&c, None), ConnectDecision::Refuse(ConnectRefusal::NotAuthorized));
+        assert_eq!(
+            empty.authenticate(&c, None),
+            ConnectDecision::Refuse(ConnectRefusal::NotAuthorized)
+        );
         assert_eq!(empty.authorize(&c, Action::Publish, "t"), AclDecision::Deny);
-        let chain = AuthChain(vec![Arc::new(Abstains), Arc::new(FileAuth::from_parts(true, None, None))]);
+        let chain = AuthChain(vec![
+            Arc::new(Abstains),
+            Arc::new(FileAuth::from_parts(true, None, None)),
+        ]);
         assert_eq!(chain.authenticate(&c, None), ConnectDecision::Accept);
-        assert_eq!(chain.authorize(&c, Action::Publish, "t"), AclDecision::Allow);
+        assert_eq!(
+            chain.authorize(&c, Action::Publish, "t"),
+            AclDecision::Allow
+        );
     }
 }

@@ -5,8 +5,8 @@ use std::path::Path;
 
 use thiserror::Error;
 
-use super::{AclDecision, Action, Authenticator, ClientInfo, ConnectDecision, ConnectRefusal};
 use super::{Acl, AclError, PasswdError, PasswordFile};
+use super::{AclDecision, Action, Authenticator, ClientInfo, ConnectDecision, ConnectRefusal};
 
 #[derive(Debug, Error)]
 pub enum AuthError {
@@ -24,7 +24,11 @@ pub struct FileAuth {
 }
 
 impl FileAuth {
-    pub fn new(allow_anonymous: bool, password_file: Option<&Path>, acl_file: Option<&Path>) -> Result<Self, AuthError> {
+    pub fn new(
+        allow_anonymous: bool,
+        password_file: Option<&Path>,
+        acl_file: Option<&Path>,
+    ) -> Result<Self, AuthError> {
         Ok(FileAuth {
             allow_anonymous,
             passwords: password_file.map(PasswordFile::load).transpose()?,
@@ -32,8 +36,16 @@ impl FileAuth {
         })
     }
 
-    pub fn from_parts(allow_anonymous: bool, passwords: Option<PasswordFile>, acl: Option<Acl>) -> Self {
-        FileAuth { allow_anonymous, passwords, acl }
+    pub fn from_parts(
+        allow_anonymous: bool,
+        passwords: Option<PasswordFile>,
+        acl: Option<Acl>,
+    ) -> Self {
+        FileAuth {
+            allow_anonymous,
+            passwords,
+            acl,
+        }
     }
 }
 
@@ -71,24 +83,54 @@ mod tests {
     use std::net::SocketAddr;
 
     fn client(user: Option<&str>) -> ClientInfo {
-        ClientInfo { client_id: "c".into(), username: user.map(Into::into), peer: SocketAddr::from(([127, 0, 0, 1], 1)) }
+        ClientInfo {
+            client_id: "c".into(),
+            username: user.map(Into::into),
+            peer: SocketAddr::from(([127, 0, 0, 1], 1)),
+        }
     }
 
     #[test]
     fn connect_decisions() {
-        let pw = PasswordFile::parse(&format!("G1:{}\n", super::super::passwd::hash_password("isimaG1")), "t").unwrap();
+        let pw = PasswordFile::parse(
+            &format!("G1:{}\n", super::super::passwd::hash_password("isimaG1")),
+            "t",
+        )
+        .unwrap();
         let closed = FileAuth::from_parts(false, Some(pw.clone()), None);
-        assert_eq!(closed.authenticate(&client(None), None), ConnectDecision::Refuse(ConnectRefusal::NotAuthorized));
-        assert_eq!(closed.authenticate(&client(Some("G1")), Some(b"isimaG1")), ConnectDecision::Accept);
+        assert_eq!(
+            closed.authenticate(&client(None), None),
+            ConnectDecision::Refuse(ConnectRefusal::NotAuthorized)
+        );
+        assert_eq!(
+            closed.authenticate(&client(Some("G1")), Some(b"isimaG1")),
+            ConnectDecision::Accept
+        );
         let bad = ConnectDecision::Refuse(ConnectRefusal::BadCredentials);
         assert_eq!(closed.authenticate(&client(Some("G1")), Some(b"nope")), bad);
         assert_eq!(closed.authenticate(&client(Some("G1")), None), bad);
-        assert_eq!(closed.authenticate(&client(Some("G9")), Some(b"isimaG1")), bad);
+        assert_eq!(
+            closed.authenticate(&client(Some("G9")), Some(b"isimaG1")),
+            bad
+        );
         let open = FileAuth::from_parts(true, Some(pw), None);
-        assert_eq!(open.authenticate(&client(None), None), ConnectDecision::Accept);
-        assert_eq!(open.authenticate(&client(Some("G1")), Some(b"nope")), bad, "a given name is always checked");
+        assert_eq!(
+            open.authenticate(&client(None), None),
+            ConnectDecision::Accept
+        );
+        assert_eq!(
+            open.authenticate(&client(Some("G1")), Some(b"nope")),
+            bad,
+            "a given name is always checked"
+        );
         let no_file = FileAuth::from_parts(false, None, None);
-        assert_eq!(no_file.authenticate(&client(Some("x")), Some(b"y")), ConnectDecision::Refuse(ConnectRefusal::NotAuthorized));
-        assert_eq!(no_file.authorize(&client(None), Action::Publish, "a"), AclDecision::Allow);
+        assert_eq!(
+            no_file.authenticate(&client(Some("x")), Some(b"y")),
+            ConnectDecision::Refuse(ConnectRefusal::NotAuthorized)
+        );
+        assert_eq!(
+            no_file.authorize(&client(None), Action::Publish, "a"),
+            AclDecision::Allow
+        );
     }
 }

@@ -26,11 +26,21 @@ const HASH_LEN: usize = 64;
 #[derive(Debug, Error)]
 pub enum PasswdError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}")]
-    Write { path: String, source: std::io::Error },
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{origin} line {line}: {what}")]
-    Syntax { origin: String, line: usize, what: String },
+    Syntax {
+        origin: String,
+        line: usize,
+        what: String,
+    },
     #[error("invalid user name {0:?}: it must be non-empty, without ':' or control characters")]
     BadUser(String),
     #[error("user {0:?} is not in the file")]
@@ -39,12 +49,22 @@ pub enum PasswdError {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Hash {
-    Pbkdf2 { iterations: u32, salt: Vec<u8>, hash: Vec<u8> },
-    Sha512 { salt: Vec<u8>, hash: Vec<u8> },
+    Pbkdf2 {
+        iterations: u32,
+        salt: Vec<u8>,
+        hash: Vec<u8>,
+    },
+    Sha512 {
+        salt: Vec<u8>,
+        hash: Vec<u8>,
+    },
 }
 
 fn b64(s: &str) -> Option<Vec<u8>> {
-    STANDARD.decode(s).or_else(|_| STANDARD_NO_PAD.decode(s)).ok()
+    STANDARD
+        .decode(s)
+        .or_else(|_| STANDARD_NO_PAD.decode(s))
+        .ok()
 }
 
 impl Hash {
@@ -52,8 +72,9 @@ impl Hash {
         let parts: Vec<&str> = s.split('$').collect();
         match parts.as_slice() {
             ["", "7", iterations, salt, hash] => {
-                let iterations: u32 =
-                    iterations.parse().map_err(|_| format!("bad iteration count {iterations:?}"))?;
+                let iterations: u32 = iterations
+                    .parse()
+                    .map_err(|_| format!("bad iteration count {iterations:?}"))?;
                 if iterations == 0 {
                     return Err("iteration count 0".into());
                 }
@@ -62,7 +83,11 @@ impl Hash {
                 if hash.len() != HASH_LEN {
                     return Err(format!("hash is {} bytes, expected {HASH_LEN}", hash.len()));
                 }
-                Ok(Hash::Pbkdf2 { iterations, salt, hash })
+                Ok(Hash::Pbkdf2 {
+                    iterations,
+                    salt,
+                    hash,
+                })
             }
             ["", "6", salt, hash] => {
                 let salt = b64(salt).ok_or("salt is not base64")?;
@@ -78,7 +103,11 @@ impl Hash {
 
     fn verify(&self, password: &[u8]) -> bool {
         match self {
-            Hash::Pbkdf2 { iterations, salt, hash } => {
+            Hash::Pbkdf2 {
+                iterations,
+                salt,
+                hash,
+            } => {
                 let mut out = [0u8; HASH_LEN];
                 pbkdf2::pbkdf2_hmac::<Sha512>(password, salt, *iterations, &mut out);
                 constant_time_eq(&out, hash)
@@ -106,7 +135,11 @@ pub fn hash_password(password: &str) -> String {
 fn hash_with_salt(password: &str, salt: &[u8], iterations: u32) -> String {
     let mut out = [0u8; HASH_LEN];
     pbkdf2::pbkdf2_hmac::<Sha512>(password.as_bytes(), salt, iterations, &mut out);
-    format!("$7${iterations}${}${}", STANDARD.encode(salt), STANDARD.encode(out))
+    format!(
+        "$7${iterations}${}${}",
+        STANDARD.encode(salt),
+        STANDARD.encode(out)
+    )
 }
 
 /// A loaded password file.
@@ -117,8 +150,10 @@ pub struct PasswordFile {
 
 impl PasswordFile {
     pub fn load(path: &Path) -> Result<PasswordFile, PasswdError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| PasswdError::Read { path: path.display().to_string(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| PasswdError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
         Self::parse(&text, &path.display().to_string())
     }
 
@@ -130,8 +165,14 @@ impl PasswordFile {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            let syntax = |what: String| PasswdError::Syntax { origin: origin.to_owned(), line: i + 1, what };
-            let (user, hash) = line.split_once(':').ok_or_else(|| syntax("expected user:hash".into()))?;
+            let syntax = |what: String| PasswdError::Syntax {
+                origin: origin.to_owned(),
+                line: i + 1,
+                what,
+            };
+            let (user, hash) = line
+                .split_once(':')
+                .ok_or_else(|| syntax("expected user:hash".into()))?;
             check_user(user).map_err(|e| syntax(e.to_string()))?;
             let hash = Hash::parse(hash).map_err(syntax)?;
             users.insert(user.to_owned(), hash);
@@ -164,19 +205,32 @@ fn read_lines(path: &Path) -> Result<Vec<String>, PasswdError> {
     match std::fs::read_to_string(path) {
         Ok(text) => Ok(text.lines().map(str::to_owned).collect()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(source) => Err(PasswdError::Read { path: path.display().to_string(), source }),
+        Err(source) => Err(PasswdError::Read {
+            path: path.display().to_string(),
+            source,
+        }),
     }
 }
 
 fn is_user_line(line: &str, user: &str) -> bool {
-    !line.trim_start().starts_with('#') && line.split_once(':').is_some_and(|(u, _)| u.trim() == user)
+    !line.trim_start().starts_with('#')
+        && line.split_once(':').is_some_and(|(u, _)| u.trim() == user)
 }
 
 /// Writes the file atomically (temporary file + rename), mode 0600.
 fn write_lines(path: &Path, lines: &[String]) -> Result<(), PasswdError> {
-    let err = |source| PasswdError::Write { path: path.display().to_string(), source };
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let err = |source| PasswdError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
     {
         let mut opts = std::fs::OpenOptions::new();
@@ -245,7 +299,11 @@ mod tests {
         let mut h = Sha512::new();
         h.update(b"pw");
         h.update(salt);
-        let line = format!("old:$6${}${}", STANDARD.encode(salt), STANDARD.encode(h.finalize()));
+        let line = format!(
+            "old:$6${}${}",
+            STANDARD.encode(salt),
+            STANDARD.encode(h.finalize())
+        );
         let f = PasswordFile::parse(&line, "t").unwrap();
         assert_eq!(f.verify("old", b"pw"), Some(true));
         assert_eq!(f.verify("old", b"pW"), Some(false));
@@ -253,11 +311,17 @@ mod tests {
 
     #[test]
     fn syntax_errors_name_the_line() {
-        let err = PasswordFile::parse("# users\nG1:$7$x$y$z\n", "classroom.passwd").unwrap_err().to_string();
+        let err = PasswordFile::parse("# users\nG1:$7$x$y$z\n", "classroom.passwd")
+            .unwrap_err()
+            .to_string();
         assert!(err.starts_with("classroom.passwd line 2:"), "{err}");
-        let err = PasswordFile::parse("\n\nnocolon\n", "p").unwrap_err().to_string();
+        let err = PasswordFile::parse("\n\nnocolon\n", "p")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("line 3"), "{err}");
-        let err = PasswordFile::parse("u:$5$abc$def\n", "p").unwrap_err().to_string();
+        let err = PasswordFile::parse("u:$5$abc$def\n", "p")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown hash format"), "{err}");
     }
 
@@ -280,7 +344,10 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+                0o600
+            );
         }
         delete_user(&p, "G1").unwrap();
         assert!(delete_user(&p, "G1").is_err());
@@ -294,7 +361,11 @@ mod tests {
         let f = PasswordFile::load(&p).unwrap();
         assert_eq!(f.len(), 17);
         for g in 1..=16 {
-            assert_eq!(f.verify(&format!("G{g}"), format!("isimaG{g}").as_bytes()), Some(true), "G{g}");
+            assert_eq!(
+                f.verify(&format!("G{g}"), format!("isimaG{g}").as_bytes()),
+                Some(true),
+                "G{g}"
+            );
         }
         assert_eq!(f.verify("G5", b"isimaG6"), Some(false));
         assert_eq!(f.verify("prof", b"isimaProf"), Some(true));
