@@ -2,4 +2,5 @@
 //! over loopback TCP against the gateway. One test binary, as Vector does.
 
 mod broker;
+mod course;
 mod persistence;
