@@ -3,4 +3,5 @@
 
 mod broker;
 mod course;
+mod interop;
 mod persistence;
