@@ -14,8 +14,12 @@
 //! ```
 //!
 //! `topic [read|write|readwrite|deny] FILTER` (no access word = readwrite);
-//! `pattern` takes the same words. The filter is the rest of the line, so it
-//! may contain spaces (`$SYS/broker/retained messages/count`).
+//! `pattern` takes the same words. After an access word the filter is the
+//! rest of the line, so it may contain spaces
+//! (`$SYS/broker/retained messages/count`); without one it must be a single
+//! word, so that a misspelt access word is reported instead of silently
+//! becoming part of a readwrite filter. `#` starts a comment only at the
+//! beginning of a line (as in mosquitto); unknown keywords are errors.
 //!
 //! Decisions: anything not allowed is denied. PUBLISH to a name is allowed by
 //! a `write`/`readwrite` rule whose filter matches it. SUBSCRIBE to a filter is
@@ -24,9 +28,16 @@
 //! SUBSCRIBE, any overlap with a denied filter refuses the subscription, so a
 //! wide subscription can never receive a denied topic.
 //!
-//! A `%u`/`%c` substitution containing `/`, `+` or `#` would widen the rule;
-//! such a rule then does not apply to that client.
+//! `%u`/`%c` are substituted in `pattern` rules only (in one pass). A rule
+//! with `%u` never applies to a client without a user name. A value that
+//! would widen the rule (empty, containing `/`, `+` or `#`, or making the
+//! filter start with `$`) makes the rule not apply to that client.
+//!
+//! Only the rules of the client's own `user` block (or the anonymous block,
+//! for clients without a user name) and the `pattern` rules are consulted;
+//! mosquitto does the same.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -76,9 +87,15 @@ struct Rule {
 }
 
 impl Rule {
-    /// Does this rule speak about `topic` for `action`?
-    fn applies(filter: &str, action: Action, access: Access, topic: &str) -> bool {
-        match (action, access) {
+    /// Can this rule decide `action` at all (allow it, or deny it)?
+    fn relevant(&self, action: Action) -> bool {
+        self.access == Access::Deny || self.access.allows(action)
+    }
+
+    /// Does this rule (with `filter`, its filter after substitution) speak
+    /// about `topic` for `action`?
+    fn applies(&self, filter: &str, action: Action, topic: &str) -> bool {
+        match (action, self.access) {
             (Action::Publish, _) => topic::matches(filter, topic),
             (Action::Subscribe, Access::Deny) => topic::overlaps(filter, topic),
             (Action::Subscribe, _) => topic::covers(filter, topic),
@@ -89,59 +106,56 @@ impl Rule {
 /// A loaded ACL file.
 #[derive(Debug, Clone, Default)]
 pub struct Acl {
+    /// Rules before the first `user` line: clients without a user name.
     anonymous: Vec<Rule>,
+    /// `topic` rules after `user NAME`, per name.
     users: HashMap<String, Vec<Rule>>,
+    /// `pattern` rules, for every client.
     patterns: Vec<Rule>,
+    /// Whether any `deny` rule exists; if not, the first allow is final.
+    has_deny: bool,
 }
 
-enum Verdict {
-    Allow,
-    Deny,
-    None,
-}
-
-fn judge<'a>(
-    rules: impl Iterator<Item = (Access, std::borrow::Cow<'a, str>)>,
-    action: Action,
-    topic: &str,
-) -> Verdict {
-    let mut allowed = false;
-    for (access, filter) in rules {
-        if !Rule::applies(&filter, action, access, topic) {
-            continue;
-        }
-        if access == Access::Deny {
-            return Verdict::Deny;
-        }
-        if access.allows(action) {
-            allowed = true;
-        }
-    }
-    if allowed {
-        Verdict::Allow
-    } else {
-        Verdict::None
-    }
-}
-
-/// Replaces %u and %c; None when the rule cannot apply to this client.
-fn substitute<'a>(filter: &'a str, client: &ClientInfo) -> Option<std::borrow::Cow<'a, str>> {
+/// Replaces `%u` and `%c` in one pass (a user name containing `%c` is not
+/// substituted again). `None` when the rule cannot apply to this client: `%u`
+/// without a user name, or a value that would widen the rule (empty, or
+/// containing `/`, `+` or `#`, or turning the filter into a `$` topic).
+fn substitute<'a>(filter: &'a str, client: &ClientInfo) -> Option<Cow<'a, str>> {
     if !filter.contains('%') {
-        return Some(std::borrow::Cow::Borrowed(filter));
+        return Some(Cow::Borrowed(filter));
     }
     let safe = |s: &str| !s.is_empty() && !s.contains(['/', '+', '#']);
-    let mut out = filter.to_owned();
-    if out.contains("%u") {
-        let user = client.username.as_deref().filter(|u| safe(u))?;
-        out = out.replace("%u", user);
-    }
-    if out.contains("%c") {
-        if !safe(&client.client_id) {
-            return None;
+    let mut out = String::with_capacity(filter.len() + 16);
+    let mut rest = filter;
+    while let Some(i) = rest.find('%') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let value = match after.as_bytes().first() {
+            Some(b'u') => match client.username.as_deref() {
+                Some(user) if safe(user) => Some(user),
+                _ => return None,
+            },
+            Some(b'c') if safe(&client.client_id) => Some(client.client_id.as_str()),
+            Some(b'c') => return None,
+            // A lone `%` (or `%x`) is kept literally.
+            _ => None,
+        };
+        match value {
+            Some(v) => {
+                out.push_str(v);
+                rest = &after[1..];
+            }
+            None => {
+                out.push('%');
+                rest = after;
+            }
         }
-        out = out.replace("%c", &client.client_id);
     }
-    Some(std::borrow::Cow::Owned(out))
+    out.push_str(rest);
+    if out.starts_with('$') && !filter.starts_with('$') {
+        return None;
+    }
+    Some(Cow::Owned(out))
 }
 
 impl Acl {
@@ -184,6 +198,14 @@ impl Acl {
                         "write" => (Access::Write, after.trim()),
                         "readwrite" => (Access::ReadWrite, after.trim()),
                         "deny" => (Access::Deny, after.trim()),
+                        // No access word: readwrite, and the filter is one
+                        // word, so a misspelt access word is an error rather
+                        // than part of a (readwrite!) filter.
+                        _ if !after.trim().is_empty() => {
+                            return Err(syntax(format!(
+                                "unknown access {first:?} (expected read, write, readwrite or deny)"
+                            )))
+                        }
                         _ => (Access::ReadWrite, rest),
                     };
                     if filter.is_empty() {
@@ -191,11 +213,12 @@ impl Acl {
                     }
                     topic::validate_filter(filter)
                         .map_err(|e| syntax(format!("invalid topic filter {filter:?}: {e}")))?;
-                    if keyword == "topic" && filter.contains('%') {
+                    if keyword == "topic" && (filter.contains("%u") || filter.contains("%c")) {
                         return Err(syntax(
                             "%u and %c are only substituted in `pattern` rules".into(),
                         ));
                     }
+                    acl.has_deny |= access == Access::Deny;
                     let rule = Rule {
                         access,
                         filter: filter.to_owned(),
@@ -217,20 +240,41 @@ impl Acl {
     }
 
     /// May this client do `action` on `topic` (a name for Publish, a filter
-    /// for Subscribe)?
+    /// for Subscribe)? The client's own rules (or the anonymous ones) and the
+    /// pattern rules are all consulted; a `deny` that applies wins.
     pub fn check(&self, client: &ClientInfo, action: Action, topic: &str) -> bool {
         let own: &[Rule] = match &client.username {
             Some(u) => self.users.get(u).map(Vec::as_slice).unwrap_or_default(),
             None => &self.anonymous,
         };
-        let direct = own
-            .iter()
-            .map(|r| (r.access, std::borrow::Cow::Borrowed(r.filter.as_str())));
-        let patterns = self
-            .patterns
-            .iter()
-            .filter_map(|r| substitute(&r.filter, client).map(|f| (r.access, f)));
-        matches!(judge(direct.chain(patterns), action, topic), Verdict::Allow)
+        let mut allowed = false;
+        // Own rules first: no substitution, no allocation.
+        for rule in own.iter().filter(|r| r.relevant(action)) {
+            if rule.applies(&rule.filter, action, topic) {
+                if rule.access == Access::Deny {
+                    return false;
+                }
+                if !self.has_deny {
+                    return true;
+                }
+                allowed = true;
+            }
+        }
+        for rule in self.patterns.iter().filter(|r| r.relevant(action)) {
+            let Some(filter) = substitute(&rule.filter, client) else {
+                continue;
+            };
+            if rule.applies(&filter, action, topic) {
+                if rule.access == Access::Deny {
+                    return false;
+                }
+                if !self.has_deny {
+                    return true;
+                }
+                allowed = true;
+            }
+        }
+        allowed
     }
 }
 
@@ -295,6 +339,66 @@ mod tests {
         );
         assert!(acl.check(&client(None, "box7"), Action::Publish, "dev/box7"));
         assert!(!acl.check(&client(None, "+"), Action::Publish, "dev/+"));
+
+        // The classroom's rules with a user name that is itself a filter.
+        let acl = classroom();
+        let wide = client(Some("a/#"), "x");
+        for t in ["isima/a/b", "isima/a", "isima/G2"] {
+            assert!(!acl.check(&wide, Action::Publish, t), "{t}");
+        }
+        assert!(!acl.check(&wide, Action::Subscribe, "#"));
+        assert!(!acl.check(&client(Some("+"), "x"), Action::Publish, "isima/G2"));
+        assert!(!acl.check(&client(Some(""), "x"), Action::Publish, "isima/"));
+
+        // A user name containing `%c` is not substituted a second time.
+        let acl = Acl::parse("pattern write isima/%u\n", "t").unwrap();
+        let tricky = client(Some("%c"), "G2");
+        assert!(!acl.check(&tricky, Action::Publish, "isima/G2"));
+        assert!(acl.check(&tricky, Action::Publish, "isima/%c"));
+
+        // A user name cannot turn a pattern into a `$` topic.
+        let acl = Acl::parse("pattern readwrite %u/#\n", "t").unwrap();
+        assert!(acl.check(&client(Some("G1"), "x"), Action::Publish, "G1/a"));
+        let sys = client(Some("$SYS"), "x");
+        assert!(!acl.check(&sys, Action::Publish, "$SYS/broker/version"));
+        assert!(!acl.check(&sys, Action::Subscribe, "$SYS/#"));
+    }
+
+    #[test]
+    fn deny_wins_whatever_the_order() {
+        let text = "\
+user alice
+topic deny isima/secret
+topic readwrite isima/#
+pattern deny isima/%c/private
+";
+        let acl = Acl::parse(text, "t").unwrap();
+        let alice = client(Some("alice"), "box1");
+        assert!(acl.check(&alice, Action::Publish, "isima/G1"));
+        assert!(!acl.check(&alice, Action::Publish, "isima/secret"));
+        assert!(!acl.check(&alice, Action::Publish, "isima/box1/private"));
+        assert!(acl.check(&alice, Action::Publish, "isima/box2/private"));
+        // SUBSCRIBE: refused when it could receive a denied topic.
+        assert!(!acl.check(&alice, Action::Subscribe, "isima/#"));
+        assert!(!acl.check(&alice, Action::Subscribe, "isima/+"));
+        assert!(!acl.check(&alice, Action::Subscribe, "isima/+/private"));
+        assert!(acl.check(&alice, Action::Subscribe, "isima/G1/#"));
+        assert!(acl.check(&alice, Action::Subscribe, "isima/box2/private"));
+        // A deny never allows anything by itself.
+        let only_deny = Acl::parse("topic deny a\n", "t").unwrap();
+        assert!(!only_deny.check(&client(None, "x"), Action::Publish, "b"));
+    }
+
+    #[test]
+    fn users_do_not_get_anonymous_rules() {
+        let acl = Acl::parse("topic readwrite open/#\nuser bob\ntopic read bob/#\n", "t").unwrap();
+        assert!(acl.check(&client(None, "x"), Action::Publish, "open/1"));
+        let bob = client(Some("bob"), "x");
+        assert!(!acl.check(&bob, Action::Publish, "open/1"));
+        assert!(acl.check(&bob, Action::Subscribe, "bob/+"));
+        assert!(!acl.check(&bob, Action::Publish, "bob/1"), "read only");
+        // A user listed nowhere only gets the pattern rules (none here).
+        assert!(!acl.check(&client(Some("eve"), "x"), Action::Subscribe, "open/1"));
     }
 
     #[test]
@@ -332,6 +436,26 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("only substituted in `pattern`"), "{err}");
+        let err = Acl::parse("# acl\nuser\n", "acl").unwrap_err().to_string();
+        assert!(err.starts_with("acl line 2: `user` needs"), "{err}");
+        let err = Acl::parse("user a\n\ntopic readwrite isima/G+\n", "classroom.acl")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("classroom.acl line 3:"), "{err}");
+        let err = Acl::parse("user G1\ntopic raed isima/#\n", "acl")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("acl line 2: unknown access \"raed\""),
+            "{err}"
+        );
+        let acl = Acl::parse("topic isima/#\n", "acl").unwrap();
+        assert!(
+            acl.check(&client(None, "x"), Action::Publish, "isima/a"),
+            "readwrite"
+        );
+        // A literal % that is not a placeholder is fine in a `topic` rule.
+        assert!(Acl::parse("topic read stats/100%\n", "acl").is_ok());
     }
 
     #[test]

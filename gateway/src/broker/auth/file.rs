@@ -133,4 +133,62 @@ mod tests {
             AclDecision::Allow
         );
     }
+
+    /// The shipped classroom configuration, loaded as the gateway loads it.
+    #[test]
+    fn classroom_files() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs");
+        let auth = FileAuth::new(
+            false,
+            Some(&dir.join("classroom.passwd")),
+            Some(&dir.join("classroom.acl")),
+        )
+        .unwrap();
+        let g5 = client(Some("G5"));
+        assert_eq!(
+            auth.authenticate(&g5, Some(b"isimaG5")),
+            ConnectDecision::Accept
+        );
+        assert_eq!(
+            auth.authenticate(&g5, Some(b"isimaG6")),
+            ConnectDecision::Refuse(ConnectRefusal::BadCredentials)
+        );
+        assert_eq!(
+            auth.authenticate(&client(None), None),
+            ConnectDecision::Refuse(ConnectRefusal::NotAuthorized)
+        );
+        assert_eq!(
+            auth.authorize(&g5, Action::Publish, "isima/G5/temp"),
+            AclDecision::Allow
+        );
+        assert_eq!(
+            auth.authorize(&g5, Action::Publish, "isima/G6"),
+            AclDecision::Deny
+        );
+        assert_eq!(
+            auth.authorize(&g5, Action::Subscribe, "isima/#"),
+            AclDecision::Allow
+        );
+        assert_eq!(
+            auth.authorize(&g5, Action::Subscribe, "#"),
+            AclDecision::Deny
+        );
+    }
+
+    #[test]
+    fn load_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let acl = dir.path().join("bad.acl");
+        std::fs::write(&acl, "user G1\ntopic raed isima/#\n").unwrap();
+        let err = FileAuth::new(true, None, Some(&acl))
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("ACL file: "), "{err}");
+        assert!(err.contains("bad.acl line 2: unknown access"), "{err}");
+        let missing = dir.path().join("missing.passwd");
+        let err = FileAuth::new(true, Some(&missing), None)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing.passwd"), "{err}");
+    }
 }

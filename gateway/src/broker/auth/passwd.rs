@@ -212,9 +212,11 @@ fn read_lines(path: &Path) -> Result<Vec<String>, PasswdError> {
     }
 }
 
+/// Is this the line of `user`? Same reading as [`PasswordFile::parse`]:
+/// leading/trailing blanks ignored, the name is everything before the first `:`.
 fn is_user_line(line: &str, user: &str) -> bool {
-    !line.trim_start().starts_with('#')
-        && line.split_once(':').is_some_and(|(u, _)| u.trim() == user)
+    let line = line.trim();
+    !line.starts_with('#') && line.split_once(':').is_some_and(|(u, _)| u == user)
 }
 
 /// Writes the file atomically (temporary file + rename), mode 0600.
@@ -231,19 +233,31 @@ fn write_lines(path: &Path, lines: &[String]) -> Result<(), PasswdError> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    {
+    let tmp = dir.join(format!(
+        ".{name}.{}.{:08x}.tmp",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let written = (|| {
         let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
+        // create_new: never follow or clobber something already there.
+        opts.write(true).create_new(true);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut f = opts.open(&tmp).map_err(err)?;
+        let mut f = opts.open(&tmp)?;
+        let mut text = String::new();
         for l in lines {
-            writeln!(f, "{l}").map_err(err)?;
+            text.push_str(l);
+            text.push('\n');
         }
-        f.sync_all().map_err(err)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
     }
-    std::fs::rename(&tmp, path).map_err(err)
+    written.map_err(err)
 }
 
 /// Sets `user`'s password: replaces its line, or appends one. Other lines
@@ -283,14 +297,25 @@ mod tests {
         assert_eq!(f.verify("G2", b"isimaG1"), None);
     }
 
-    /// A line as mosquitto_passwd 2.0 writes it (101 iterations), computed
-    /// from the PBKDF2 definition with a fixed salt.
+    /// `$7$` lines made outside this crate: by Python's
+    /// `hashlib.pbkdf2_hmac("sha512", b"secret", b"0123456789ab", 101, 64)`
+    /// and by mosquitto_passwd 2.0 (`mosquitto_passwd -c -b f alice 'S3cret pw!'`).
     #[test]
     fn mosquitto_7_format() {
-        let line = format!("u:{}", hash_with_salt("secret", b"0123456789ab", 101));
-        assert!(line.starts_with("u:$7$101$MDEyMzQ1Njc4OWFi$"), "{line}");
-        let f = PasswordFile::parse(&line, "t").unwrap();
-        assert_eq!(f.verify("u", b"secret"), Some(true));
+        let text = "\
+carol:$7$101$MDEyMzQ1Njc4OWFi$EO/lLlkeUgIiBaS8G8UK0ZMP1u508TA7Tl+AdJ1cEsmlbGyEPAERErpfq84j1kepISs0UzmcdL4ucgZ2uodxfQ==
+alice:$7$101$2aQDbC8IGJZnsEfh$cPAUuUVjq/DFfFCpra8hEwDTN7ADWX0Rqzyl/gVX8jI/fx+5SpVYV4DUAa0Hav9upY58hgMJfqHbMbh0iiYBFw==
+";
+        let f = PasswordFile::parse(text, "t").unwrap();
+        assert_eq!(f.verify("carol", b"secret"), Some(true));
+        assert_eq!(f.verify("carol", b"Secret"), Some(false));
+        assert_eq!(f.verify("alice", b"S3cret pw!"), Some(true));
+        assert_eq!(f.verify("alice", b"S3cret pw"), Some(false));
+        // And what we write is byte for byte the same thing.
+        assert_eq!(
+            format!("carol:{}", hash_with_salt("secret", b"0123456789ab", 101)),
+            text.lines().next().unwrap()
+        );
     }
 
     #[test]
@@ -307,6 +332,14 @@ mod tests {
         let f = PasswordFile::parse(&line, "t").unwrap();
         assert_eq!(f.verify("old", b"pw"), Some(true));
         assert_eq!(f.verify("old", b"pW"), Some(false));
+        // From `mosquitto_passwd -H sha512 -b f bob bobpw`.
+        let f = PasswordFile::parse(
+            "bob:$6$pbO+9BCx8LPkP/lp$L4QPDkIpbQjaW7c+ibeOlJ3VPhA2cVi4Ebl+/7dMD+9U9GaUFZhRlx386VFoZMViLTBeMB/3dgkQpdEyPKq8bA==",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(f.verify("bob", b"bobpw"), Some(true));
+        assert_eq!(f.verify("bob", b"bobpx"), Some(false));
     }
 
     #[test]
@@ -329,15 +362,19 @@ mod tests {
     fn set_password_replaces_appends_and_keeps_comments() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("passwd");
-        std::fs::write(&p, "# classroom\nG1:$7$1$AAAA$AAAA\n").unwrap();
+        std::fs::write(&p, "# classroom\n#G1:commented out\nG1:$7$1$AAAA$AAAA\n\n").unwrap();
         set_password(&p, "G1", "one").unwrap();
         set_password(&p, "G2", "two").unwrap();
         let text = std::fs::read_to_string(&p).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 3);
+        assert_eq!(lines.len(), 5, "{text}");
         assert_eq!(lines[0], "# classroom");
-        assert!(lines[1].starts_with("G1:$7$1000$"));
-        assert!(lines[2].starts_with("G2:$7$1000$"));
+        assert_eq!(lines[1], "#G1:commented out");
+        assert!(lines[2].starts_with("G1:$7$1000$"));
+        assert_eq!(lines[3], "");
+        assert!(lines[4].starts_with("G2:$7$1000$"));
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temporary file left behind");
         let f = PasswordFile::load(&p).unwrap();
         assert_eq!(f.verify("G1", b"one"), Some(true));
         assert_eq!(f.verify("G2", b"two"), Some(true));
@@ -353,6 +390,13 @@ mod tests {
         assert!(delete_user(&p, "G1").is_err());
         assert_eq!(PasswordFile::load(&p).unwrap().verify("G1", b"one"), None);
         assert!(set_password(&p, "a:b", "x").is_err());
+        assert!(set_password(&p, "a\nb", "x").is_err());
+        assert!(set_password(&p, "", "x").is_err());
+
+        let fresh = dir.path().join("sub.passwd");
+        set_password(&fresh, "prof", "isimaProf").unwrap();
+        let f = PasswordFile::load(&fresh).unwrap();
+        assert_eq!(f.verify("prof", b"isimaProf"), Some(true));
     }
 
     #[test]
