@@ -1,6 +1,9 @@
 # IV.C Publier sur un topic -- adapted: host/port/credentials from argv; publishes
-# once to each --topic (the course's "isima/GX" then the other topics it asks to
-# try) instead of every 5 s forever, then listens --listen seconds and stops.
+# once to each --topic (the course's "isima/GX", then the other topics it asks
+# to try) every --period seconds instead of to "isima/GX" every 5 s forever,
+# then listens --listen seconds and stops. It publishes once its subscription
+# to isima/# is acknowledged, so it sees its own accepted messages come back.
+import threading
 import time
 
 import paho.mqtt.client as mqtt
@@ -9,15 +12,18 @@ import common
 
 def extra(p):
     p.add_argument("--topic", action="append", default=[])
+    p.add_argument("--period", type=float, default=0.1)
     p.add_argument("--listen", type=float, default=1.0)
 
 a = common.args("C: publish", extra)
+subscribed = threading.Event()
 
 def on_connect(client, userdata, flags, rc):
     print("Connected with result code => "+mqtt.connack_string(rc))
 
 def on_subscribe(client, userdata, mid, granted_qos):
     print("Subscribed: " + str(mid) + " " + str(granted_qos))
+    subscribed.set()
 
 def on_message(client, userdata, msg):
     print("Received message '" + str(msg.payload) + "' on topic '" + msg.topic + "' with QoS "
@@ -45,13 +51,14 @@ except:
 client.subscribe("isima/#", qos=0)
 
 client.loop_start()
-time.sleep(0.5)
+if not subscribed.wait(10):
+    raise SystemExit("no SUBACK for isima/#")
 
 for topic in a.topic or ["isima/" + a.gx]:
     (rc, mid) = client.publish(topic=topic, payload="TEST_" + a.gx, qos=0)
     print("Error return from publish of mid = " + str(mid) + " : " + mqtt.error_string(rc))
 
-    time.sleep(0.2)
+    time.sleep(a.period)
 
 time.sleep(a.listen)
 client.disconnect()

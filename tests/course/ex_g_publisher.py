@@ -7,6 +7,9 @@ import time
 
 import paho.mqtt.client as mqtt
 
+import common
+
+common.line_atomic_stdout()
 p = argparse.ArgumentParser(description="G: the course's sensor publisher")
 p.add_argument("--host", default="127.0.0.1")
 p.add_argument("--port", type=int, default=1883)

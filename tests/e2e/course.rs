@@ -3,25 +3,40 @@
 //! test checks what the course says the student should see.
 
 use std::process::Stdio;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use capteurs_gateway::broker::router::Metrics;
 use capteurs_tests::*;
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
+use tokio::task::JoinHandle;
 
-/// The interpreter with paho-mqtt 1.6: `$CAPTEURS_PYTHON` (set by
-/// tests/run.sh) or the workspace's `.venv`.
-fn python() -> String {
-    if let Ok(p) = std::env::var("CAPTEURS_PYTHON") {
-        return p;
-    }
-    let venv = workspace().join(".venv/bin/python3");
-    assert!(
-        venv.exists(),
-        "no Python with paho-mqtt: run tests/run.sh, or set CAPTEURS_PYTHON to an interpreter with paho-mqtt==1.6.1"
-    );
-    venv.display().to_string()
+/// The interpreter with paho-mqtt 1.6: `$CAPTEURS_PYTHON`, which
+/// tests/run.sh sets to its `.venv`. Checked once; never skipped.
+fn python() -> &'static str {
+    static PYTHON: OnceLock<String> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let python = std::env::var("CAPTEURS_PYTHON").unwrap_or_else(|_| {
+            panic!(
+                "CAPTEURS_PYTHON is not set: run tests/run.sh, or set it to a Python \
+                 with paho-mqtt==1.6.1 (python3 -m venv .venv && \
+                 .venv/bin/pip install paho-mqtt==1.6.1)"
+            )
+        });
+        let out = std::process::Command::new(&python)
+            .args(["-c", "import paho.mqtt; print(paho.mqtt.__version__)"])
+            .output()
+            .unwrap_or_else(|e| panic!("CAPTEURS_PYTHON={python} does not run: {e}"));
+        let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(
+            out.status.success() && version.starts_with("1.6"),
+            "CAPTEURS_PYTHON={python} lacks paho-mqtt 1.6 (the course's API): \
+             version {version:?}, {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        python
+    })
 }
 
 /// A running course script and what it printed so far.
@@ -30,32 +45,60 @@ struct Script {
     child: Child,
     lines: Lines<BufReader<ChildStdout>>,
     seen: Vec<String>,
+    stderr: Arc<Mutex<String>>,
+    stderr_reader: JoinHandle<()>,
 }
 
 impl Script {
+    /// Runs `tests/course/<name>` against `broker` with `args`.
     fn spawn(name: &str, broker: &TestBroker, args: &[&str]) -> Script {
         let path = workspace().join("tests/course").join(name);
         let mut child = Command::new(python())
             .arg("-u")
             .arg(&path)
-            .args([
-                "--host",
-                "127.0.0.1",
-                "--port",
-                &broker.addr.port().to_string(),
-            ])
+            .args(["--host", "127.0.0.1", "--port"])
+            .arg(broker.addr.port().to_string())
             .args(args)
             .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", path.display()));
         let lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        // Collected on the side (a traceback explains a failure).
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err = BufReader::new(child.stderr.take().expect("stderr")).lines();
+        let sink = stderr.clone();
+        let stderr_reader = tokio::spawn(async move {
+            while let Ok(Some(line)) = err.next_line().await {
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
         Script {
-            name: name.into(),
+            name: format!("{name} {}", args.join(" ")),
             child,
             lines,
             seen: Vec::new(),
+            stderr,
+            stderr_reader,
         }
+    }
+
+    /// Once the script has ended: waits (briefly) until its stderr is read.
+    async fn exited(&mut self) {
+        let _ = self.child.wait().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), &mut self.stderr_reader).await;
+    }
+
+    /// Everything the script printed so far, for failure messages.
+    fn transcript(&self) -> String {
+        format!(
+            "-- stdout:\n{}\n-- stderr:\n{}",
+            self.seen.join("\n"),
+            self.stderr.lock().unwrap()
+        )
     }
 
     /// Waits for the next line containing `pattern`; fails with everything
@@ -63,31 +106,32 @@ impl Script {
     async fn expect(&mut self, pattern: &str) -> String {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let next = tokio::time::timeout_at(deadline, self.lines.next_line()).await;
-            match next {
+            match tokio::time::timeout_at(deadline, self.lines.next_line()).await {
                 Ok(Ok(Some(line))) => {
                     self.seen.push(line.clone());
                     if line.contains(pattern) {
                         return line;
                     }
                 }
-                Ok(Ok(None)) | Ok(Err(_)) => {
+                Ok(_) => {
+                    self.exited().await;
                     panic!(
-                        "{} ended without printing {pattern:?}; it printed:\n{}",
+                        "{} ended without printing {pattern:?}\n{}",
                         self.name,
-                        self.seen.join("\n")
+                        self.transcript()
                     )
                 }
                 Err(_) => panic!(
-                    "{} did not print {pattern:?} in time; it printed:\n{}",
+                    "{} did not print {pattern:?} within {WAIT:?}\n{}",
                     self.name,
-                    self.seen.join("\n")
+                    self.transcript()
                 ),
             }
         }
     }
 
-    /// Waits for the script to exit by itself; returns every line it printed.
+    /// Waits for the script to exit by itself, successfully; returns every
+    /// line it printed.
     async fn finish(mut self) -> Vec<String> {
         let rest = tokio::time::timeout(WAIT, async {
             while let Ok(Some(line)) = self.lines.next_line().await {
@@ -97,25 +141,38 @@ impl Script {
         })
         .await;
         match rest {
-            Ok(Ok(status)) => assert!(
-                status.success(),
-                "{} failed ({status}):\n{}",
+            Ok(Ok(status)) if status.success() => {}
+            Ok(status) => {
+                self.exited().await;
+                panic!("{} failed: {status:?}\n{}", self.name, self.transcript())
+            }
+            Err(_) => panic!(
+                "{} did not exit within {WAIT:?}\n{}",
                 self.name,
-                self.seen.join("\n")
-            ),
-            other => panic!(
-                "{} did not exit: {other:?}\n{}",
-                self.name,
-                self.seen.join("\n")
+                self.transcript()
             ),
         }
         self.seen
     }
 
-    /// SIGKILL: the "arrêt brutal" of exercise E.
+    /// The lines printed so far (read by [`Script::expect`]).
+    fn printed(&self) -> &[String] {
+        &self.seen
+    }
+
+    /// SIGKILL: the "arrêt brutal" of exercise E (no DISCONNECT is sent).
     async fn kill(mut self) {
         self.child.kill().await.expect("kill");
     }
+}
+
+/// Asserts `out` has the exact line `line`.
+fn assert_printed(out: &[String], line: &str) {
+    assert!(
+        out.iter().any(|l| l == line),
+        "expected the line {line:?} in:\n{}",
+        out.join("\n")
+    );
 }
 
 async fn classroom() -> TestBroker {
@@ -132,33 +189,18 @@ fn prof() -> ConnectOpts {
 #[tokio::test]
 async fn a_connect() {
     let b = classroom().await;
-    let s = Script::spawn("ex_a_connect.py", &b, &["--group", "1"]);
-    let out = s.finish().await;
-    assert!(
-        out.contains(&"Connected with result code => Connection Accepted.".to_string()),
-        "{out:?}"
-    );
-    let s = Script::spawn(
-        "ex_a_connect.py",
-        &b,
-        &["--group", "1", "--password", "isimaG2"],
-    );
-    let out = s.finish().await;
-    assert!(
-        out.contains(
-            &"Connected with result code => Connection Refused: bad user name or password."
-                .to_string()
+    // The group's login, a wrong password (CONNACK 4), no login at all (CONNACK 5).
+    for (args, connack) in [
+        (&["--group", "1"][..], "Connection Accepted."),
+        (
+            &["--group", "1", "--password", "isimaG2"],
+            "Connection Refused: bad user name or password.",
         ),
-        "{out:?}"
-    );
-    let s = Script::spawn("ex_a_connect.py", &b, &["--username", ""]);
-    let out = s.finish().await;
-    assert!(
-        out.contains(
-            &"Connected with result code => Connection Refused: not authorised.".to_string()
-        ),
-        "{out:?}"
-    );
+        (&["--username", ""], "Connection Refused: not authorised."),
+    ] {
+        let out = Script::spawn("ex_a_connect.py", &b, args).finish().await;
+        assert_printed(&out, &format!("Connected with result code => {connack}"));
+    }
 }
 
 #[tokio::test]
@@ -198,37 +240,29 @@ async fn c_publish_with_denied_topics() {
     for t in &topics {
         args.extend(["--topic", t]);
     }
-    let s = Script::spawn("ex_c_publish.py", &b, &args);
+    let mut s = Script::spawn("ex_c_publish.py", &b, &args);
+    s.expect("Subscribed: 1 (0,)").await;
+    // The group's own topics come back to the student's isima/# subscription...
+    s.expect("Received message 'b'TEST_G1'' on topic 'isima/G1' with QoS 0")
+        .await;
+    s.expect("Received message 'b'TEST_G1'' on topic 'isima/G1/sensor1' with QoS 0")
+        .await;
     let out = s.finish().await;
-    // QoS 0: paho reports every publish as sent (MQTT 3.1.1 has no negative ack)...
-    assert_eq!(
-        out.iter().filter(|l| l.ends_with(": No error.")).count(),
-        5,
-        "{out:?}"
-    );
-    assert_eq!(
-        out.iter()
-            .filter(|l| l.starts_with("-- on_publish callback -- mid: "))
-            .count(),
-        5,
-        "{out:?}"
-    );
-    // ...but only the group's own topics reach subscribers, the student's too.
-    assert!(
-        out.contains(&"Received message 'b'TEST_G1'' on topic 'isima/G1' with QoS 0".to_string()),
-        "{out:?}"
-    );
-    assert!(
-        out.contains(
-            &"Received message 'b'TEST_G1'' on topic 'isima/G1/sensor1' with QoS 0".to_string()
-        ),
-        "{out:?}"
-    );
-    assert!(
-        !out.iter()
-            .any(|l| l.contains("on topic 'isima/G2'") || l.contains("on topic 'isima'")),
-        "{out:?}"
-    );
+    // ...QoS 0: paho reports every publish as sent (MQTT 3.1.1 has no
+    // negative ack; mid 1 was the SUBSCRIBE)...
+    for mid in 2..=6 {
+        assert_printed(
+            &out,
+            &format!("Error return from publish of mid = {mid} : No error."),
+        );
+        assert_printed(&out, &format!("-- on_publish callback -- mid: {mid}"));
+    }
+    // ...but the other group's topic, "isima" and "my_topic" reach no one.
+    let received: Vec<_> = out
+        .iter()
+        .filter(|l| l.starts_with("Received message"))
+        .collect();
+    assert_eq!(received.len(), 2, "{out:#?}");
     assert_eq!(watcher.receive().await.topic, "isima/G1");
     assert_eq!(watcher.receive().await.topic, "isima/G1/sensor1");
     watcher.expect_nothing().await;
@@ -273,6 +307,7 @@ async fn e_last_will_on_a_killed_client_only() {
     s.finish().await;
     watcher.expect_nothing().await;
     let mut s = Script::spawn("ex_e_will.py", &b, &["--group", "5"]);
+    s.expect("Connection Accepted.").await;
     s.expect("-- waiting to be killed").await;
     s.kill().await;
     let will = watcher.receive().await;
@@ -328,25 +363,55 @@ async fn g_the_course_publisher() {
         &b,
         &["--rounds", "2", "--period", "0.5"],
     );
-    s.expect("-- on_connect callback -- Connection returned result: Connection Accepted.")
-        .await;
-    let version = s.expect("on topic '$SYS/broker/version'").await;
-    assert!(version.contains("capteurs-gateway"), "{version}");
-    s.expect("This is a retained message").await;
     s.expect("-- rounds done").await;
-    // Two rounds of four temperatures in [5, 25], after the empty retained clears.
-    let mut values = Vec::new();
-    while values.len() < 8 {
+    let out = s.printed();
+    assert_printed(
+        out,
+        "-- on_connect callback -- Connection returned result: Connection Accepted.",
+    );
+    // $SYS/broker/version, retained (so it came at once on subscribing).
+    let version = out
+        .iter()
+        .position(|l| l.contains("on topic '$SYS/broker/version' with QoS 0"))
+        .unwrap_or_else(|| panic!("no $SYS/broker/version message:\n{}", out.join("\n")));
+    assert!(
+        out[version].starts_with("-- on_message callback -- Received message 'b'capteurs-gateway "),
+        "{}",
+        out[version]
+    );
+    // (the network thread prints it next; the main thread's lines may come between)
+    assert!(
+        out[version..].contains(&"This is a retained message".to_owned()),
+        "{}",
+        out.join("\n")
+    );
+    // mid 1: SUBSCRIBE; 2-5: the clears; 6-13: two rounds of four values.
+    for mid in 6..=13 {
+        assert_printed(
+            out,
+            &format!("Error return from publish of mid = {mid} : No error."),
+        );
+    }
+    // The four retained values cleared, then two rounds of four temperatures
+    // in [5, 25] -- flagged retain 0: they match an established subscription
+    // [MQTT-3.3.1-9].
+    let groups = ["isima/G1", "isima/G2", "isima/G3", "isima/G4"];
+    for topic in groups {
         let m = watcher.receive().await;
-        if m.payload.is_empty() {
-            continue;
+        assert_eq!(
+            (m.topic.as_str(), &m.payload[..], m.retain),
+            (topic, &b""[..], false)
+        );
+    }
+    for _round in 0..2 {
+        for topic in groups {
+            let m = watcher.receive().await;
+            assert_eq!((m.topic.as_str(), m.retain), (topic, false), "{m:?}");
+            let v: f64 = String::from_utf8_lossy(&m.payload)
+                .parse()
+                .unwrap_or_else(|_| panic!("not a number: {m:?}"));
+            assert!((5.0..=25.0).contains(&v), "{v}");
         }
-        let v: f64 = String::from_utf8(m.payload)
-            .unwrap()
-            .parse()
-            .expect("a number, as the course's subscribers expect");
-        assert!((5.0..=25.0).contains(&v), "{v}");
-        values.push(v);
     }
     // Retained: a student arriving now gets the four last values at once.
     let mut student =

@@ -34,6 +34,8 @@ fn line_buffered(name: &str) -> Command {
 struct Sub {
     child: Child,
     lines: Lines<BufReader<ChildStdout>>,
+    /// Its "Subscribed (mid: 1): <granted QoS>" line.
+    granted: String,
 }
 
 impl Sub {
@@ -53,11 +55,25 @@ impl Sub {
             .spawn()
             .expect("mosquitto_sub runs");
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut sub = Sub { child, lines };
-        sub.line_containing("Client").await; // CONNECT sent
+        let mut sub = Sub {
+            child,
+            lines,
+            granted: String::new(),
+        };
         sub.line_containing("received SUBACK").await;
-        sub.line_containing("Subscribed (mid:").await;
+        sub.granted = sub.line_containing("Subscribed (mid:").await;
         sub
+    }
+
+    /// Fails if mosquitto_sub prints a message within [`QUIET`].
+    async fn expect_nothing(&mut self) {
+        while let Ok(line) = tokio::time::timeout(QUIET, self.lines.next_line()).await {
+            match line.expect("read") {
+                Some(l) if l.starts_with("Client ") => {} // -d: PINGREQ...
+                Some(l) => panic!("expected nothing, mosquitto_sub printed {l:?}"),
+                None => panic!("mosquitto_sub exited"),
+            }
+        }
     }
 
     async fn line_containing(&mut self, pattern: &str) -> String {
@@ -101,45 +117,53 @@ async fn publish(b: &TestBroker, args: &[&str]) {
 #[tokio::test]
 async fn mosquitto_clients_qos_0_1_2() {
     let b = TestBroker::open().await;
+    let topic = "capteurs/temperature/fr/aubiere/rue_chebarde";
     for qos in ["0", "1", "2"] {
-        let mut sub = Sub::start(&b, &["-t", "capteurs/+/fr/#", "-q", qos]).await;
-        let topic = "capteurs/temperature/fr/aubiere/rue_chebarde";
-        publish(&b, &["-t", topic, "-q", qos, "-m", &format!("21.{qos}")]).await;
-        let mut debug = Vec::new();
-        let message = loop {
-            let line = sub.line_containing("").await;
-            if !line.starts_with("Client ") {
-                break line;
-            }
-            debug.push(line);
-        };
-        assert_eq!(message, format!("{topic} 21.{qos}"));
-        assert!(
-            debug
-                .iter()
-                .any(|l| l.contains(&format!("received PUBLISH (d0, q{qos}, r0"))),
-            "{debug:?}"
-        );
-        // The QoS flow completes from mosquitto_sub's side too.
-        match qos {
-            "1" => assert!(
-                debug.iter().any(|l| l.contains("sending PUBACK")),
-                "{debug:?}"
-            ),
-            "2" => {
-                assert!(
-                    debug.iter().any(|l| l.contains("sending PUBREC")),
-                    "{debug:?}"
-                );
-                // libmosquitto hands the message over on PUBREL, so its
-                // PUBCOMP is printed before or after the message line.
-                if !debug.iter().any(|l| l.contains("sending PUBCOMP")) {
-                    sub.line_containing("sending PUBCOMP").await;
-                }
-            }
-            _ => {}
+        let mut sub = Sub::start(&b, &["-t", "capteurs/+/fr/#", "-q", qos, "-C", "3"]).await;
+        assert_eq!(sub.granted, format!("Subscribed (mid: 1): {qos}"));
+        let payloads: Vec<String> = (0..3).map(|i| format!("21.{qos}{i}")).collect();
+        for p in &payloads {
+            publish(&b, &["-t", topic, "-q", qos, "-m", p]).await;
         }
-        sub.child.kill().await.unwrap();
+        // -d prints each PUBLISH's header and the QoS flow around the -v lines.
+        let mut messages = Vec::new();
+        let mut debug = Vec::new();
+        while messages.len() < payloads.len() {
+            let line = sub.line_containing("").await;
+            if line.starts_with("Client ") {
+                debug.push(line);
+            } else {
+                messages.push(line);
+            }
+        }
+        let expected: Vec<String> = payloads.iter().map(|p| format!("{topic} {p}")).collect();
+        assert_eq!(messages, expected);
+        // -C 3: it leaves by itself once it has them all (the QoS 2 flow done).
+        while let Ok(Some(line)) = tokio::time::timeout(WAIT, sub.lines.next_line())
+            .await
+            .expect("mosquitto_sub -C 3 did not exit")
+        {
+            debug.push(line);
+        }
+        let status = tokio::time::timeout(WAIT, sub.child.wait())
+            .await
+            .expect("mosquitto_sub -C 3 did not exit")
+            .unwrap();
+        assert!(status.success(), "{status}: {debug:#?}");
+        let count = |pattern: &str| debug.iter().filter(|l| l.contains(pattern)).count();
+        assert_eq!(
+            count(&format!("received PUBLISH (d0, q{qos}, r0")),
+            3,
+            "{debug:#?}"
+        );
+        let flow: &[&str] = match qos {
+            "1" => &["sending PUBACK"],
+            "2" => &["sending PUBREC", "received PUBREL", "sending PUBCOMP"],
+            _ => &[],
+        };
+        for step in flow {
+            assert_eq!(count(step), 3, "{step}: {debug:#?}");
+        }
     }
 }
 
@@ -188,35 +212,40 @@ async fn mosquitto_clients_retained() {
             "--retained-only",
             "-W",
             "1",
+            "-d",
         ])
         .output()
         .await
         .unwrap();
-    assert!(
-        String::from_utf8_lossy(&out.stdout).trim().is_empty(),
-        "{:?}",
-        out
-    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Subscribed (-d prints the SUBACK), and no message line at all.
+    assert!(stdout.contains("received SUBACK"), "{out:?}");
+    let messages: Vec<&str> = stdout
+        .lines()
+        .filter(|l| !l.starts_with("Client ") && !l.starts_with("Subscribed (mid:"))
+        .collect();
+    assert!(messages.is_empty(), "{messages:?}");
 }
 
 #[tokio::test]
 async fn mosquitto_clients_will() {
     let b = TestBroker::open().await;
     let mut watcher = Sub::start(&b, &["-t", "isima/LWT"]).await;
-    let mut dying = Sub::start(
+    let will = [
+        "--will-topic",
+        "isima/LWT",
+        "--will-payload",
+        "Lost Connection",
+    ];
+    // A clean DISCONNECT (mosquitto_pub exiting normally): no will.
+    publish(
         &b,
-        &[
-            "-t",
-            "x",
-            "--will-topic",
-            "isima/LWT",
-            "--will-payload",
-            "Lost Connection",
-            "-i",
-            "dying",
-        ],
+        &[&["-t", "x", "-m", "bye", "-i", "leaving"][..], &will].concat(),
     )
     .await;
+    watcher.expect_nothing().await;
+    // Killed: the will.
+    let mut dying = Sub::start(&b, &[&["-t", "x", "-i", "dying"][..], &will].concat()).await;
     dying.child.kill().await.unwrap();
     assert_eq!(watcher.message().await, "isima/LWT Lost Connection");
 }
@@ -225,48 +254,44 @@ async fn mosquitto_clients_will() {
 async fn mosquitto_clients_login() {
     let b = TestBroker::start(classroom_auth(), |_| {}).await;
     let port = b.addr.port().to_string();
-    let run = |user: &'static str, pass: &'static str| {
+    let run = |login: &'static [&'static str]| {
         let port = port.clone();
         async move {
-            tool("mosquitto_sub")
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port,
-                    "-t",
-                    "isima/#",
-                    "-u",
-                    user,
-                    "-P",
-                    pass,
-                    "-C",
-                    "1",
-                    "-W",
-                    "2",
-                ])
+            let out = tool("mosquitto_sub")
+                .args(["-h", "127.0.0.1", "-p", &port, "-t", "isima/#"])
+                .args(login)
+                .args(["-C", "1", "-W", "5"])
                 .output()
                 .await
-                .unwrap()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            (
+                out.status,
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr,
+            )
         }
     };
-    let bad = run("G1", "isimaG2").await;
-    assert!(!bad.status.success());
-    let err = String::from_utf8_lossy(&bad.stderr).to_lowercase();
-    assert!(err.contains("bad user name or password"), "{err}");
-    let good = tokio::spawn(run("G1", "isimaG1"));
-    // A login that works receives what the classroom publishes.
-    let mut waiter =
-        RawClient::connect(b.addr, &ConnectOpts::new("w").login("G2", "isimaG2")).await;
-    waiter.subscribe("isima/#", QoS::AtMostOnce).await;
+    // Refused: CONNACK 4, then CONNACK 5 without a login.
+    for (login, refusal) in [
+        (
+            &["-u", "G1", "-P", "isimaG2"][..],
+            "bad user name or password",
+        ),
+        (&[][..], "not authorised"),
+    ] {
+        let (status, _, stderr) = run(login).await;
+        assert!(!status.success(), "{login:?}: {status}");
+        assert!(
+            stderr.to_lowercase().contains(refusal),
+            "{login:?}: {stderr}"
+        );
+    }
+    // Accepted: it receives what the classroom publishes (retained, so
+    // whenever its SUBSCRIBE lands).
     let mut p = RawClient::connect(b.addr, &ConnectOpts::new("p").login("G1", "isimaG1")).await;
-    // Retained so mosquitto_sub gets it whenever its SUBSCRIBE lands.
     p.publish("isima/G1", b"hello", QoS::AtMostOnce, true).await;
-    let out = good.await.unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello");
+    let (status, stdout, stderr) = run(&["-u", "G2", "-P", "isimaG2"]).await;
+    assert!(status.success(), "{status}: {stderr}");
+    assert_eq!(stdout.trim(), "hello");
 }
