@@ -1,0 +1,1024 @@
+//! `capteurs-sim bench`: an MQTT 3.1.1 load generator that runs the same load
+//! against any broker (ours, Debian's mosquitto) and reports publish and
+//! delivery rates, lost and duplicated messages, and publish→deliver latency.
+//!
+//! Flow: every subscriber connects and subscribes to `<topic>/#` (waiting for
+//! its SUBACK); then the publishers connect and publish to `<topic>/<i>` (or
+//! all to `<topic>/all` with `--fan-in`) for `--warmup` + `--duration`
+//! seconds, flat out or paced at `--rate` messages/s in total; then
+//! publishing stops, the subscribers drain (until every expected delivery
+//! arrived or nothing came for 2 s), everyone DISCONNECTs, and the report is
+//! printed. Payloads carry (publisher, sequence, send time): publishers and
+//! subscribers live in this one process, so they share the clock.
+//!
+//! The hot path is the hand-written client of `client.rs`: PUBLISH packets are
+//! encoded in batches into one buffer and written with one `write_all`, QoS
+//! 1/2 publishers keep a bounded window of unacknowledged messages, and the
+//! default runtime is one thread, leaving the other core of a 2-core machine
+//! to the broker.
+
+mod client;
+mod stats;
+
+use std::io::IsTerminal;
+use std::net::ToSocketAddrs;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::{Buf, BytesMut};
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+use tokio::time::MissedTickBehavior;
+
+use client::{Conn, Packet};
+use stats::Tally;
+
+/// Keep-alive announced in CONNECT; every connection pings at half of it.
+const KEEP_ALIVE_S: u16 = 60;
+/// The drain ends after this long without a new delivery.
+const DRAIN_QUIET: Duration = Duration::from_secs(2);
+/// …and in any case after this long.
+const DRAIN_MAX: Duration = Duration::from_secs(60);
+/// How long stopped QoS 1/2 publishers wait for their last acknowledgements.
+const ACK_WAIT: Duration = Duration::from_secs(5);
+/// Paced publishers send what is due once per tick.
+const PACE_TICK: Duration = Duration::from_millis(1);
+/// Bytes a flat-out publisher encodes per write when `--batch` is 0.
+const AUTO_BATCH_BYTES: usize = 16 * 1024;
+
+#[derive(clap::Args, Debug, Clone)]
+#[command(after_help = "Example, against a broker on 127.0.0.1:1884:\n  \
+    capteurs-sim bench --port 1884 --publishers 10 --subscribers 1 --fan-in --qos 1 --duration 10")]
+pub struct BenchArgs {
+    /// Broker host.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Broker port.
+    #[arg(long, short, default_value_t = 1883)]
+    pub port: u16,
+    /// User name for CONNECT.
+    #[arg(long, short)]
+    pub username: Option<String>,
+    /// Password for CONNECT (with --username).
+    #[arg(long, short = 'P', requires = "username")]
+    pub password: Option<String>,
+    /// Publishing connections.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub publishers: u32,
+    /// Subscribing connections, each subscribed to `<topic>/#` (0: publish only).
+    #[arg(long, default_value_t = 1)]
+    pub subscribers: u32,
+    /// QoS of the publications and of the subscriptions.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=2))]
+    pub qos: u8,
+    /// Payload bytes; the first 20 carry publisher, sequence and send time.
+    #[arg(long, default_value_t = 64)]
+    pub payload_size: usize,
+    /// Messages per second in total across publishers; 0 = flat out.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Seconds of measured publishing.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Seconds of publishing before the measurement starts (not counted in
+    /// rates, CPU or latency; still checked for loss and duplicates).
+    #[arg(long, default_value_t = 0.0)]
+    pub warmup: f64,
+    /// Topic prefix: publishers publish under it, subscribers subscribe to `<topic>/#`.
+    #[arg(long, default_value = "bench")]
+    pub topic: String,
+    /// All publishers publish to one topic, `<topic>/all` (default: `<topic>/<i>` each).
+    #[arg(long)]
+    pub fan_in: bool,
+    /// Unacknowledged QoS 1/2 messages a publisher may have in flight.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=32768))]
+    pub window: u16,
+    /// Runtime threads: 1 = a current-thread runtime (leaves a core to the
+    /// broker on a 2-core machine), N > 1 = N tokio worker threads.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub threads: u16,
+    /// Publishers' socket send buffer (SO_SNDBUF) in bytes. Small, so that
+    /// flat-out QoS 0 messages count as published about when the broker
+    /// reads them; 0 = the system's autotuning, which queues megabytes per
+    /// connection in the kernel.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub sndbuf: u32,
+    /// PUBLISH packets per write when flat out (0 = about 16 KiB worth).
+    #[arg(long, default_value_t = 0)]
+    pub batch: usize,
+    /// Also report the CPU use of this process id (the broker's) over the measurement.
+    #[arg(long)]
+    pub broker_pid: Option<u32>,
+    /// Print the report as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// No progress line on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// What a run measured: printed as a table, or as JSON with `--json`.
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub broker: String,
+    pub publishers: u32,
+    pub subscribers: u32,
+    pub qos: u8,
+    /// Lowest QoS the broker granted to the subscriptions (`null` without subscribers).
+    pub granted_qos: Option<u8>,
+    pub payload_size: usize,
+    /// Target total rate, msg/s; 0 = flat out.
+    pub target_rate: u64,
+    pub fan_in: bool,
+    pub window: u16,
+    pub threads: u16,
+    pub warmup_s: f64,
+    /// Messages published in all (warm-up included).
+    pub sent: u64,
+    /// Messages published during the measurement.
+    pub sent_measured: u64,
+    pub publish_seconds: f64,
+    /// Achieved publish rate over the measurement, msg/s, all publishers.
+    pub publish_rate: f64,
+    /// QoS 1/2 messages still unacknowledged when the publishers gave up waiting.
+    pub unacked: u64,
+    /// `sent` × `subscribers`.
+    pub expected_deliveries: u64,
+    /// Distinct messages received, summed over subscribers.
+    pub received: u64,
+    /// Deliveries from the end of the warm-up to the last one.
+    pub delivered_measured: u64,
+    pub delivery_seconds: f64,
+    /// Deliveries per second, summed over subscribers.
+    pub delivery_rate: f64,
+    pub lost: u64,
+    pub duplicated: u64,
+    pub malformed: u64,
+    /// Subscribers whose connection the broker closed before the end.
+    pub subscribers_dropped: u32,
+    /// Seconds from the end of publishing to the end of the drain.
+    pub drain_seconds: f64,
+    pub latency_us: Latency,
+    pub cpu: Cpu,
+}
+
+/// Publish→deliver latency over the messages sent after the warm-up, µs.
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    pub samples: u64,
+    pub mean: f64,
+    pub p50: u64,
+    pub p90: u64,
+    pub p99: u64,
+    pub max: u64,
+}
+
+/// CPU used over the measurement (user + system), percent of one core.
+#[derive(Debug, Serialize)]
+pub struct Cpu {
+    pub bench_percent: Option<f64>,
+    pub broker_pid: Option<u32>,
+    pub broker_percent: Option<f64>,
+}
+
+/// Run phases, for the progress line.
+const CONNECTING: u8 = 0;
+const WARMUP: u8 = 1;
+const MEASURING: u8 = 2;
+const DRAINING: u8 = 3;
+
+/// Counters the tasks share with the orchestrator and the progress line.
+struct Shared {
+    origin: Instant,
+    phase: AtomicU8,
+    stop: AtomicBool,
+    /// Per publisher: messages written so far (the next sequence number).
+    sent: Vec<AtomicU64>,
+    /// Distinct deliveries, all subscribers.
+    received: AtomicU64,
+    duplicated: AtomicU64,
+    last_receive_ns: AtomicU64,
+    /// Latency counts for messages sent at or after this instant.
+    measure_from_ns: AtomicU64,
+}
+
+impl Shared {
+    fn now_ns(&self) -> u64 {
+        self.origin.elapsed().as_nanos() as u64
+    }
+    fn total_sent(&self) -> u64 {
+        self.sent.iter().map(|s| s.load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// What every task needs to know, immutable.
+struct Plan {
+    login: Option<(String, String)>,
+    publishers: u32,
+    qos: u8,
+    payload_size: usize,
+    /// Per publisher, msg/s; 0 = flat out.
+    rate_per_publisher: f64,
+    fan_in: bool,
+    topic: String,
+    window: usize,
+    batch: usize,
+    run_id: u32,
+}
+
+impl Plan {
+    fn login(&self) -> Option<(&str, &str)> {
+        self.login.as_ref().map(|(u, p)| (u.as_str(), p.as_str()))
+    }
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    validate(&args)?;
+    let runtime = if args.threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads.into())
+            .enable_io()
+            .enable_time()
+            .build()?
+    };
+    let report = runtime.block_on(bench(&args))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", table(&report));
+    }
+    Ok(())
+}
+
+fn validate(a: &BenchArgs) -> anyhow::Result<()> {
+    if a.payload_size < stats::HEADER {
+        bail!(
+            "--payload-size must be at least {} bytes (publisher u32, sequence u64, send time u64)",
+            stats::HEADER
+        );
+    }
+    if a.payload_size > 64 * 1024 * 1024 {
+        bail!("--payload-size is at most 64 MiB");
+    }
+    if a.topic.is_empty() || a.topic.contains(['+', '#', '\0']) || a.topic.len() > 1024 {
+        bail!("--topic must be a non-empty topic name without wildcards");
+    }
+    if !(a.duration > 0.0 && a.duration.is_finite()) {
+        bail!("--duration must be a positive number of seconds");
+    }
+    if !(a.warmup >= 0.0 && a.warmup.is_finite()) {
+        bail!("--warmup must be zero or a positive number of seconds");
+    }
+    Ok(())
+}
+
+async fn bench(args: &BenchArgs) -> anyhow::Result<Report> {
+    let addr = (args.host.as_str(), args.port)
+        .to_socket_addrs()
+        .with_context(|| format!("cannot resolve {}", args.host))?
+        .next()
+        .with_context(|| format!("no address for {}", args.host))?;
+    let message_len = 5 + 2 + args.topic.len() + 4 + 2 + args.payload_size;
+    let plan = Arc::new(Plan {
+        login: args
+            .username
+            .clone()
+            .map(|u| (u, args.password.clone().unwrap_or_default())),
+        publishers: args.publishers,
+        qos: args.qos,
+        payload_size: args.payload_size,
+        rate_per_publisher: args.rate as f64 / f64::from(args.publishers),
+        fan_in: args.fan_in,
+        topic: args.topic.clone(),
+        window: args.window.into(),
+        batch: if args.batch > 0 {
+            args.batch
+        } else {
+            (AUTO_BATCH_BYTES / message_len).clamp(1, 512)
+        },
+        run_id: std::process::id(),
+    });
+    let shared = Arc::new(Shared {
+        origin: Instant::now(),
+        phase: AtomicU8::new(CONNECTING),
+        stop: AtomicBool::new(false),
+        sent: (0..args.publishers).map(|_| AtomicU64::new(0)).collect(),
+        received: AtomicU64::new(0),
+        duplicated: AtomicU64::new(0),
+        last_receive_ns: AtomicU64::new(0),
+        measure_from_ns: AtomicU64::new(u64::MAX),
+    });
+    let progress = (!args.quiet).then(|| tokio::spawn(progress(shared.clone())));
+
+    // Subscribers first, each with its SUBACK.
+    let filter = format!("{}/#", args.topic);
+    let (stop_subscribers, stop_rx) = watch::channel(false);
+    let mut subscribers = Vec::new();
+    let mut granted_qos: Option<u8> = None;
+    for i in 0..args.subscribers {
+        let mut conn = Conn::open(
+            addr,
+            &format!("capteurs-bench-{}-s{i}", plan.run_id),
+            KEEP_ALIVE_S,
+            plan.login(),
+            None,
+        )
+        .await?;
+        let granted = conn
+            .subscribe(&filter, args.qos)
+            .await
+            .with_context(|| format!("subscriber {i}"))?;
+        granted_qos = Some(granted_qos.map_or(granted, |g| g.min(granted)));
+        subscribers.push(tokio::spawn(subscriber(
+            conn,
+            plan.clone(),
+            shared.clone(),
+            stop_rx.clone(),
+        )));
+    }
+
+    // Then the publishers, all connected before any starts.
+    let mut conns = Vec::new();
+    for i in 0..args.publishers {
+        conns.push(
+            Conn::open(
+                addr,
+                &format!("capteurs-bench-{}-p{i}", plan.run_id),
+                KEEP_ALIVE_S,
+                plan.login(),
+                (args.sndbuf > 0).then_some(args.sndbuf),
+            )
+            .await?,
+        );
+    }
+    let start_ns = shared.now_ns();
+    let warmup_end_ns = start_ns + (args.warmup * 1e9) as u64;
+    shared
+        .measure_from_ns
+        .store(warmup_end_ns, Ordering::Release);
+    shared.phase.store(
+        if args.warmup > 0.0 { WARMUP } else { MEASURING },
+        Ordering::Release,
+    );
+    // What the measurement starts from: taken before the publishers start
+    // without warm-up, at its end otherwise.
+    let snapshot = || {
+        let cpu = (
+            cpu_ticks(None),
+            args.broker_pid.and_then(|pid| cpu_ticks(Some(pid))),
+        );
+        let received = shared.received.load(Ordering::Acquire);
+        (shared.total_sent(), received, cpu, shared.now_ns())
+    };
+    let mut at_measure = (args.warmup == 0.0).then(snapshot);
+    let publishers: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(i, conn)| tokio::spawn(publisher(i as u32, conn, plan.clone(), shared.clone())))
+        .collect();
+
+    // Warm-up, then the measurement.
+    let deadline =
+        |ns: u64| tokio::time::Instant::from_std(shared.origin + Duration::from_nanos(ns));
+    tokio::time::sleep_until(deadline(warmup_end_ns)).await;
+    shared.phase.store(MEASURING, Ordering::Release);
+    let (sent_at_measure, received_at_measure, cpu_at_measure, measure_ns) =
+        *at_measure.get_or_insert_with(snapshot);
+    tokio::time::sleep_until(deadline(warmup_end_ns + (args.duration * 1e9) as u64)).await;
+    shared.stop.store(true, Ordering::Release);
+    let stop_ns = shared.now_ns();
+    let sent_at_stop = shared.total_sent();
+    let cpu_at_stop = (
+        cpu_ticks(None),
+        args.broker_pid.and_then(|pid| cpu_ticks(Some(pid))),
+    );
+    shared.phase.store(DRAINING, Ordering::Release);
+
+    let mut publisher_conns = Vec::new();
+    let mut unacked = 0u64;
+    for p in publishers {
+        let (conn, left) = p.await.context("publisher task")??;
+        publisher_conns.push(conn);
+        unacked += left as u64;
+    }
+    let sent: Vec<u64> = shared
+        .sent
+        .iter()
+        .map(|s| s.load(Ordering::Acquire))
+        .collect();
+    let total_sent: u64 = sent.iter().sum();
+    let expected = total_sent * u64::from(args.subscribers);
+
+    // Drain: until every expected delivery arrived, or nothing new for 2 s.
+    let drain_start = Instant::now();
+    let mut last = shared.received.load(Ordering::Acquire);
+    let mut quiet_since = Instant::now();
+    while last < expected
+        && quiet_since.elapsed() < DRAIN_QUIET
+        && drain_start.elapsed() < DRAIN_MAX
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let now = shared.received.load(Ordering::Acquire);
+        if now != last {
+            (last, quiet_since) = (now, Instant::now());
+        }
+    }
+    let drain_seconds = (shared.now_ns() - stop_ns) as f64 / 1e9;
+
+    // Everyone DISCONNECTs.
+    let _ = stop_subscribers.send(true);
+    let mut tally = Tally::new(0);
+    let mut lost = 0;
+    let mut subscribers_dropped = 0;
+    let mut closing = Vec::new();
+    for (i, s) in subscribers.into_iter().enumerate() {
+        let (conn, t, dropped) = s.await.context("subscriber task")??;
+        if let Some(why) = dropped {
+            subscribers_dropped += 1;
+            eprintln!("capteurs-sim bench: subscriber {i}: {why}");
+        }
+        lost += t.lost(&sent);
+        tally.received += t.received;
+        tally.duplicated += t.duplicated;
+        tally.malformed += t.malformed;
+        tally
+            .latency_us
+            .add(&t.latency_us)
+            .context("merging latency histograms")?;
+        closing.extend(conn);
+    }
+    closing.extend(publisher_conns);
+    for conn in closing {
+        conn.disconnect().await;
+    }
+    if let Some(p) = progress {
+        p.abort();
+        let _ = p.await;
+        progress_line(&shared, (0, 0), true);
+    }
+
+    let publish_seconds = (stop_ns - measure_ns) as f64 / 1e9;
+    let sent_measured = sent_at_stop - sent_at_measure;
+    let delivered_measured = tally.received.saturating_sub(received_at_measure);
+    let last_rx_ns = shared.last_receive_ns.load(Ordering::Acquire);
+    let delivery_seconds = last_rx_ns.saturating_sub(measure_ns) as f64 / 1e9;
+    let percent = |ticks: (Option<u64>, Option<u64>)| match ticks {
+        (Some(a), Some(b)) => Some((b - a) as f64 / CLOCK_TICKS_PER_S / publish_seconds * 100.0),
+        _ => None,
+    };
+    let h = &tally.latency_us;
+    let quantile = |q| {
+        if h.is_empty() {
+            0
+        } else {
+            h.value_at_quantile(q)
+        }
+    };
+    Ok(Report {
+        broker: addr.to_string(),
+        publishers: args.publishers,
+        subscribers: args.subscribers,
+        qos: args.qos,
+        granted_qos,
+        payload_size: args.payload_size,
+        target_rate: args.rate,
+        fan_in: args.fan_in,
+        window: args.window,
+        threads: args.threads,
+        warmup_s: args.warmup,
+        sent: total_sent,
+        sent_measured,
+        publish_seconds,
+        publish_rate: sent_measured as f64 / publish_seconds,
+        unacked,
+        expected_deliveries: expected,
+        received: tally.received,
+        delivered_measured,
+        delivery_seconds,
+        delivery_rate: if delivery_seconds > 0.0 {
+            delivered_measured as f64 / delivery_seconds
+        } else {
+            0.0
+        },
+        lost,
+        duplicated: tally.duplicated,
+        malformed: tally.malformed,
+        subscribers_dropped,
+        drain_seconds,
+        latency_us: Latency {
+            samples: h.len(),
+            mean: if h.is_empty() {
+                0.0
+            } else {
+                (h.mean() * 10.0).round() / 10.0
+            },
+            p50: quantile(0.5),
+            p90: quantile(0.9),
+            p99: quantile(0.99),
+            max: h.max(),
+        },
+        cpu: Cpu {
+            bench_percent: percent((cpu_at_measure.0, cpu_at_stop.0)),
+            broker_pid: args.broker_pid,
+            broker_percent: percent((cpu_at_measure.1, cpu_at_stop.1)),
+        },
+    })
+}
+
+/// Publishes until `shared.stop`, then waits (a while) for outstanding
+/// acknowledgements; returns the connection and how many stayed unacknowledged.
+///
+/// Flat out, it encodes a batch per write and, at QoS 1/2, refills the window
+/// in chunks of a quarter of it (one write per chunk, not one per
+/// acknowledgement). Paced, it sends what the token bucket allows each
+/// millisecond.
+async fn publisher(
+    i: u32,
+    mut conn: Conn,
+    plan: Arc<Plan>,
+    shared: Arc<Shared>,
+) -> anyhow::Result<(Conn, usize)> {
+    let topic = if plan.fan_in {
+        format!("{}/all", plan.topic)
+    } else {
+        format!("{}/{i}", plan.topic)
+    };
+    let mut payload: Vec<u8> = (0..plan.payload_size).map(|b| b as u8).collect();
+    let qos = plan.qos;
+    let paced = plan.rate_per_publisher > 0.0;
+    let mut p = Pipe {
+        i,
+        inflight: 0,
+        awaiting_rec: 0,
+        pending_rel: 0,
+        wbuf: BytesMut::with_capacity(AUTO_BATCH_BYTES * 2),
+    };
+    let (mut seq, mut next_id) = (0u64, 0u16);
+    // Token bucket: tokens accrue at the publisher's rate, at most 50 ms worth.
+    let bucket_max = (plan.rate_per_publisher * 0.05).max(1.0);
+    let mut tokens = 0.0f64;
+    let mut refilled = Instant::now();
+    let mut tick = tokio::time::interval(PACE_TICK);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+    let refill_at = (plan.window / 4).clamp(1, plan.batch);
+    let mut pinged = Instant::now();
+    let ping_every = Duration::from_secs(u64::from(KEEP_ALIVE_S) / 2);
+
+    while !shared.stop.load(Ordering::Acquire) {
+        let free = if qos > 0 {
+            plan.window - p.inflight
+        } else {
+            usize::MAX
+        };
+        let n = if paced {
+            let now = Instant::now();
+            tokens = (tokens
+                + now.duration_since(refilled).as_secs_f64() * plan.rate_per_publisher)
+                .min(bucket_max);
+            refilled = now;
+            (tokens as usize).min(free)
+        } else if free >= refill_at {
+            plan.batch.min(free)
+        } else {
+            0
+        };
+        for _ in 0..n {
+            stats::write_header(&mut payload, i, seq, shared.now_ns());
+            next_id = next_id.wrapping_add(1).max(1);
+            client::encode_publish(&mut p.wbuf, topic.as_bytes(), &payload, qos, next_id);
+            seq += 1;
+        }
+        if n > 0 {
+            if qos > 0 {
+                p.inflight += n;
+            }
+            if qos == 2 {
+                p.awaiting_rec += n;
+            }
+            if paced {
+                tokens -= n as f64;
+            }
+            shared.sent[i as usize].store(seq, Ordering::Release);
+        }
+        if pinged.elapsed() >= ping_every {
+            client::encode_pingreq(&mut p.wbuf);
+            pinged = Instant::now();
+        }
+        if n > 0 || paced || p.rels_due(refill_at) {
+            p.flush(&mut conn).await?;
+        }
+        if qos > 0 {
+            // Take whatever acknowledgements are there without waiting.
+            for _ in 0..4 {
+                match conn
+                    .try_read()
+                    .with_context(|| format!("publisher {i}: reading from the broker"))?
+                {
+                    Some(0) => bail!("publisher {i}: the broker closed the connection"),
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            p.take_acks(&mut conn)?;
+        }
+        if paced {
+            if qos > 0 {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    r = conn.read() => p.after_read(&mut conn, r)?,
+                }
+            } else {
+                tick.tick().await;
+            }
+        } else if qos > 0 && plan.window - p.inflight < refill_at {
+            // Window (nearly) full: answer the PUBRECs read so far, then wait.
+            if p.rels_due(refill_at) {
+                p.flush(&mut conn).await?;
+            }
+            let r = conn.read().await;
+            p.after_read(&mut conn, r)?;
+        } else {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    // Stopped: finish the QoS 1/2 exchanges in flight.
+    let give_up = tokio::time::Instant::now() + ACK_WAIT;
+    loop {
+        p.flush(&mut conn).await?;
+        if p.inflight == 0 {
+            break;
+        }
+        match tokio::time::timeout_at(give_up, conn.read()).await {
+            Ok(Ok(0)) | Err(_) => break,
+            Ok(r) => p.after_read(&mut conn, r)?,
+        }
+    }
+    Ok((conn, p.inflight))
+}
+
+/// A publisher's outgoing buffer and window.
+struct Pipe {
+    i: u32,
+    /// Messages not completely acknowledged (PUBACK, PUBCOMP).
+    inflight: usize,
+    /// QoS 2 messages without their PUBREC yet.
+    awaiting_rec: usize,
+    /// PUBRELs in `wbuf`, not written yet.
+    pending_rel: usize,
+    wbuf: BytesMut,
+}
+
+impl Pipe {
+    async fn flush(&mut self, conn: &mut Conn) -> anyhow::Result<()> {
+        if !self.wbuf.is_empty() {
+            let i = self.i;
+            conn.writer
+                .write_all(&self.wbuf)
+                .await
+                .with_context(|| format!("publisher {i}: writing to the broker"))?;
+            self.wbuf.clear();
+            self.pending_rel = 0;
+        }
+        Ok(())
+    }
+
+    /// Whether the PUBRELs in `wbuf` should go now: flat out, they are
+    /// written with the next batch of PUBLISH or once a chunk of them
+    /// accumulated, or when no other PUBREC is coming to add to them.
+    fn rels_due(&self, chunk: usize) -> bool {
+        !self.wbuf.is_empty() && (self.pending_rel >= chunk || self.awaiting_rec == 0)
+    }
+
+    fn after_read(&mut self, conn: &mut Conn, read: std::io::Result<usize>) -> anyhow::Result<()> {
+        let i = self.i;
+        if read.with_context(|| format!("publisher {i}: reading from the broker"))? == 0 {
+            bail!("publisher {i}: the broker closed the connection");
+        }
+        self.take_acks(conn)
+    }
+
+    /// Processes the acknowledgements read so far: PUBACK and PUBCOMP free a
+    /// slot of the window, PUBREC is answered with PUBREL.
+    fn take_acks(&mut self, conn: &mut Conn) -> anyhow::Result<()> {
+        while let Some((packet, used)) = client::decode(&conn.rbuf)? {
+            match packet {
+                Packet::PubAck(_) | Packet::PubComp(_) => {
+                    self.inflight = self.inflight.saturating_sub(1)
+                }
+                Packet::PubRec(id) => {
+                    client::encode_ack(&mut self.wbuf, client::PUBREL, id);
+                    self.awaiting_rec = self.awaiting_rec.saturating_sub(1);
+                    self.pending_rel += 1;
+                }
+                _ => {}
+            }
+            conn.rbuf.advance(used);
+        }
+        Ok(())
+    }
+}
+
+/// Receives, acknowledges and tallies until told to stop. Returns the
+/// connection (unless the broker closed it, then why) and the tally.
+async fn subscriber(
+    mut conn: Conn,
+    plan: Arc<Plan>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<(Option<Conn>, Tally, Option<String>)> {
+    let mut tally = Tally::new(plan.publishers as usize);
+    let mut wbuf = BytesMut::with_capacity(16 * 1024);
+    let mut ping = tokio::time::interval(Duration::from_secs(u64::from(KEEP_ALIVE_S) / 2));
+    ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ping.tick().await;
+    let mut rx_ns = shared.now_ns();
+    let dropped = loop {
+        let measure_from = shared.measure_from_ns.load(Ordering::Relaxed);
+        let (mut new, mut dup) = (0u64, 0u64);
+        while let Some((packet, used)) = client::decode(&conn.rbuf)? {
+            match packet {
+                Packet::Publish {
+                    qos,
+                    packet_id,
+                    payload,
+                    ..
+                } => {
+                    match tally.record(payload, rx_ns, measure_from) {
+                        stats::Receipt::New => new += 1,
+                        stats::Receipt::Duplicate => dup += 1,
+                        stats::Receipt::Malformed => {}
+                    }
+                    match qos {
+                        1 => client::encode_ack(&mut wbuf, client::PUBACK, packet_id),
+                        2 => client::encode_ack(&mut wbuf, client::PUBREC, packet_id),
+                        _ => {}
+                    }
+                }
+                Packet::PubRel(id) => client::encode_ack(&mut wbuf, client::PUBCOMP, id),
+                _ => {}
+            }
+            conn.rbuf.advance(used);
+        }
+        if new > 0 {
+            shared.received.fetch_add(new, Ordering::AcqRel);
+            shared.last_receive_ns.fetch_max(rx_ns, Ordering::AcqRel);
+        }
+        if dup > 0 {
+            shared.duplicated.fetch_add(dup, Ordering::Relaxed);
+        }
+        if !wbuf.is_empty() {
+            if let Err(e) = conn.writer.write_all(&wbuf).await {
+                break Some(format!("writing to the broker: {e}"));
+            }
+            wbuf.clear();
+        }
+        // Let the other connections run before reading again: under load,
+        // more messages arrive meanwhile, so fewer reads and ack writes per
+        // message; idle, it costs next to nothing.
+        tokio::task::yield_now().await;
+        tokio::select! {
+            biased;
+            r = conn.read() => match r {
+                Ok(0) => break Some("the broker closed the connection".to_string()),
+                Ok(_) => rx_ns = shared.now_ns(),
+                Err(e) => break Some(format!("reading from the broker: {e}")),
+            },
+            _ = stop.changed() => break None,
+            _ = ping.tick() => client::encode_pingreq(&mut wbuf),
+        }
+    };
+    Ok((dropped.is_none().then_some(conn), tally, dropped))
+}
+
+/// `/proc/<pid>/stat` clock ticks are USER_HZ, 100 on every Linux port.
+const CLOCK_TICKS_PER_S: f64 = 100.0;
+
+/// User + system CPU time of a process (this one if `None`), in clock ticks.
+fn cpu_ticks(pid: Option<u32>) -> Option<u64> {
+    let path = pid.map_or_else(
+        || "/proc/self/stat".to_string(),
+        |p| format!("/proc/{p}/stat"),
+    );
+    let stat = std::fs::read_to_string(path).ok()?;
+    // Fields after "pid (comm)": state is field 3, utime 14, stime 15.
+    let mut fields = stat
+        .get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+async fn progress(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut last = (shared.total_sent(), shared.received.load(Ordering::Relaxed));
+    loop {
+        tick.tick().await;
+        last = progress_line(&shared, last, false);
+    }
+}
+
+/// One progress line (rewritten in place on a terminal); returns the totals.
+fn progress_line(shared: &Shared, (last_sent, last_rx): (u64, u64), last_line: bool) -> (u64, u64) {
+    let sent = shared.total_sent();
+    let rx = shared.received.load(Ordering::Relaxed);
+    let dup = shared.duplicated.load(Ordering::Relaxed);
+    let tty = std::io::stderr().is_terminal();
+    if last_line {
+        if tty {
+            eprintln!();
+        }
+        return (sent, rx);
+    }
+    let phase = match shared.phase.load(Ordering::Relaxed) {
+        CONNECTING => "connecting",
+        WARMUP => "warm-up",
+        MEASURING => "measuring",
+        _ => "draining",
+    };
+    let line = format!(
+        "[{:>5.0} s] {phase:<10} sent {:>13} ({:>11}/s)  received {:>13} ({:>11}/s)  duplicated {}",
+        shared.origin.elapsed().as_secs_f64(),
+        group(sent),
+        group(sent - last_sent),
+        group(rx),
+        group(rx.saturating_sub(last_rx)),
+        group(dup),
+    );
+    if tty {
+        eprint!("\r{line}  ");
+    } else {
+        eprintln!("{line}");
+    }
+    (sent, rx)
+}
+
+/// 1234567 → "1,234,567".
+fn group(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (k, c) in digits.chars().enumerate() {
+        if k > 0 && (digits.len() - k).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn table(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let rate = if r.target_rate == 0 {
+        "flat out".to_string()
+    } else {
+        format!("{} msg/s", group(r.target_rate))
+    };
+    let topics = if r.fan_in {
+        "one topic (fan-in)"
+    } else {
+        "one topic each"
+    };
+    let granted = match r.granted_qos {
+        Some(g) if g != r.qos => format!(" (granted {g})"),
+        _ => String::new(),
+    };
+    let _ = writeln!(
+        s,
+        "capteurs-sim bench → {}: {} publisher(s) on {topics} → {} subscriber(s), QoS {}{granted}, {} B payload, {rate}, \
+         window {}, {} thread(s)",
+        r.broker, r.publishers, r.subscribers, r.qos, r.payload_size, r.window, r.threads
+    );
+    if r.warmup_s > 0.0 {
+        let _ = writeln!(s, "  (after {} s of warm-up, not measured)", r.warmup_s);
+    }
+    let _ = writeln!(
+        s,
+        "  published    {:>14} msg in {:>6.2} s  {:>12} msg/s{}",
+        group(r.sent_measured),
+        r.publish_seconds,
+        group(r.publish_rate.round() as u64),
+        if r.unacked > 0 {
+            format!("   ({} never acknowledged)", group(r.unacked))
+        } else {
+            String::new()
+        }
+    );
+    let _ = writeln!(
+        s,
+        "  delivered    {:>14} msg in {:>6.2} s  {:>12} msg/s",
+        group(r.delivered_measured),
+        r.delivery_seconds,
+        group(r.delivery_rate.round() as u64)
+    );
+    let lost_pct = if r.expected_deliveries > 0 {
+        r.lost as f64 * 100.0 / r.expected_deliveries as f64
+    } else {
+        0.0
+    };
+    let _ = writeln!(
+        s,
+        "  totals       sent {}   expected deliveries {}   received {}   lost {} ({lost_pct:.2} %)   duplicated {}{}",
+        group(r.sent),
+        group(r.expected_deliveries),
+        group(r.received),
+        group(r.lost),
+        group(r.duplicated),
+        if r.malformed > 0 { format!("   malformed {}", group(r.malformed)) } else { String::new() }
+    );
+    if r.subscribers_dropped > 0 {
+        let _ = writeln!(
+            s,
+            "  dropped      {} subscriber connection(s) closed by the broker",
+            r.subscribers_dropped
+        );
+    }
+    let l = &r.latency_us;
+    let _ = writeln!(
+        s,
+        "  latency µs   p50 {}   p90 {}   p99 {}   max {}   mean {:.1}   ({} samples)",
+        group(l.p50),
+        group(l.p90),
+        group(l.p99),
+        group(l.max),
+        l.mean,
+        group(l.samples)
+    );
+    let pct = |p: Option<f64>| p.map_or("n/a".to_string(), |p| format!("{p:.0} %"));
+    let _ = write!(
+        s,
+        "  CPU          capteurs-sim {}",
+        pct(r.cpu.bench_percent)
+    );
+    if let Some(pid) = r.cpu.broker_pid {
+        let _ = write!(s, "   broker (pid {pid}) {}", pct(r.cpu.broker_percent));
+    }
+    let _ = writeln!(s, "   (of one core, during the measurement)");
+    let _ = writeln!(
+        s,
+        "  drain        {:.2} s after publishing stopped",
+        r.drain_seconds
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_thousands() {
+        assert_eq!(group(0), "0");
+        assert_eq!(group(999), "999");
+        assert_eq!(group(1000), "1,000");
+        assert_eq!(group(1_234_567), "1,234,567");
+    }
+
+    #[test]
+    fn reads_own_cpu_time() {
+        if cfg!(target_os = "linux") {
+            assert!(cpu_ticks(None).is_some());
+        }
+    }
+
+    #[test]
+    fn rejects_bad_arguments() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: BenchArgs,
+        }
+        let parse =
+            |extra: &[&str]| Cli::try_parse_from([&["bench"], extra].concat()).map(|c| c.bench);
+        assert!(validate(&parse(&[]).unwrap()).is_ok());
+        assert!(validate(&parse(&["--payload-size", "19"]).unwrap()).is_err());
+        assert!(validate(&parse(&["--topic", "a/+"]).unwrap()).is_err());
+        assert!(validate(&parse(&["--duration", "0"]).unwrap()).is_err());
+        assert!(parse(&["--qos", "3"]).is_err());
+        assert!(parse(&["--publishers", "0"]).is_err());
+        assert!(
+            parse(&["--password", "x"]).is_err(),
+            "a password needs a user name"
+        );
+        let a = parse(&[
+            "--fan-in", "--rate", "2000", "--warmup", "1.5", "-u", "u", "-P", "p",
+        ])
+        .unwrap();
+        assert!(
+            a.fan_in && a.rate == 2000 && a.warmup == 1.5 && a.password.as_deref() == Some("p")
+        );
+    }
+}
