@@ -37,6 +37,7 @@ pub fn broker_settings(cfg: &GatewayConfig) -> Result<BrokerSettings, Error> {
         max_inflight: b.max_inflight,
         max_queued: b.max_queued,
         queue_qos0_offline: b.queue_qos0_offline,
+        slow_subscriber_timeout: Duration::from_millis(b.slow_subscriber_timeout_ms),
         connect_timeout: Duration::from_millis(b.connect_timeout_ms),
         sys_interval: Duration::from_secs(b.sys_interval_secs),
         persist_interval: Duration::from_millis(b.persist_interval_ms),

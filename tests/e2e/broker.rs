@@ -3,6 +3,7 @@
 
 use capteurs_gateway::broker::router::Metrics;
 use capteurs_tests::*;
+use std::time::Duration;
 
 fn qos(n: u8) -> QoS {
     match n {
@@ -434,6 +435,121 @@ async fn inflight_window_holds_the_rest_in_the_queue() {
     s.ack(&c).await;
     assert_eq!(s.receive().await.payload, b"3");
     assert_eq!(s.receive().await.payload, b"4");
+}
+
+/// Sends QoS 1 PUBLISHes without waiting; returns their packet ids.
+async fn send_qos1(p: &mut RawClient, topic: &str, payloads: &[&str]) -> Vec<u16> {
+    let mut ids = Vec::new();
+    for payload in payloads {
+        let id = p.next_packet_id();
+        p.send(publish_packet(
+            topic,
+            payload.as_bytes(),
+            QoS::AtLeastOnce,
+            false,
+            Some(id),
+            false,
+        ))
+        .await;
+        ids.push(id.get());
+    }
+    ids
+}
+
+async fn expect_puback(p: &mut RawClient, id: u16) {
+    match p.recv().await {
+        Some(Packet::PublishAck { packet_id }) => assert_eq!(packet_id.get(), id),
+        other => panic!("expected PUBACK {id}, got {other:?}"),
+    }
+}
+
+/// Sets up a subscriber with one unacknowledged message in flight (window
+/// of 1) and three more queued (max_queued = 3): the PUBACK of the message
+/// that filled the queue is held back.
+async fn congested(b: &TestBroker) -> (RawClient, RawClient, Received, u16) {
+    let mut s = RawClient::connect(b.addr, &ConnectOpts::new("slow")).await;
+    s.subscribe("f", QoS::AtLeastOnce).await;
+    let mut p = RawClient::connect(b.addr, &ConnectOpts::new("fast")).await;
+    p.publish("f", b"1", QoS::AtLeastOnce, false).await;
+    let first = s.expect_publish().await; // in flight, not acknowledged
+    let ids = send_qos1(&mut p, "f", &["2", "3", "4"]).await;
+    expect_puback(&mut p, ids[0]).await;
+    expect_puback(&mut p, ids[1]).await;
+    (s, p, first, ids[2])
+}
+
+#[tokio::test]
+async fn slow_subscriber_holds_the_publisher_back_instead_of_dropping() {
+    let b = TestBroker::start(open_auth(), |s| {
+        s.max_inflight = 1;
+        s.max_queued = 3;
+    })
+    .await;
+    let (mut s, mut p, first, held) = congested(&b).await;
+    p.expect_nothing().await; // PUBACK of "4" held: the queue is full
+    s.ack(&first).await; // the subscriber catches up
+    expect_puback(&mut p, held).await;
+    for i in 2..=4 {
+        assert_eq!(s.receive().await.payload, format!("{i}").as_bytes());
+    }
+    let m = b.handle().metrics();
+    assert_eq!(Metrics::get(&m.dropped_queue_full), 0);
+    assert_eq!(Metrics::get(&m.slow_subscribers), 0);
+    assert_eq!(Metrics::get(&m.publishers_throttled), 1);
+}
+
+#[tokio::test]
+async fn qos0_publisher_is_not_read_while_a_subscriber_is_full() {
+    let b = TestBroker::start(open_auth(), |s| {
+        s.max_inflight = 1;
+        s.max_queued = 3;
+    })
+    .await;
+    let (mut s, mut p, first, held) = congested(&b).await;
+    // A QoS 0 publish, then a PINGREQ: neither is read while the queue is full.
+    p.send(publish_packet(
+        "f",
+        b"5",
+        QoS::AtMostOnce,
+        false,
+        None,
+        false,
+    ))
+    .await;
+    p.send(Packet::PingRequest).await;
+    p.expect_nothing().await;
+    s.ack(&first).await;
+    for i in 2..=5 {
+        assert_eq!(s.receive().await.payload, format!("{i}").as_bytes());
+    }
+    expect_puback(&mut p, held).await;
+    assert_eq!(p.recv().await, Some(Packet::PingResponse));
+    let m = b.handle().metrics();
+    assert_eq!(Metrics::get(&m.dropped_queue_full), 0);
+    assert_eq!(Metrics::get(&m.slow_subscribers), 0);
+}
+
+#[tokio::test]
+async fn subscriber_too_slow_for_too_long_loses_its_oldest_messages() {
+    let b = TestBroker::start(open_auth(), |s| {
+        s.max_inflight = 1;
+        s.max_queued = 3;
+        s.slow_subscriber_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let (mut s, mut p, first, held) = congested(&b).await;
+    // After the timeout the publisher goes on and the subscriber is marked slow.
+    expect_puback(&mut p, held).await;
+    p.publish("f", b"5", QoS::AtLeastOnce, false).await;
+    p.publish("f", b"6", QoS::AtLeastOnce, false).await;
+    s.ack(&first).await;
+    for i in 4..=6 {
+        assert_eq!(s.receive().await.payload, format!("{i}").as_bytes());
+    }
+    s.expect_nothing().await;
+    let m = b.handle().metrics();
+    assert_eq!(Metrics::get(&m.slow_subscribers), 1);
+    assert_eq!(Metrics::get(&m.dropped_queue_full), 2);
 }
 
 // ------------------------------------------------------------------ wills

@@ -63,6 +63,14 @@ struct Conn {
     wbuf: BytesMut,
     codec: MqttCodec,
     shared: Arc<Shared>,
+    /// Flow control: online subscribers whose queue this client's
+    /// publishes filled. While any is left, QoS 1/2 acknowledgements are
+    /// held in `held_acks` (the client's own in-flight window then stops it)
+    /// and after a QoS 0 publish the socket is not read (TCP stops it).
+    congested: Vec<Arc<Session>>,
+    held_acks: Vec<Packet>,
+    pause_reading: bool,
+    congested_since: Option<Instant>,
 }
 
 impl Conn {
@@ -71,6 +79,16 @@ impl Conn {
         // sizes are bounded by what was accepted).
         if let Err(e) = self.codec.encode(packet, &mut self.wbuf) {
             warn!(error = %e, "cannot encode packet");
+        }
+    }
+
+    /// PUBACK/PUBREC for a client's PUBLISH: sent now, or held while a
+    /// subscriber it feeds is congested (in order, MQTT-4.6.0-2).
+    fn ack_publish(&mut self, ack: Packet) {
+        if self.congested.is_empty() && self.held_acks.is_empty() {
+            self.send(ack);
+        } else {
+            self.held_acks.push(ack);
         }
     }
 
@@ -125,6 +143,10 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
         wbuf: BytesMut::with_capacity(1024),
         codec: MqttCodec::new(shared.settings.max_packet_size),
         shared: shared.clone(),
+        congested: Vec::new(),
+        held_acks: Vec::new(),
+        pause_reading: false,
+        congested_since: None,
     };
     let metrics = &shared.router.metrics;
     let first = tokio::select! {
@@ -397,6 +419,7 @@ fn encode_publish(buf: &mut BytesMut, d: &Delivery, packet_id: Option<u16>, dup:
 fn pump(conn: &mut Conn, session: &Session) -> bool {
     let max_inflight = conn.shared.settings.max_inflight as usize;
     let mut st = session.lock();
+    let len_before = st.queue.len();
     let mut sent = 0u64;
     let mut persistent_change = false;
     let more = loop {
@@ -431,6 +454,9 @@ fn pump(conn: &mut Conn, session: &Session) -> bool {
         }
         sent += 1;
     };
+    if sent > 0 {
+        conn.shared.router.queue_drained(&mut st, len_before);
+    }
     let clean = st.clean;
     drop(st);
     if sent > 0 {
@@ -456,7 +482,7 @@ async fn run(
     tokio::pin!(deadline);
     loop {
         // Packets already buffered (pipelined after CONNECT, or several per read).
-        loop {
+        while !conn.pause_reading {
             match conn.codec.decode(&mut conn.rbuf) {
                 Ok(Some(packet)) => {
                     if let Some(end) = handle(conn, session, client, packet) {
@@ -474,11 +500,38 @@ async fn run(
         if more {
             session.notify.notify_one();
         }
+        // Flow control: created before the re-check so a drain in between
+        // is not missed.
+        let space = (!conn.congested.is_empty()).then(|| shared.router.space.notified());
+        conn.congested.retain(|s| shared.router.still_congested(s));
+        if conn.congested.is_empty() {
+            let was_throttled = conn.congested_since.take().is_some();
+            if was_throttled || conn.pause_reading || !conn.held_acks.is_empty() {
+                release(conn);
+                if let Some(ka) = keep_alive {
+                    deadline.as_mut().reset(Instant::now() + ka);
+                }
+                continue;
+            }
+        } else if conn.congested_since.is_none() {
+            conn.congested_since = Some(Instant::now());
+            Metrics::inc(&shared.router.metrics.publishers_throttled);
+        }
+        let throttled = conn.congested_since.is_some();
+        let give_up = conn.congested_since.map_or(Instant::now(), |t| {
+            t + shared.settings.slow_subscriber_timeout
+        });
         tokio::select! {
             biased;
             _ = shared.shutdown.cancelled() => return End::Shutdown,
             k = &mut kick_rx => return End::Kicked(k.unwrap_or(Kick { publish_will: false })),
-            r = conn.reader.read_buf(&mut conn.rbuf) => match r {
+            _ = async { match space { Some(s) => s.await, None => std::future::pending().await } }, if throttled => {}
+            _ = tokio::time::sleep_until(give_up), if throttled => {
+                for s in conn.congested.drain(..) {
+                    shared.router.mark_slow(&s);
+                }
+            }
+            r = conn.reader.read_buf(&mut conn.rbuf), if !conn.pause_reading => match r {
                 Ok(0) => return End::Eof,
                 Ok(n) => {
                     Metrics::add(&shared.router.metrics.bytes_received, n as u64);
@@ -489,9 +542,18 @@ async fn run(
                 Err(e) => return End::Io(e),
             },
             _ = session.notify.notified() => {}
-            _ = &mut deadline, if keep_alive.is_some() => return End::KeepAlive,
+            _ = &mut deadline, if keep_alive.is_some() && !conn.pause_reading => return End::KeepAlive,
         }
     }
+}
+
+/// The congested subscribers caught up (or were marked slow): send the held
+/// acknowledgements and read the client again.
+fn release(conn: &mut Conn) {
+    for ack in std::mem::take(&mut conn.held_acks) {
+        conn.send(ack);
+    }
+    conn.pause_reading = false;
 }
 
 /// Handles one packet from a connected client. `Some(end)` closes.
@@ -523,14 +585,17 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
             match (qos, packet_id) {
                 (0, _) => {
                     if allowed {
-                        router.publish(message());
+                        router.publish_from(message(), Some(session), &mut conn.congested);
+                        if !conn.congested.is_empty() {
+                            conn.pause_reading = true;
+                        }
                     }
                 }
                 (1, Some(id)) => {
                     if allowed {
-                        router.publish(message());
+                        router.publish_from(message(), Some(session), &mut conn.congested);
                     }
-                    conn.send(Packet::PublishAck { packet_id: nz(id) });
+                    conn.ack_publish(Packet::PublishAck { packet_id: nz(id) });
                 }
                 (2, Some(id)) => {
                     let mut st = session.lock();
@@ -539,13 +604,13 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
                     drop(st);
                     if first_time {
                         if allowed {
-                            router.publish(message());
+                            router.publish_from(message(), Some(session), &mut conn.congested);
                         }
                         if !clean {
                             router.session_changed(session);
                         }
                     }
-                    conn.send(Packet::PublishReceived { packet_id: nz(id) });
+                    conn.ack_publish(Packet::PublishReceived { packet_id: nz(id) });
                 }
                 _ => return Some(End::Protocol("PUBLISH without packet id".into())),
             }
@@ -695,6 +760,10 @@ fn teardown(
         .is_some_and(|a| a.conn_id == client.conn_id);
     if still_mine {
         st.attached = None;
+    }
+    if still_mine && st.queue.len() >= shared.settings.max_queued {
+        // Publishers held back by this client stop waiting for it.
+        router.space.notify_waiters();
     }
     let clean = st.clean;
     drop(st);

@@ -63,6 +63,9 @@ pub struct BrokerSettings {
     pub max_inflight: u16,
     pub max_queued: usize,
     pub queue_qos0_offline: bool,
+    /// How long publishers wait for a slow online subscriber (see
+    /// `broker.slow_subscriber_timeout_ms`).
+    pub slow_subscriber_timeout: Duration,
     pub connect_timeout: Duration,
     pub sys_interval: Duration,
     pub persist_interval: Duration,
@@ -80,6 +83,7 @@ impl BrokerSettings {
             max_inflight: 32,
             max_queued: 1000,
             queue_qos0_offline: false,
+            slow_subscriber_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
             sys_interval: Duration::from_secs(10),
             persist_interval: Duration::from_secs(1),
@@ -127,6 +131,7 @@ impl Broker {
         let router = Router::new(QueueLimits {
             max_queued: settings.max_queued,
             queue_qos0_offline: settings.queue_qos0_offline,
+            backpressure: !settings.slow_subscriber_timeout.is_zero(),
         });
         let store = match &settings.data_dir {
             Some(dir) => {

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytestring::ByteString;
+use tokio::sync::Notify;
 
 use super::session::{Delivery, Session};
 use super::topic;
@@ -25,6 +26,10 @@ pub struct Metrics {
     pub subscribe_denied: AtomicU64,
     pub dropped_queue_full: AtomicU64,
     pub dropped_no_subscriber: AtomicU64,
+    /// Times a publisher was held back because a subscriber's queue was full.
+    pub publishers_throttled: AtomicU64,
+    /// Times an online subscriber was too slow for too long and was marked slow.
+    pub slow_subscribers: AtomicU64,
     pub connections_accepted: AtomicU64,
     pub connections_refused: AtomicU64,
     pub connections_over_limit: AtomicU64,
@@ -56,6 +61,8 @@ pub type RetainedChanges = HashMap<ByteString, Option<Arc<Message>>>;
 pub struct QueueLimits {
     pub max_queued: usize,
     pub queue_qos0_offline: bool,
+    /// Hold publishers back instead of dropping for online subscribers.
+    pub backpressure: bool,
 }
 
 pub struct Router {
@@ -68,6 +75,9 @@ pub struct Router {
     dirty_sessions: Mutex<HashSet<Arc<str>>>,
     /// Retained topics changed since the last save (None = deleted).
     dirty_retained: Mutex<RetainedChanges>,
+    /// Woken when a congested queue drains below `max_queued` (publishers
+    /// held back by it re-check).
+    pub space: Notify,
 }
 
 impl Router {
@@ -80,12 +90,26 @@ impl Router {
             limits,
             dirty_sessions: Mutex::new(HashSet::new()),
             dirty_retained: Mutex::new(HashMap::new()),
+            space: Notify::new(),
         }
     }
 
     /// Routes one message to every matching subscription, once per
     /// subscriber at the highest granted QoS, and updates the retained store.
     pub fn publish(&self, message: Message) {
+        self.publish_from(message, None, &mut Vec::new());
+    }
+
+    /// [`Router::publish`] for a message from a client's session: online
+    /// subscribers whose queue this message filled (other than the
+    /// publisher itself) are added to `congested`, and the publisher's
+    /// connection holds back until they drain (flow control, not loss).
+    pub fn publish_from(
+        &self,
+        message: Message,
+        publisher: Option<&Arc<Session>>,
+        congested: &mut Vec<Arc<Session>>,
+    ) {
         let message = Arc::new(message);
         if message.retain {
             self.retain(&message);
@@ -105,7 +129,7 @@ impl Router {
         }
         for (session, granted) in targets {
             let qos = message.qos.min(granted);
-            self.deliver(
+            let full = self.deliver(
                 &session,
                 Delivery {
                     message: message.clone(),
@@ -113,30 +137,74 @@ impl Router {
                     retain: false,
                 },
             );
+            if full
+                && !publisher.is_some_and(|p| Arc::ptr_eq(p, &session))
+                && !congested.iter().any(|c| Arc::ptr_eq(c, &session))
+            {
+                congested.push(session);
+            }
         }
     }
 
     /// Queues one delivery for one session and wakes its connection.
-    pub fn deliver(&self, session: &Arc<Session>, delivery: Delivery) {
-        {
-            let mut st = session.lock();
-            if st.attached.is_none()
-                && (st.clean || (delivery.qos == 0 && !self.limits.queue_qos0_offline))
-            {
-                return;
-            }
-            if st.queue.len() >= self.limits.max_queued {
-                st.queue.pop_front();
-                Metrics::inc(&self.metrics.dropped_queue_full);
-            }
-            let persist = !st.clean && delivery.qos > 0;
-            st.queue.push_back(delivery);
-            drop(st);
-            if persist {
-                self.session_changed(session);
-            }
+    /// Returns true when an online subscriber's queue is now at or over
+    /// `max_queued` and publishers should hold back. An offline or slow
+    /// session drops its oldest message instead; an online one only past
+    /// twice the limit (a publisher ignoring flow control).
+    pub fn deliver(&self, session: &Arc<Session>, delivery: Delivery) -> bool {
+        let max = self.limits.max_queued;
+        let mut st = session.lock();
+        let online = st.attached.is_some();
+        if !online && (st.clean || (delivery.qos == 0 && !self.limits.queue_qos0_offline)) {
+            return false;
+        }
+        let throttle = online && self.limits.backpressure && !st.slow;
+        let cap = if throttle { max.saturating_mul(2) } else { max };
+        while st.queue.len() >= cap {
+            st.queue.pop_front();
+            Metrics::inc(&self.metrics.dropped_queue_full);
+        }
+        let persist = !st.clean && delivery.qos > 0;
+        st.queue.push_back(delivery);
+        let full = throttle && st.queue.len() >= max;
+        drop(st);
+        if persist {
+            self.session_changed(session);
         }
         session.notify.notify_one();
+        full
+    }
+
+    /// True while an online, not-slow subscriber's queue is at or over
+    /// `max_queued`: publishers it held back keep waiting.
+    pub fn still_congested(&self, session: &Session) -> bool {
+        let st = session.lock();
+        st.attached.is_some() && !st.slow && st.queue.len() >= self.limits.max_queued
+    }
+
+    /// A subscriber kept publishers waiting too long: from now on its oldest
+    /// messages are dropped when its queue is full, until it has caught up.
+    pub fn mark_slow(&self, session: &Session) {
+        let mut st = session.lock();
+        if !st.slow && st.attached.is_some() {
+            st.slow = true;
+            drop(st);
+            Metrics::inc(&self.metrics.slow_subscribers);
+            tracing::warn!(client_id = %session.client_id, max_queued = self.limits.max_queued,
+                "subscriber too slow: its oldest messages are dropped while its queue is full");
+        }
+    }
+
+    /// Called by a connection after it took messages from its queue.
+    pub fn queue_drained(&self, st: &mut super::session::SessionState, len_before: usize) {
+        let max = self.limits.max_queued;
+        let len = st.queue.len();
+        if st.slow && len <= max / 2 {
+            st.slow = false;
+        }
+        if len_before >= max && len < max {
+            self.space.notify_waiters();
+        }
     }
 
     /// Records that a persistent session changed (cheap when already dirty).

@@ -68,6 +68,9 @@ pub struct SessionState {
     pub outgoing: VecDeque<Outgoing>,
     /// QoS 2 packet ids received and PUBREC'd, waiting for PUBREL.
     pub incoming_qos2: HashSet<u16>,
+    /// Marked by the router when this online client kept publishers waiting
+    /// longer than `slow_subscriber_timeout`; cleared once it catches up.
+    pub slow: bool,
     next_packet_id: u16,
 }
 
@@ -111,6 +114,7 @@ impl Session {
                 queue: VecDeque::new(),
                 outgoing: VecDeque::new(),
                 incoming_qos2: HashSet::new(),
+                slow: false,
                 next_packet_id: 0,
             }),
             notify: Notify::new(),

@@ -64,6 +64,16 @@ fn publish_all(shared: &Shared) {
     );
     put(
         shared,
+        "$SYS/broker/publish/throttled",
+        Metrics::get(&m.publishers_throttled).to_string(),
+    );
+    put(
+        shared,
+        "$SYS/broker/clients/slow",
+        Metrics::get(&m.slow_subscribers).to_string(),
+    );
+    put(
+        shared,
         "$SYS/broker/publish/denied",
         Metrics::get(&m.publish_denied).to_string(),
     );
