@@ -1,6 +1,9 @@
 //! Retained messages and persistent sessions survive a restart of the broker
 //! (SQLite in the data directory).
 
+use std::time::Duration;
+
+use capteurs_gateway::broker::router::Metrics;
 use capteurs_tests::*;
 
 #[tokio::test]
@@ -83,4 +86,52 @@ async fn retained_and_sessions_survive_restart() {
     let (_, ack) =
         RawClient::connect_with(b.addr, &ConnectOpts::new("ephemeral").clean(false)).await;
     assert!(!ack.session_present, "clean sessions are not persisted");
+}
+
+#[tokio::test]
+async fn a_failed_save_is_retried_not_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_owned();
+    let mut b = TestBroker::start(open_auth(), |s| {
+        s.data_dir = Some(data.clone());
+        s.persist_interval = Duration::from_millis(20);
+    })
+    .await;
+    // Break the store under the broker: its next save fails.
+    let db = rusqlite::Connection::open(data.join("broker.sqlite")).unwrap();
+    let schema: String = db
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE name = 'retained'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    db.execute_batch("DROP TABLE retained").unwrap();
+    let mut p = RawClient::connect(b.addr, &ConnectOpts::new("p")).await;
+    p.publish("keep/me", b"22.5", QoS::AtLeastOnce, true).await;
+    let failures = || Metrics::get(&b.handle().metrics().persist_failures);
+    eventually("a failed save", || failures() >= 1).await;
+    // Repaired: the retry writes the message the failed save had taken.
+    db.execute_batch(&schema).unwrap();
+    let saved = || {
+        db.query_row(
+            "SELECT count(*) FROM retained WHERE topic = 'keep/me'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+            == 1
+    };
+    eventually("the retried save", saved).await;
+    p.disconnect().await;
+    b.stop().await;
+
+    let b = TestBroker::start(open_auth(), |s| s.data_dir = Some(data.clone())).await;
+    let mut r = RawClient::connect(b.addr, &ConnectOpts::new("reader")).await;
+    r.subscribe("keep/#", QoS::AtLeastOnce).await;
+    let got = r.receive().await;
+    assert_eq!(
+        (got.topic.as_str(), &got.payload[..]),
+        ("keep/me", &b"22.5"[..])
+    );
 }

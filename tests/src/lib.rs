@@ -25,6 +25,19 @@ pub const WAIT: Duration = Duration::from_secs(5);
 /// How long a test waits to be sure something does NOT happen.
 pub const QUIET: Duration = Duration::from_millis(300);
 
+/// Waits (polling every 10 ms, up to [`WAIT`]) until `ready` holds, for
+/// state that has no event to await (counters, files written by the broker).
+pub async fn eventually(what: &str, mut ready: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !ready() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// The workspace root (for configs/ and the course scripts).
 pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -260,12 +260,17 @@ async fn save_now(shared: &Arc<Shared>, store: &Arc<Mutex<Store>>) {
     let store = store.clone();
     let result = tokio::task::spawn_blocking(move || {
         let mut s = store.lock().unwrap_or_else(|e| e.into_inner());
-        s.save(&batch)
+        let r = s.save(&batch);
+        (batch, r)
     })
     .await;
     match result {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => error!(error = %e, "saving sessions and retained messages failed"),
+        Ok((_, Ok(()))) => {}
+        Ok((batch, Err(e))) => {
+            Metrics::inc(&shared.router.metrics.persist_failures);
+            error!(error = %e, "saving sessions and retained messages failed; will retry");
+            batch.give_back(&shared.router);
+        }
         Err(e) => error!(error = %e, "session saver task failed"),
     }
 }

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub publishers_throttled: AtomicU64,
     /// Times an online subscriber was too slow for too long and was marked slow.
     pub slow_subscribers: AtomicU64,
+    /// Saves to SQLite that failed (retried at the next interval).
+    pub persist_failures: AtomicU64,
     pub connections_accepted: AtomicU64,
     pub connections_refused: AtomicU64,
     pub connections_over_limit: AtomicU64,
@@ -332,6 +334,21 @@ impl Router {
                 .unwrap_or_else(|e| e.into_inner()),
         );
         (ids.into_iter().collect(), retained)
+    }
+
+    /// Puts retained changes whose save failed back in the dirty set,
+    /// unless the topic changed again since.
+    pub fn remark_retained(
+        &self,
+        changes: impl IntoIterator<Item = (ByteString, Option<Arc<Message>>)>,
+    ) {
+        let mut dirty = self
+            .dirty_retained
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (topic, change) in changes {
+            dirty.entry(topic).or_insert(change);
+        }
     }
 
     pub fn session(&self, client_id: &str) -> Option<Arc<Session>> {

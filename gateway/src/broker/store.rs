@@ -133,6 +133,15 @@ impl Batch {
             retained: retained.into_iter().collect(),
         }
     }
+
+    /// A save failed: marks everything in the batch dirty again so the next
+    /// save retries it (a change made since then wins over the batch's).
+    pub fn give_back(self, router: &Router) {
+        for (id, _) in self.sessions {
+            router.mark_session_id(&id);
+        }
+        router.remark_retained(self.retained);
+    }
 }
 
 pub struct Store {
