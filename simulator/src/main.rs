@@ -1,8 +1,11 @@
-//! `capteurs-sim`: the course's publishers, sensor fleets and the benchmark
-//! load generator. `bench` is here; `course`, `fleet` and `serial` come
-//! with the simulator issue.
+//! `capteurs-sim`: the course's publisher, sensor fleets over MQTT or
+//! serial lines, and the benchmark load generator.
 
 mod bench;
+mod course;
+mod fleet;
+mod mqtt;
+mod serial;
 
 use std::process::ExitCode;
 
@@ -21,16 +24,25 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The course's publisher (part IV.G): prof_ISIMA, will on isima/LWT,
+    /// $SYS/broker/version, retained random temperatures on isima/G1..G4
+    Course(course::CourseArgs),
+    /// Simulated sensor fleets over MQTT: topics, value models, QoS,
+    /// formats, faults; deterministic with --seed
+    Fleet(fleet::FleetArgs),
+    /// The same readings as lines on a serial port or a pseudo-terminal
+    Serial(serial::SerialArgs),
     /// MQTT load generator: publishers × subscribers × QoS × payload × rate;
     /// reports publish and delivery rates, lost and duplicated messages and
     /// publish→deliver latency (run it against ours and mosquitto alike).
     Bench(bench::BenchArgs),
-    // Course(course::CourseArgs), Fleet(fleet::FleetArgs), Serial(serial::SerialArgs):
-    // with the simulator issue.
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
+        Command::Course(args) => course::run(args),
+        Command::Fleet(args) => fleet::run(args),
+        Command::Serial(args) => serial::run(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {

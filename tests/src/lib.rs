@@ -415,3 +415,73 @@ pub fn publish_packet(
         properties: None,
     }))
 }
+
+/// Debian's `mosquitto` on a free loopback port: the cloud stand-in and the
+/// reference broker. Anonymous clients allowed, nothing on disk; killed on
+/// drop.
+pub struct Mosquitto {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    pub async fn start() -> Mosquitto {
+        Self::start_with("").await
+    }
+
+    /// With extra lines for its configuration file.
+    pub async fn start_with(extra: &str) -> Mosquitto {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("mosquitto not found: install it (tests/run.sh does)");
+        // The port is free now; another process could take it before
+        // mosquitto binds it, hence the retries.
+        for _ in 0..5 {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a free port")
+                .port();
+            let dir = tempfile::tempdir().expect("temp dir");
+            let conf = dir.path().join("mosquitto.conf");
+            std::fs::write(
+                &conf,
+                format!("listener {port} 127.0.0.1\nallow_anonymous true\n{extra}\n"),
+            )
+            .expect("write mosquitto.conf");
+            let mut child = std::process::Command::new(bin)
+                .arg("-c")
+                .arg(&conf)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("mosquitto starts");
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            let deadline = tokio::time::Instant::now() + WAIT;
+            while tokio::time::Instant::now() < deadline {
+                if TcpStream::connect(addr).await.is_ok() {
+                    return Mosquitto {
+                        child,
+                        addr,
+                        _dir: dir,
+                    };
+                }
+                if child.try_wait().ok().flatten().is_some() {
+                    break; // port taken meanwhile: try another
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!("mosquitto did not start");
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
