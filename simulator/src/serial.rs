@@ -117,7 +117,17 @@ pub fn run(args: SerialArgs) -> anyhow::Result<()> {
         (scenario.duration_secs > 0.0).then(|| Duration::from_secs_f64(scenario.duration_secs));
     let mut stats = [0u64; 4]; // good, garbage, cut, overlong
     let mut written = 0u64;
+    let mut last_progress = (Instant::now(), 0u64);
     while !stop.load(Ordering::Relaxed) {
+        if !args.fleet.quiet && last_progress.0.elapsed() >= Duration::from_secs(1) {
+            let rate = (written - last_progress.1) as f64 / last_progress.0.elapsed().as_secs_f64();
+            eprint!(
+                "\r  {:>6.1} s  lines {written:>10}  {rate:>8.0} lines/s  corrupted {}  ",
+                start.elapsed().as_secs_f64(),
+                stats[1] + stats[2] + stats[3]
+            );
+            last_progress = (Instant::now(), written);
+        }
         if args.count > 0 && written >= args.count {
             break;
         }
@@ -145,6 +155,9 @@ pub fn run(args: SerialArgs) -> anyhow::Result<()> {
         written += 1;
     }
     out.flush()?;
+    if !args.fleet.quiet && written > 0 && start.elapsed() >= Duration::from_secs(1) {
+        eprintln!();
+    }
     eprintln!(
         "lines written {written}: good {}, garbage {}, cut {}, overlong {}",
         stats[0], stats[1], stats[2], stats[3]

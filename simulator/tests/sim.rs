@@ -405,6 +405,7 @@ fn serial(args: &[&str]) -> (std::process::Child, std::fs::File) {
     let mut child = std::process::Command::new(SIM)
         .arg("serial")
         .arg("--pty")
+        .arg("--quiet") // stderr: only the final counts
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -75,7 +75,7 @@ pub struct FleetArgs {
     dry_run: Option<usize>,
     /// No progress line on stderr
     #[arg(short, long)]
-    quiet: bool,
+    pub quiet: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
