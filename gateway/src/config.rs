@@ -36,6 +36,8 @@ pub enum ConfigError {
 pub struct GatewayConfig {
     pub gateway: GatewaySection,
     pub broker: BrokerConfig,
+    pub upstream: UpstreamConfig,
+    pub buffer: BufferConfig,
     pub log: LogConfig,
     /// Directory the file was read from: relative paths inside it are
     /// resolved against it. Not a key.
@@ -48,6 +50,8 @@ impl Default for GatewayConfig {
         GatewayConfig {
             gateway: GatewaySection::default(),
             broker: BrokerConfig::default(),
+            upstream: UpstreamConfig::default(),
+            buffer: BufferConfig::default(),
             log: LogConfig::default(),
             base_dir: PathBuf::from("."),
         }
@@ -111,6 +115,137 @@ impl Default for BrokerConfig {
             persistence: true,
         }
     }
+}
+
+/// The cloud broker the gateway forwards to (and takes commands from).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    pub enabled: bool,
+    /// `mqtt://host:port` or `mqtts://host:port`, tried in order (failover).
+    pub servers: Vec<String>,
+    /// Empty: the gateway id.
+    pub client_id: String,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// PEM CA certificates for `mqtts://`; unset: the system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key (mutual TLS).
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    pub keep_alive_secs: u64,
+    pub clean_session: bool,
+    pub connect_timeout_ms: u64,
+    /// Status topics: `<status_prefix>/gateways/<id>/status|stats`.
+    pub status_prefix: String,
+    pub stats_interval_secs: u64,
+    pub reconnect_min_ms: u64,
+    pub reconnect_max_ms: u64,
+    /// Unacknowledged messages in flight to the cloud.
+    pub max_inflight: u16,
+    /// Messages per second to the cloud at most (0: no limit).
+    pub max_rate: u32,
+    /// Wrap payloads in a JSON envelope with the gateway id and sequence
+    /// number (for deduplication downstream).
+    pub envelope: bool,
+    pub rules: Vec<UpstreamRule>,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            enabled: false,
+            servers: vec!["mqtt://127.0.0.1:1884".into()],
+            client_id: String::new(),
+            username: None,
+            password: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            keep_alive_secs: 30,
+            clean_session: true,
+            connect_timeout_ms: 10_000,
+            status_prefix: "capteurs".into(),
+            stats_interval_secs: 60,
+            reconnect_min_ms: 500,
+            reconnect_max_ms: 60_000,
+            max_inflight: 100,
+            max_rate: 0,
+            envelope: false,
+            rules: vec![UpstreamRule::default()],
+        }
+    }
+}
+
+/// Mosquitto's `topic pattern direction qos local-prefix remote-prefix`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamRule {
+    pub pattern: String,
+    pub direction: Direction,
+    pub qos: u8,
+    pub local_prefix: String,
+    pub remote_prefix: String,
+}
+
+impl Default for UpstreamRule {
+    fn default() -> Self {
+        UpstreamRule {
+            pattern: "capteurs/#".into(),
+            direction: Direction::Out,
+            qos: 1,
+            local_prefix: String::new(),
+            remote_prefix: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Out,
+    In,
+    Both,
+}
+
+/// The store-and-forward buffer in front of the upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BufferConfig {
+    /// Payload + topic bytes kept at most.
+    pub max_bytes: u64,
+    /// Messages older than this are dropped (0: no limit).
+    pub max_age_secs: u64,
+    pub when_full: WhenFull,
+    /// `full`: fsync each group commit (survives power cuts); `normal`:
+    /// survives a crash of the gateway, not of the machine.
+    pub sync: SyncMode,
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        BufferConfig {
+            max_bytes: 256 * 1024 * 1024,
+            max_age_secs: 0,
+            when_full: WhenFull::DropOldest,
+            sync: SyncMode::Full,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    DropOldest,
+    DropNewest,
+    Block,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SyncMode {
+    Full,
+    Normal,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -241,7 +376,128 @@ impl GatewayConfig {
                 format!("{:?} is not a log filter ({e})", self.log.level),
             );
         }
+        self.validate_upstream(text, &mut problems);
         problems
+    }
+
+    fn validate_upstream(&self, text: &str, problems: &mut Vec<String>) {
+        let mut bad = |table: &str, key: &str, what: String| {
+            let at = match key_line(text, table, key) {
+                Some(line) => format!("line {line}: "),
+                None => String::new(),
+            };
+            problems.push(format!("{at}{table}.{key}: {what}"));
+        };
+        let u = &self.upstream;
+        if u.enabled && u.servers.is_empty() {
+            bad("upstream", "servers", "needs at least one server".into());
+        }
+        for s in &u.servers {
+            if let Err(e) = crate::upstream::ServerUrl::parse(s) {
+                bad("upstream", "servers", e);
+            }
+        }
+        if u.client_id.contains(['+', '#', '\0']) {
+            bad(
+                "upstream",
+                "client_id",
+                "must not contain '+', '#' or NUL".into(),
+            );
+        }
+        if u.password.is_some() && u.username.is_none() {
+            bad("upstream", "password", "needs upstream.username".into());
+        }
+        if u.client_cert.is_some() != u.client_key.is_some() {
+            bad(
+                "upstream",
+                "client_cert",
+                "client_cert and client_key go together".into(),
+            );
+        }
+        for (key, file) in [
+            ("ca_file", &u.ca_file),
+            ("client_cert", &u.client_cert),
+            ("client_key", &u.client_key),
+        ] {
+            if let Some(f) = file {
+                let p = self.resolve(f);
+                if !p.is_file() {
+                    bad(
+                        "upstream",
+                        key,
+                        format!("{} does not exist or is not a file", p.display()),
+                    );
+                }
+            }
+        }
+        if u.reconnect_min_ms == 0 || u.reconnect_max_ms < u.reconnect_min_ms {
+            bad(
+                "upstream",
+                "reconnect_max_ms",
+                "reconnect_min_ms must be >= 1 and reconnect_max_ms >= reconnect_min_ms".into(),
+            );
+        }
+        if u.max_inflight == 0 {
+            bad("upstream", "max_inflight", "must be at least 1".into());
+        }
+        if u.stats_interval_secs == 0 {
+            bad(
+                "upstream",
+                "stats_interval_secs",
+                "must be at least 1".into(),
+            );
+        }
+        if u.connect_timeout_ms == 0 {
+            bad(
+                "upstream",
+                "connect_timeout_ms",
+                "must be at least 1".into(),
+            );
+        }
+        if u.status_prefix.is_empty() || u.status_prefix.contains(['+', '#', '\0']) {
+            bad(
+                "upstream",
+                "status_prefix",
+                "must be a topic prefix without wildcards".into(),
+            );
+        }
+        let b = &self.buffer;
+        if b.max_bytes < 1024 {
+            bad("buffer", "max_bytes", "must be at least 1024".into());
+        }
+        for (i, r) in u.rules.iter().enumerate() {
+            let table = format!("upstream.rules[{i}]");
+            let mut rule_bad = |key: &str, what: String| {
+                let at = match array_key_line(text, "upstream.rules", i, key) {
+                    Some(line) => format!("line {line}: "),
+                    None => String::new(),
+                };
+                problems.push(format!("{at}{table}.{key}: {what}"));
+            };
+            if let Err(e) = crate::broker::topic::validate_filter(&r.pattern) {
+                rule_bad(
+                    "pattern",
+                    format!("{:?} is not a topic filter ({e})", r.pattern),
+                );
+            }
+            if r.qos > 2 {
+                rule_bad("qos", format!("must be 0, 1 or 2, not {}", r.qos));
+            }
+            if r.qos == 2 && !u.clean_session && r.direction != Direction::In {
+                rule_bad(
+                    "qos",
+                    "QoS 2 out rules need upstream.clean_session = true (a resumed session's packet ids would collide with the resent messages)".into(),
+                );
+            }
+            for (key, prefix) in [
+                ("local_prefix", &r.local_prefix),
+                ("remote_prefix", &r.remote_prefix),
+            ] {
+                if prefix.contains(['+', '#', '\0']) {
+                    rule_bad(key, format!("{prefix:?} must not contain wildcards"));
+                }
+            }
+        }
     }
 
     /// A path from the file, relative to the file's own directory.
@@ -252,6 +508,31 @@ impl GatewayConfig {
             self.base_dir.join(p)
         }
     }
+}
+
+/// Line (1-based) of `key = …` in the `index`-th `[[table]]`, if set there.
+fn array_key_line(text: &str, table: &str, index: usize, key: &str) -> Option<usize> {
+    let header = format!("[[{table}]]");
+    let mut seen: Option<usize> = None;
+    let mut inside = false;
+    for (i, raw) in text.lines().enumerate() {
+        let line = raw.trim();
+        if line.starts_with('[') {
+            inside = line == header && {
+                seen = Some(seen.map_or(0, |n| n + 1));
+                seen == Some(index)
+            };
+            continue;
+        }
+        if inside {
+            if let Some((k, _)) = line.split_once('=') {
+                if k.trim() == key {
+                    return Some(i + 1);
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Line (1-based) of `key = …` inside `[table]`, if the file sets it.

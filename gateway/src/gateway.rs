@@ -1,6 +1,8 @@
-//! Wires the stages from a [`GatewayConfig`] and runs them until shutdown.
-//! Today the broker is the only stage; sources, plugins, the buffer and the
-//! upstream forwarder plug in here as they arrive.
+//! Wires the stages from a [`GatewayConfig`] and runs them until shutdown:
+//! the buffer opens first, the broker starts with it as its outbox, then the
+//! upstream forwarder drains it. Sources and plugins plug in here as they
+//! arrive. Shutdown runs the other way: upstream (clean DISCONNECT), broker
+//! (sessions saved), buffer (last group commit).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,7 +13,9 @@ use thiserror::Error;
 
 use crate::broker::auth::{AuthError, FileAuth};
 use crate::broker::{Broker, BrokerError, BrokerHandle, BrokerSettings};
+use crate::buffer::{Buffer, BufferError, BufferSettings};
 use crate::config::GatewayConfig;
+use crate::upstream::{self, Outlet, Rules, ServerUrl, UpstreamHandle, UpstreamSettings};
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -21,6 +25,10 @@ pub enum Error {
     Auth(#[from] AuthError),
     #[error("invalid broker.listen address {0:?}")]
     Listen(String),
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+    #[error("upstream: {0}")]
+    Upstream(String),
 }
 
 /// Broker settings from the configuration.
@@ -57,18 +65,112 @@ pub fn authenticator(cfg: &GatewayConfig) -> Result<FileAuth, Error> {
     )?)
 }
 
+/// The upstream's settings from the configuration (reads the TLS files).
+pub fn upstream_settings(cfg: &GatewayConfig) -> Result<UpstreamSettings, Error> {
+    let u = &cfg.upstream;
+    let read = |key: &str, p: &std::path::PathBuf| {
+        std::fs::read(cfg.resolve(p))
+            .map_err(|e| Error::Upstream(format!("upstream.{key}: {}: {e}", p.display())))
+    };
+    let servers = u
+        .servers
+        .iter()
+        .map(|s| ServerUrl::parse(s).map_err(Error::Upstream))
+        .collect::<Result<Vec<_>, _>>()?;
+    let client_auth = match (&u.client_cert, &u.client_key) {
+        (Some(c), Some(k)) => Some((read("client_cert", c)?, read("client_key", k)?)),
+        _ => None,
+    };
+    Ok(UpstreamSettings {
+        gateway_id: cfg.gateway.id.clone(),
+        servers,
+        client_id: if u.client_id.is_empty() {
+            cfg.gateway.id.clone()
+        } else {
+            u.client_id.clone()
+        },
+        username: u.username.clone(),
+        password: u.password.clone(),
+        ca: u.ca_file.as_ref().map(|p| read("ca_file", p)).transpose()?,
+        client_auth,
+        keep_alive: Duration::from_secs(u.keep_alive_secs.max(1)),
+        clean_session: u.clean_session,
+        connect_timeout: Duration::from_millis(u.connect_timeout_ms),
+        status_prefix: u.status_prefix.clone(),
+        stats_interval: Duration::from_secs(u.stats_interval_secs),
+        reconnect_min: Duration::from_millis(u.reconnect_min_ms),
+        reconnect_max: Duration::from_millis(u.reconnect_max_ms),
+        max_inflight: u.max_inflight,
+        max_rate: u.max_rate,
+        envelope: u.envelope,
+    })
+}
+
+/// The buffer's settings from the configuration.
+pub fn buffer_settings(cfg: &GatewayConfig) -> BufferSettings {
+    let b = &cfg.buffer;
+    BufferSettings {
+        path: cfg.resolve(&cfg.gateway.data_dir).join("buffer.sqlite"),
+        max_bytes: b.max_bytes,
+        max_age: (b.max_age_secs > 0).then(|| Duration::from_secs(b.max_age_secs)),
+        when_full: b.when_full,
+        sync: b.sync,
+    }
+}
+
+/// Every stage, running.
+pub struct Gateway {
+    pub broker: BrokerHandle,
+    pub buffer: Option<Buffer>,
+    pub upstream: Option<UpstreamHandle>,
+}
+
+impl Gateway {
+    /// Stops the stages in order: upstream, broker, buffer.
+    pub async fn shutdown(self) {
+        if let Some(u) = self.upstream {
+            u.shutdown().await;
+        }
+        self.broker.shutdown().await;
+        if let Some(b) = self.buffer {
+            tokio::task::spawn_blocking(move || b.close()).await.ok();
+        }
+    }
+}
+
 /// Starts every stage.
-pub async fn start(cfg: &GatewayConfig) -> Result<BrokerHandle, Error> {
+pub async fn start(cfg: &GatewayConfig) -> Result<Gateway, Error> {
     let settings = broker_settings(cfg)?;
-    let auth = authenticator(cfg)?;
-    Ok(Broker::start(settings, Arc::new(auth)).await?)
+    let auth = Arc::new(authenticator(cfg)?);
+    if !cfg.upstream.enabled {
+        let broker = Broker::start(settings, auth).await?;
+        return Ok(Gateway {
+            broker,
+            buffer: None,
+            upstream: None,
+        });
+    }
+    let up = upstream_settings(cfg)?;
+    let rules = Arc::new(Rules::new(cfg.upstream.rules.clone()));
+    let bs = buffer_settings(cfg);
+    let buffer = tokio::task::spawn_blocking(move || Buffer::open(bs))
+        .await
+        .map_err(|e| Error::Upstream(e.to_string()))??;
+    let outlet = Arc::new(Outlet::new(rules.clone(), buffer.clone()));
+    let broker = Broker::start_with_outbox(settings, auth, Some(outlet)).await?;
+    let upstream = upstream::start(up, rules, buffer.clone(), broker.publisher());
+    Ok(Gateway {
+        broker,
+        buffer: Some(buffer),
+        upstream: Some(upstream),
+    })
 }
 
 /// Runs the gateway until `shutdown` resolves, then stops cleanly.
 pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-    let broker = start(&cfg).await?;
+    let gateway = start(&cfg).await?;
     shutdown.await;
     tracing::info!("shutting down");
-    broker.shutdown().await;
+    gateway.shutdown().await;
     Ok(())
 }

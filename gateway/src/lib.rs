@@ -13,11 +13,15 @@
 //! - [`config`]: the TOML configuration tree, its defaults and checks.
 //! - [`message`]: the message type.
 //! - [`broker`]: the embedded MQTT 3.1.1 broker (sessions, retained, auth, `$SYS`, persistence).
+//! - [`buffer`]: the SQLite store-and-forward buffer in front of the upstream.
+//! - [`upstream`]: the forwarder to the cloud broker (rules, TLS, status, backoff).
 //! - [`gateway`]: wires the stages from a configuration and runs them until shutdown.
 
 pub mod broker;
+pub mod buffer;
 pub mod config;
 pub mod gateway;
 pub mod message;
+pub mod upstream;
 
 pub use config::GatewayConfig;

@@ -19,6 +19,8 @@ pub enum Origin {
     Will(ByteString),
     /// The broker itself (`$SYS`).
     Broker,
+    /// The cloud broker, through an `in` upstream rule (never sent back out).
+    Upstream,
 }
 
 /// A message: topic, payload and the publish flags, plus where and when it

@@ -71,6 +71,11 @@ struct Conn {
     held_acks: Vec<Packet>,
     pause_reading: bool,
     congested_since: Option<Instant>,
+    /// Outbox sequence number this client's held acknowledgements wait
+    /// for (its messages bound upstream stored durably), and the watch of
+    /// what is settled.
+    durable_needed: u64,
+    durable: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Conn {
@@ -85,10 +90,21 @@ impl Conn {
     /// PUBACK/PUBREC for a client's PUBLISH: sent now, or held while a
     /// subscriber it feeds is congested (in order, MQTT-4.6.0-2).
     fn ack_publish(&mut self, ack: Packet) {
-        if self.congested.is_empty() && self.held_acks.is_empty() {
+        if self.congested.is_empty() && self.held_acks.is_empty() && self.durable_ok() {
             self.send(ack);
         } else {
             self.held_acks.push(ack);
+        }
+    }
+
+    /// Every message of this client bound upstream is stored.
+    fn durable_ok(&self) -> bool {
+        *self.durable.borrow() >= self.durable_needed
+    }
+
+    fn wait_durable(&mut self, seq: Option<u64>) {
+        if let Some(seq) = seq {
+            self.durable_needed = self.durable_needed.max(seq);
         }
     }
 
@@ -147,6 +163,11 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
         held_acks: Vec::new(),
         pause_reading: false,
         congested_since: None,
+        durable_needed: 0,
+        durable: match &shared.router.outbox {
+            Some(o) => o.settled(),
+            None => tokio::sync::watch::channel(u64::MAX).1,
+        },
     };
     let metrics = &shared.router.metrics;
     let first = tokio::select! {
@@ -504,7 +525,8 @@ async fn run(
         // is not missed.
         let space = (!conn.congested.is_empty()).then(|| shared.router.space.notified());
         conn.congested.retain(|s| shared.router.still_congested(s));
-        if conn.congested.is_empty() {
+        let durable_ok = conn.durable_ok();
+        if conn.congested.is_empty() && durable_ok {
             let was_throttled = conn.congested_since.take().is_some();
             if was_throttled || conn.pause_reading || !conn.held_acks.is_empty() {
                 release(conn);
@@ -526,6 +548,7 @@ async fn run(
             _ = shared.shutdown.cancelled() => return End::Shutdown,
             k = &mut kick_rx => return End::Kicked(k.unwrap_or(Kick { publish_will: false })),
             _ = async { match space { Some(s) => s.await, None => std::future::pending().await } }, if throttled => {}
+            _ = conn.durable.changed(), if !durable_ok => {}
             _ = tokio::time::sleep_until(give_up), if throttled => {
                 for s in conn.congested.drain(..) {
                     shared.router.mark_slow(&s);
@@ -585,7 +608,7 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
             match (qos, packet_id) {
                 (0, _) => {
                     if allowed {
-                        router.publish_from(message(), Some(session), &mut conn.congested);
+                        router.publish_from(message(), Some(session), &mut conn.congested, false);
                         if !conn.congested.is_empty() {
                             conn.pause_reading = true;
                         }
@@ -593,7 +616,13 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
                 }
                 (1, Some(id)) => {
                     if allowed {
-                        router.publish_from(message(), Some(session), &mut conn.congested);
+                        let seq = router.publish_from(
+                            message(),
+                            Some(session),
+                            &mut conn.congested,
+                            true,
+                        );
+                        conn.wait_durable(seq);
                     }
                     conn.ack_publish(Packet::PublishAck { packet_id: nz(id) });
                 }
@@ -604,7 +633,13 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
                     drop(st);
                     if first_time {
                         if allowed {
-                            router.publish_from(message(), Some(session), &mut conn.congested);
+                            let seq = router.publish_from(
+                                message(),
+                                Some(session),
+                                &mut conn.congested,
+                                true,
+                            );
+                            conn.wait_durable(seq);
                         }
                         if !clean {
                             router.session_changed(session);

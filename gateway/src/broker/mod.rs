@@ -103,6 +103,31 @@ pub(crate) struct Shared {
 
 pub struct Broker;
 
+/// Publishes into a running broker (see [`BrokerHandle::publisher`]).
+#[derive(Clone)]
+pub struct Publisher {
+    shared: Arc<Shared>,
+}
+
+impl Publisher {
+    pub fn publish(&self, message: Message) {
+        self.shared.router.publish(message);
+    }
+}
+
+/// Takes messages out of the broker durably: the upstream's store-and-forward
+/// buffer. The broker offers it every routed message; a client's QoS 1/2
+/// PUBLISH is acknowledged only once its copy is settled.
+pub trait Outbox: Send + Sync {
+    /// Offers a message. `Some(seq)`: taken; the publisher's acknowledgement
+    /// waits until [`Outbox::settled`] reaches `seq`. `None`: not bound
+    /// upstream.
+    fn offer(&self, message: &Arc<Message>, publisher_waits: bool) -> Option<u64>;
+    /// Every offered message up to this sequence number is settled: stored
+    /// durably, or dropped by the configured policy (and counted).
+    fn settled(&self) -> tokio::sync::watch::Receiver<u64>;
+}
+
 /// A running broker.
 pub struct BrokerHandle {
     shared: Arc<Shared>,
@@ -117,6 +142,16 @@ impl Broker {
         settings: BrokerSettings,
         auth: Arc<dyn Authenticator>,
     ) -> Result<BrokerHandle, BrokerError> {
+        Self::start_with_outbox(settings, auth, None).await
+    }
+
+    /// [`Broker::start`] with an outbox (the upstream buffer) that gets a
+    /// copy of every routed message.
+    pub async fn start_with_outbox(
+        settings: BrokerSettings,
+        auth: Arc<dyn Authenticator>,
+        outbox: Option<Arc<dyn Outbox>>,
+    ) -> Result<BrokerHandle, BrokerError> {
         let listener =
             TcpListener::bind(settings.listen)
                 .await
@@ -128,11 +163,12 @@ impl Broker {
             addr: settings.listen,
             source,
         })?;
-        let router = Router::new(QueueLimits {
+        let mut router = Router::new(QueueLimits {
             max_queued: settings.max_queued,
             queue_qos0_offline: settings.queue_qos0_offline,
             backpressure: !settings.slow_subscriber_timeout.is_zero(),
         });
+        router.outbox = outbox;
         let store = match &settings.data_dir {
             Some(dir) => {
                 let store = Store::open(dir)?;
@@ -193,6 +229,13 @@ impl BrokerHandle {
     /// Publishes a message as the broker (sources and tests use this).
     pub fn publish(&self, message: Message) {
         self.shared.router.publish(message);
+    }
+
+    /// A cheap handle other stages (sources, the upstream) publish with.
+    pub fn publisher(&self) -> Publisher {
+        Publisher {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Stops accepting, closes every connection (no wills), saves sessions

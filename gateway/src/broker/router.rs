@@ -80,6 +80,8 @@ pub struct Router {
     /// Woken when a congested queue drains below `max_queued` (publishers
     /// held back by it re-check).
     pub space: Notify,
+    /// Gets a copy of every routed message (the upstream buffer).
+    pub outbox: Option<Arc<dyn super::Outbox>>,
 }
 
 impl Router {
@@ -93,26 +95,36 @@ impl Router {
             dirty_sessions: Mutex::new(HashSet::new()),
             dirty_retained: Mutex::new(HashMap::new()),
             space: Notify::new(),
+            outbox: None,
         }
     }
 
     /// Routes one message to every matching subscription, once per
     /// subscriber at the highest granted QoS, and updates the retained store.
     pub fn publish(&self, message: Message) {
-        self.publish_from(message, None, &mut Vec::new());
+        self.publish_from(message, None, &mut Vec::new(), false);
     }
 
     /// [`Router::publish`] for a message from a client's session: online
     /// subscribers whose queue this message filled (other than the
     /// publisher itself) are added to `congested`, and the publisher's
     /// connection holds back until they drain (flow control, not loss).
+    /// Returns the outbox sequence number the publisher's acknowledgement
+    /// must wait for, when the message goes upstream.
     pub fn publish_from(
         &self,
         message: Message,
         publisher: Option<&Arc<Session>>,
         congested: &mut Vec<Arc<Session>>,
-    ) {
+        publisher_waits: bool,
+    ) -> Option<u64> {
         let message = Arc::new(message);
+        let upstream = match &self.outbox {
+            Some(o) if message.origin != crate::message::Origin::Upstream => {
+                o.offer(&message, publisher_waits)
+            }
+            _ => None,
+        };
         if message.retain {
             self.retain(&message);
         }
@@ -146,6 +158,7 @@ impl Router {
                 congested.push(session);
             }
         }
+        upstream
     }
 
     /// Queues one delivery for one session and wakes its connection.

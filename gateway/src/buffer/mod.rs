@@ -1,0 +1,903 @@
+//! The store-and-forward buffer: every message bound upstream is appended
+//! to one SQLite file (`data_dir/buffer.sqlite`, WAL) before its publisher
+//! is acknowledged, and deleted only when the cloud acknowledged that very
+//! message.
+//!
+//! One writer thread owns the database. Appends, acknowledgements and reads
+//! reach it over a channel; it takes everything waiting and applies it in
+//! one transaction (group commit: one fsync for many messages), then
+//! publishes the highest sequence number now settled on a watch channel —
+//! connections hold their clients' PUBACKs until it passes theirs.
+//!
+//! Sequence numbers are per gateway, strictly increasing, and survive
+//! restarts (kept in the database even when the buffer is empty): the
+//! upstream can send them along so consumers drop duplicates.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use rusqlite::{params, Connection, OptionalExtension};
+use thiserror::Error;
+use tokio::sync::{oneshot, watch};
+use tracing::{error, info, warn};
+
+use crate::config::{SyncMode, WhenFull};
+
+#[derive(Debug, Error)]
+pub enum BufferError {
+    #[error("buffer database {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("cannot create {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the buffer's writer thread has stopped")]
+    Stopped,
+}
+
+/// A message waiting for the cloud.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub seq: u64,
+    /// The topic on the cloud broker (rules applied).
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    /// When the gateway received it, ms since the epoch.
+    pub ts_ms: i64,
+}
+
+impl Row {
+    fn size(&self) -> u64 {
+        (self.topic.len() + self.payload.len()) as u64
+    }
+}
+
+/// Limits and durability.
+#[derive(Debug, Clone)]
+pub struct BufferSettings {
+    pub path: PathBuf,
+    pub max_bytes: u64,
+    pub max_age: Option<Duration>,
+    pub when_full: WhenFull,
+    pub sync: SyncMode,
+}
+
+/// Counters, readable at any time (stats message, logs, tests).
+#[derive(Debug, Default)]
+pub struct BufferStats {
+    /// Messages stored now, and their bytes.
+    pub depth: AtomicU64,
+    pub bytes: AtomicU64,
+    pub appended: AtomicU64,
+    /// Deleted after the cloud acknowledged them.
+    pub forwarded: AtomicU64,
+    pub dropped_oldest: AtomicU64,
+    pub dropped_newest: AtomicU64,
+    /// QoS 0 messages refused while the buffer was full under `block`.
+    pub dropped_blocked_qos0: AtomicU64,
+    pub expired: AtomicU64,
+    pub write_errors: AtomicU64,
+    /// Times a broken database file was moved aside and a fresh one started.
+    pub recovered: AtomicU64,
+}
+
+impl BufferStats {
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+    pub fn dropped(&self) -> u64 {
+        Self::get(&self.dropped_oldest)
+            + Self::get(&self.dropped_newest)
+            + Self::get(&self.dropped_blocked_qos0)
+            + Self::get(&self.expired)
+    }
+}
+
+enum Cmd {
+    Append {
+        row: Row,
+        publisher_waits: bool,
+    },
+    Ack(u64),
+    Fetch {
+        after: u64,
+        limit: usize,
+        reply: oneshot::Sender<Vec<Row>>,
+    },
+    Oldest(oneshot::Sender<Option<i64>>),
+}
+
+/// A handle on the buffer; clones share it.
+#[derive(Clone)]
+pub struct Buffer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The next sequence number and the channel, under one lock so that
+    /// commands arrive in sequence order.
+    tx: Mutex<(u64, mpsc::Sender<Cmd>)>,
+    settled: watch::Receiver<u64>,
+    stats: Arc<BufferStats>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Buffer {
+    /// Opens (or creates) the buffer and starts its writer thread. A file
+    /// that is not a readable database is moved aside (`.broken-<time>`) and
+    /// a fresh buffer started, with an error in the log.
+    pub fn open(settings: BufferSettings) -> Result<Buffer, BufferError> {
+        if let Some(dir) = settings.path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| BufferError::Io {
+                path: dir.to_owned(),
+                source,
+            })?;
+        }
+        let stats = Arc::new(BufferStats::default());
+        let (db, next_seq) = match Db::open(&settings) {
+            Ok(x) => x,
+            Err(e) => {
+                error!(error = %e, "buffer database unreadable; moving it aside and starting a fresh one");
+                move_aside(&settings.path);
+                stats.recovered.fetch_add(1, Ordering::Relaxed);
+                Db::open(&settings)?
+            }
+        };
+        let (depth, bytes) = db.depth()?;
+        stats.depth.store(depth, Ordering::Relaxed);
+        stats.bytes.store(bytes, Ordering::Relaxed);
+        info!(path = %settings.path.display(), messages = depth, bytes, next_seq, "buffer opened");
+        let (tx, rx) = mpsc::channel();
+        let (settled_tx, settled) = watch::channel(next_seq - 1);
+        let writer = Writer {
+            db,
+            settings,
+            stats: stats.clone(),
+            settled: settled_tx,
+            waiting: VecDeque::new(),
+            last_expiry: Instant::now(),
+            next_seq,
+            highest: next_seq - 1,
+        };
+        let thread = std::thread::Builder::new()
+            .name("buffer-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|source| BufferError::Io {
+                path: PathBuf::from("buffer-writer thread"),
+                source,
+            })?;
+        Ok(Buffer {
+            inner: Arc::new(Inner {
+                tx: Mutex::new((next_seq, tx)),
+                settled,
+                stats,
+                thread: Mutex::new(Some(thread)),
+            }),
+        })
+    }
+
+    /// Appends a message; returns its sequence number. It is durable once
+    /// [`Buffer::settled`] reaches it.
+    pub fn append(
+        &self,
+        topic: String,
+        payload: Bytes,
+        qos: u8,
+        retain: bool,
+        received_at: SystemTime,
+        publisher_waits: bool,
+    ) -> u64 {
+        let mut g = self.inner.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let seq = g.0;
+        g.0 += 1;
+        let row = Row {
+            seq,
+            topic,
+            payload,
+            qos,
+            retain,
+            ts_ms: ms(received_at),
+        };
+        if g.1
+            .send(Cmd::Append {
+                row,
+                publisher_waits,
+            })
+            .is_err()
+        {
+            error!(seq, "buffer writer stopped: message not stored");
+        }
+        seq
+    }
+
+    /// The cloud acknowledged this message: delete it.
+    pub fn ack(&self, seq: u64) {
+        let g = self.inner.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = g.1.send(Cmd::Ack(seq));
+    }
+
+    /// Up to `limit` stored messages after `after`, oldest first.
+    pub async fn fetch(&self, after: u64, limit: usize) -> Result<Vec<Row>, BufferError> {
+        let (reply, rx) = oneshot::channel();
+        {
+            let g = self.inner.tx.lock().unwrap_or_else(|e| e.into_inner());
+            g.1.send(Cmd::Fetch {
+                after,
+                limit,
+                reply,
+            })
+            .map_err(|_| BufferError::Stopped)?;
+        }
+        rx.await.map_err(|_| BufferError::Stopped)
+    }
+
+    /// Receive time (ms since the epoch) of the oldest stored message.
+    pub async fn oldest(&self) -> Option<i64> {
+        let (reply, rx) = oneshot::channel();
+        {
+            let g = self.inner.tx.lock().unwrap_or_else(|e| e.into_inner());
+            g.1.send(Cmd::Oldest(reply)).ok()?;
+        }
+        rx.await.ok().flatten()
+    }
+
+    /// Highest sequence number up to which every append is settled.
+    pub fn settled(&self) -> watch::Receiver<u64> {
+        self.inner.settled.clone()
+    }
+
+    pub fn stats(&self) -> &Arc<BufferStats> {
+        &self.inner.stats
+    }
+
+    /// Writes what is pending and stops the writer thread.
+    pub fn close(&self) {
+        let mut g = self.inner.tx.lock().unwrap_or_else(|e| e.into_inner());
+        // Replacing the sender ends the writer's loop once it has drained.
+        let (dead, _) = mpsc::channel();
+        g.1 = dead;
+        drop(g);
+        let thread = self
+            .inner
+            .thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(t) = thread {
+            let _ = t.join();
+        }
+    }
+}
+
+fn ms(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Renames a broken database (and its WAL and shared-memory files) aside.
+fn move_aside(path: &Path) {
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    for suffix in ["", "-wal", "-shm"] {
+        let from = PathBuf::from(format!("{}{suffix}", path.display()));
+        if from.exists() {
+            let to = PathBuf::from(format!("{}.broken-{stamp}{suffix}", path.display()));
+            match std::fs::rename(&from, &to) {
+                Ok(()) => {
+                    error!(from = %from.display(), to = %to.display(), "broken buffer file kept aside")
+                }
+                Err(e) => {
+                    error!(file = %from.display(), error = %e, "cannot move the broken buffer file aside")
+                }
+            }
+        }
+    }
+}
+
+struct Db {
+    conn: Connection,
+    path: PathBuf,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS outbox (
+    seq     INTEGER PRIMARY KEY,
+    topic   TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos     INTEGER NOT NULL,
+    retain  INTEGER NOT NULL,
+    ts_ms   INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
+";
+
+impl Db {
+    /// Opens, checks and prepares the database; returns it with the next
+    /// sequence number.
+    fn open(settings: &BufferSettings) -> Result<(Db, u64), BufferError> {
+        let path = settings.path.clone();
+        let err = |source| BufferError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        let sync = match settings.sync {
+            SyncMode::Full => "FULL",
+            SyncMode::Normal => "NORMAL",
+        };
+        conn.pragma_update(None, "synchronous", sync).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        let ok: String = conn
+            .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+            .map_err(err)?;
+        if ok != "ok" {
+            return Err(err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+                Some(ok),
+            )));
+        }
+        let max: Option<u64> = conn
+            .query_row("SELECT max(seq) FROM outbox", [], |r| r.get(0))
+            .map_err(err)?;
+        let saved: Option<u64> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
+                r.get(0)
+            })
+            .optional()
+            .map_err(err)?;
+        let next = max.map_or(1, |m| m + 1).max(saved.unwrap_or(1));
+        Ok((Db { conn, path }, next))
+    }
+
+    fn err(&self, source: rusqlite::Error) -> BufferError {
+        BufferError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    fn depth(&self) -> Result<(u64, u64), BufferError> {
+        self.conn
+            .query_row(
+                "SELECT count(*), coalesce(sum(length(topic) + length(payload)), 0) FROM outbox",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(|e| self.err(e))
+    }
+}
+
+struct Writer {
+    db: Db,
+    settings: BufferSettings,
+    stats: Arc<BufferStats>,
+    settled: watch::Sender<u64>,
+    /// Appends held while the buffer is full under `block`.
+    waiting: VecDeque<Row>,
+    last_expiry: Instant,
+    next_seq: u64,
+    /// Highest sequence number applied (stored, dropped or held).
+    highest: u64,
+}
+
+/// What one group commit changes.
+#[derive(Default)]
+struct Batch {
+    appends: Vec<(Row, bool)>,
+    acks: Vec<u64>,
+    fetches: Vec<(u64, usize, oneshot::Sender<Vec<Row>>)>,
+    oldest: Vec<oneshot::Sender<Option<i64>>>,
+    highest: u64,
+}
+
+impl Writer {
+    fn run(mut self, rx: mpsc::Receiver<Cmd>) {
+        let mut retry: Option<Batch> = None;
+        loop {
+            let mut batch = retry.take().unwrap_or_default();
+            let first = if batch.appends.is_empty() && batch.acks.is_empty() {
+                match rx.recv_timeout(Duration::from_secs(1)) {
+                    Ok(c) => Some(c),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        if self.waiting.is_empty() {
+                            return;
+                        }
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            // Group commit: everything already waiting, up to a bound.
+            let mut taken = 0usize;
+            let more = std::iter::from_fn(|| {
+                taken += 1;
+                (taken < 8192).then(|| rx.try_recv().ok()).flatten()
+            });
+            for cmd in first.into_iter().chain(more) {
+                match cmd {
+                    Cmd::Append {
+                        row,
+                        publisher_waits,
+                    } => {
+                        batch.highest = batch.highest.max(row.seq);
+                        batch.appends.push((row, publisher_waits));
+                    }
+                    Cmd::Ack(seq) => batch.acks.push(seq),
+                    Cmd::Fetch {
+                        after,
+                        limit,
+                        reply,
+                    } => batch.fetches.push((after, limit, reply)),
+                    Cmd::Oldest(reply) => batch.oldest.push(reply),
+                }
+            }
+            match self.apply(&mut batch) {
+                Ok(()) => {
+                    self.highest = self.highest.max(batch.highest);
+                    self.publish_settled();
+                    self.answer(batch);
+                }
+                Err(e) => {
+                    self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                    error!(error = %e, pending = batch.appends.len(), "buffer write failed; retrying (publishers wait, nothing is dropped)");
+                    if is_corrupt(&e) {
+                        self.recover();
+                    }
+                    // Reads can be answered from what is stored.
+                    let fetches = std::mem::take(&mut batch.fetches);
+                    let oldest = std::mem::take(&mut batch.oldest);
+                    self.answer(Batch {
+                        fetches,
+                        oldest,
+                        ..Batch::default()
+                    });
+                    retry = Some(batch);
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+
+    /// All appends up to `highest` are stored or dropped; those held by
+    /// `block` are not settled yet.
+    fn publish_settled(&self) {
+        let settled = match self.waiting.front() {
+            Some(w) => w.seq - 1,
+            None => self.highest,
+        };
+        if settled > *self.settled.borrow() {
+            self.settled.send_replace(settled);
+        }
+    }
+
+    /// One transaction; on failure nothing changed (appends held by
+    /// `block` are held again).
+    fn apply(&mut self, batch: &mut Batch) -> Result<(), BufferError> {
+        let held = self.waiting.clone();
+        let r = self.apply_inner(batch);
+        if r.is_err() {
+            self.waiting = held;
+        }
+        r
+    }
+
+    fn apply_inner(&mut self, batch: &mut Batch) -> Result<(), BufferError> {
+        let path = self.db.path.clone();
+        let err = |source| BufferError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let now_ms = ms(SystemTime::now());
+        let expire = self
+            .settings
+            .max_age
+            .filter(|_| self.last_expiry.elapsed() >= Duration::from_secs(1));
+        let tx = self.db.conn.transaction().map_err(err)?;
+        let mut depth = BufferStats::get(&self.stats.depth);
+        let mut bytes = BufferStats::get(&self.stats.bytes);
+        let (mut forwarded, mut dropped_old, mut dropped_new, mut dropped_q0, mut expired) =
+            (0u64, 0u64, 0u64, 0u64, 0u64);
+        let mut appended = 0u64;
+        {
+            let mut del = tx
+                .prepare_cached(
+                    "DELETE FROM outbox WHERE seq = ?1 RETURNING length(topic) + length(payload)",
+                )
+                .map_err(err)?;
+            for seq in &batch.acks {
+                let size: Option<u64> = del
+                    .query_row(params![seq], |r| r.get(0))
+                    .optional()
+                    .map_err(err)?;
+                if let Some(size) = size {
+                    depth -= 1;
+                    bytes -= size;
+                    forwarded += 1;
+                }
+            }
+            if let Some(age) = expire {
+                let cutoff = now_ms - age.as_millis() as i64;
+                let (n, b): (u64, u64) = tx
+                    .query_row(
+                        "SELECT count(*), coalesce(sum(length(topic) + length(payload)), 0) FROM outbox WHERE ts_ms < ?1",
+                        params![cutoff],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .map_err(err)?;
+                if n > 0 {
+                    tx.execute("DELETE FROM outbox WHERE ts_ms < ?1", params![cutoff])
+                        .map_err(err)?;
+                    depth -= n;
+                    bytes -= b;
+                    expired += n;
+                    warn!(
+                        messages = n,
+                        max_age_secs = age.as_secs(),
+                        "buffered messages expired"
+                    );
+                }
+            }
+            let mut ins = tx
+                .prepare_cached(
+                    "INSERT INTO outbox (seq, topic, payload, qos, retain, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(err)?;
+            let mut oldest = tx
+                .prepare_cached("SELECT seq, length(topic) + length(payload) FROM outbox ORDER BY seq LIMIT 256")
+                .map_err(err)?;
+            let mut del_oldest = tx
+                .prepare_cached("DELETE FROM outbox WHERE seq = ?1")
+                .map_err(err)?;
+            // Held appends first (they are older), then the new ones.
+            let mut incoming: VecDeque<(Row, bool)> =
+                self.waiting.drain(..).map(|r| (r, true)).collect();
+            incoming.extend(batch.appends.iter().cloned());
+            while let Some((row, publisher_waits)) = incoming.pop_front() {
+                let size = row.size();
+                if bytes + size > self.settings.max_bytes {
+                    match self.settings.when_full {
+                        WhenFull::DropNewest => {
+                            dropped_new += 1;
+                            continue;
+                        }
+                        WhenFull::Block if size <= self.settings.max_bytes => {
+                            if publisher_waits {
+                                // Held until the cloud frees room: its
+                                // publisher's PUBACK waits with it.
+                                self.waiting.push_back(row);
+                                for (r, w) in incoming.drain(..) {
+                                    if w {
+                                        self.waiting.push_back(r);
+                                    } else {
+                                        dropped_q0 += 1;
+                                    }
+                                }
+                            } else {
+                                dropped_q0 += 1;
+                            }
+                            continue;
+                        }
+                        WhenFull::Block => {
+                            dropped_new += 1; // larger than the whole buffer
+                            continue;
+                        }
+                        WhenFull::DropOldest => {
+                            while bytes + size > self.settings.max_bytes && depth > 0 {
+                                let victims: Vec<(u64, u64)> = oldest
+                                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                                    .map_err(err)?
+                                    .collect::<Result<_, _>>()
+                                    .map_err(err)?;
+                                if victims.is_empty() {
+                                    break;
+                                }
+                                for (seq, vsize) in victims {
+                                    if bytes + size <= self.settings.max_bytes {
+                                        break;
+                                    }
+                                    del_oldest.execute(params![seq]).map_err(err)?;
+                                    depth -= 1;
+                                    bytes -= vsize;
+                                    dropped_old += 1;
+                                }
+                            }
+                            if bytes + size > self.settings.max_bytes {
+                                dropped_new += 1; // larger than the whole buffer
+                                continue;
+                            }
+                        }
+                    }
+                }
+                ins.execute(params![
+                    row.seq,
+                    row.topic,
+                    &row.payload[..],
+                    row.qos,
+                    row.retain,
+                    row.ts_ms
+                ])
+                .map_err(err)?;
+                depth += 1;
+                bytes += size;
+                appended += 1;
+            }
+            if batch.highest >= self.next_seq {
+                self.next_seq = batch.highest + 1;
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ('next_seq', ?1)
+                     ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    params![self.next_seq],
+                )
+                .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)?;
+        if expire.is_some() {
+            self.last_expiry = Instant::now();
+        }
+        let s = &self.stats;
+        s.depth.store(depth, Ordering::Relaxed);
+        s.bytes.store(bytes, Ordering::Relaxed);
+        s.appended.fetch_add(appended, Ordering::Relaxed);
+        s.forwarded.fetch_add(forwarded, Ordering::Relaxed);
+        s.dropped_oldest.fetch_add(dropped_old, Ordering::Relaxed);
+        s.dropped_newest.fetch_add(dropped_new, Ordering::Relaxed);
+        s.dropped_blocked_qos0
+            .fetch_add(dropped_q0, Ordering::Relaxed);
+        s.expired.fetch_add(expired, Ordering::Relaxed);
+        if dropped_old + dropped_new + dropped_q0 > 0 {
+            warn!(
+                dropped_oldest = dropped_old,
+                dropped_newest = dropped_new,
+                dropped_qos0_blocked = dropped_q0,
+                max_bytes = self.settings.max_bytes,
+                policy = ?self.settings.when_full,
+                "buffer full: messages dropped"
+            );
+        }
+        batch.appends.clear();
+        batch.acks.clear();
+        Ok(())
+    }
+
+    fn answer(&mut self, batch: Batch) {
+        for (after, limit, reply) in batch.fetches {
+            let rows = self.read(after, limit).unwrap_or_else(|e| {
+                error!(error = %e, "buffer read failed");
+                Vec::new()
+            });
+            let _ = reply.send(rows);
+        }
+        for reply in batch.oldest {
+            let ts = self
+                .db
+                .conn
+                .query_row("SELECT ts_ms FROM outbox ORDER BY seq LIMIT 1", [], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .ok()
+                .flatten();
+            let _ = reply.send(ts);
+        }
+    }
+
+    fn read(&self, after: u64, limit: usize) -> Result<Vec<Row>, BufferError> {
+        let mut st = self
+            .db
+            .conn
+            .prepare_cached(
+                "SELECT seq, topic, payload, qos, retain, ts_ms FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )
+            .map_err(|e| self.db.err(e))?;
+        let rows = st
+            .query_map(params![after, limit as i64], |r| {
+                Ok(Row {
+                    seq: r.get(0)?,
+                    topic: r.get(1)?,
+                    payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                    qos: r.get(3)?,
+                    retain: r.get(4)?,
+                    ts_ms: r.get(5)?,
+                })
+            })
+            .map_err(|e| self.db.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.db.err(e))?;
+        Ok(rows)
+    }
+
+    /// The database file is broken: keep it aside, start a fresh one. The
+    /// messages still in memory (this batch) are written to the new one;
+    /// those stored only in the broken file are lost, and said so.
+    fn recover(&mut self) {
+        let lost = BufferStats::get(&self.stats.depth);
+        error!(path = %self.db.path.display(), messages_in_broken_file = lost, "buffer database corrupted");
+        let (dead, _) = match Connection::open_in_memory() {
+            Ok(c) => (c, ()),
+            Err(_) => return,
+        };
+        drop(std::mem::replace(&mut self.db.conn, dead));
+        move_aside(&self.settings.path);
+        match Db::open(&self.settings) {
+            Ok((db, next)) => {
+                self.db = db;
+                self.next_seq = self.next_seq.max(next);
+                self.stats.depth.store(0, Ordering::Relaxed);
+                self.stats.bytes.store(0, Ordering::Relaxed);
+                self.stats.recovered.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => error!(error = %e, "cannot start a fresh buffer database"),
+        }
+    }
+}
+
+fn is_corrupt(e: &BufferError) -> bool {
+    matches!(e, BufferError::Sqlite { source: rusqlite::Error::SqliteFailure(f, _), .. }
+        if matches!(f.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(dir: &Path, max_bytes: u64, when_full: WhenFull) -> BufferSettings {
+        BufferSettings {
+            path: dir.join("buffer.sqlite"),
+            max_bytes,
+            max_age: None,
+            when_full,
+            sync: SyncMode::Normal,
+        }
+    }
+
+    fn append(b: &Buffer, topic: &str, payload: &str) -> u64 {
+        b.append(
+            topic.into(),
+            Bytes::from(payload.to_owned()),
+            1,
+            false,
+            SystemTime::now(),
+            true,
+        )
+    }
+
+    async fn settled(b: &Buffer, seq: u64) {
+        let mut w = b.settled();
+        tokio::time::timeout(Duration::from_secs(5), w.wait_for(|s| *s >= seq))
+            .await
+            .expect("settled in time")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn appended_rows_are_read_in_order_and_deleted_on_ack() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Buffer::open(settings(dir.path(), 1 << 20, WhenFull::DropOldest)).unwrap();
+        let seqs: Vec<u64> = (0..10).map(|i| append(&b, "t", &format!("{i}"))).collect();
+        assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
+        settled(&b, 10).await;
+        let rows = b.fetch(0, 100).await.unwrap();
+        assert_eq!(rows.len(), 10);
+        assert_eq!(&rows[3].payload[..], b"3");
+        let rows = b.fetch(4, 3).await.unwrap();
+        assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [5, 6, 7]);
+        b.ack(1);
+        b.ack(2);
+        b.ack(2); // twice: counted once
+        append(&b, "t", "x");
+        settled(&b, 11).await;
+        assert_eq!(b.fetch(0, 1).await.unwrap()[0].seq, 3);
+        assert_eq!(BufferStats::get(&b.stats().forwarded), 2);
+        assert_eq!(BufferStats::get(&b.stats().depth), 9);
+    }
+
+    #[tokio::test]
+    async fn rows_and_sequence_numbers_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Buffer::open(settings(dir.path(), 1 << 20, WhenFull::DropOldest)).unwrap();
+        for i in 0..5 {
+            append(&b, "t", &format!("{i}"));
+        }
+        settled(&b, 5).await;
+        for s in 1..=5 {
+            b.ack(s);
+        }
+        append(&b, "t", "kept");
+        settled(&b, 6).await;
+        b.close();
+        let b = Buffer::open(settings(dir.path(), 1 << 20, WhenFull::DropOldest)).unwrap();
+        let rows = b.fetch(0, 10).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!((rows[0].seq, &rows[0].payload[..]), (6, &b"kept"[..]));
+        assert_eq!(append(&b, "t", "next"), 7, "sequence numbers never go back");
+        b.ack(6);
+        b.ack(7);
+        settled(&b, 7).await;
+        b.fetch(0, 1).await.unwrap();
+        b.close();
+        let b = Buffer::open(settings(dir.path(), 1 << 20, WhenFull::DropOldest)).unwrap();
+        assert_eq!(append(&b, "t", "after empty"), 8);
+    }
+
+    #[tokio::test]
+    async fn full_buffer_policies_count_exactly() {
+        // Each row: topic "t" (1) + payload 9 = 10 bytes; room for 100.
+        for (policy, expect_first) in [(WhenFull::DropOldest, 51), (WhenFull::DropNewest, 1)] {
+            let dir = tempfile::tempdir().unwrap();
+            let b = Buffer::open(settings(dir.path(), 1000, policy)).unwrap();
+            for i in 0..150 {
+                append(&b, "t", &format!("{i:09}"));
+            }
+            settled(&b, 150).await;
+            let rows = b.fetch(0, 1000).await.unwrap();
+            assert_eq!(rows.len(), 100, "{policy:?}");
+            assert_eq!(rows[0].seq, expect_first, "{policy:?}");
+            assert_eq!(b.stats().dropped(), 50, "{policy:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn block_policy_holds_appends_until_acks_free_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Buffer::open(settings(dir.path(), 100, WhenFull::Block)).unwrap();
+        for i in 0..15 {
+            append(&b, "t", &format!("{i:09}"));
+        }
+        settled(&b, 10).await;
+        // 11..15 wait: not settled, not stored, not dropped.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(*b.settled().borrow(), 10);
+        assert_eq!(b.stats().dropped(), 0);
+        for s in 1..=5 {
+            b.ack(s);
+        }
+        settled(&b, 15).await;
+        let rows = b.fetch(0, 100).await.unwrap();
+        assert_eq!(rows.first().map(|r| r.seq), Some(6));
+        assert_eq!(rows.last().map(|r| r.seq), Some(15));
+    }
+
+    #[tokio::test]
+    async fn a_file_that_is_not_a_database_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.sqlite");
+        std::fs::write(&path, vec![0x42u8; 8192]).unwrap();
+        let b = Buffer::open(settings(dir.path(), 1 << 20, WhenFull::DropOldest)).unwrap();
+        assert_eq!(BufferStats::get(&b.stats().recovered), 1);
+        append(&b, "t", "fresh");
+        settled(&b, 1).await;
+        let kept = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains(".broken-")
+            })
+            .count();
+        assert_eq!(kept, 1);
+    }
+}
