@@ -5,3 +5,4 @@ mod broker;
 mod course;
 mod interop;
 mod persistence;
+mod upstream;

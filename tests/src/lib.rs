@@ -416,13 +416,41 @@ pub fn publish_packet(
     }))
 }
 
-/// Debian's `mosquitto` on a free loopback port: the cloud stand-in and the
-/// reference broker. Anonymous clients allowed, nothing on disk; killed on
-/// drop.
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+pub async fn wait_listening(addr: SocketAddr) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while TcpStream::connect(addr).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing listens on {addr}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Debian's `mosquitto` on a loopback port: the cloud stand-in and the
+/// reference broker. Anonymous clients allowed; nothing on disk unless the
+/// extra configuration says so; killed on drop.
 pub struct Mosquitto {
-    child: std::process::Child,
+    child: Option<std::process::Child>,
     pub addr: SocketAddr,
-    _dir: tempfile::TempDir,
+    conf: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+fn mosquitto_bin() -> &'static str {
+    ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("mosquitto not found: install it (tests/run.sh does)")
 }
 
 impl Mosquitto {
@@ -430,58 +458,152 @@ impl Mosquitto {
         Self::start_with("").await
     }
 
-    /// With extra lines for its configuration file.
+    /// With extra lines for its configuration file (`{dir}` is replaced by
+    /// its own temporary directory).
     pub async fn start_with(extra: &str) -> Mosquitto {
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("mosquitto not found: install it (tests/run.sh does)");
         // The port is free now; another process could take it before
         // mosquitto binds it, hence the retries.
         for _ in 0..5 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("a free port")
-                .port();
-            let dir = tempfile::tempdir().expect("temp dir");
-            let conf = dir.path().join("mosquitto.conf");
-            std::fs::write(
-                &conf,
-                format!("listener {port} 127.0.0.1\nallow_anonymous true\n{extra}\n"),
-            )
-            .expect("write mosquitto.conf");
-            let mut child = std::process::Command::new(bin)
-                .arg("-c")
-                .arg(&conf)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("mosquitto starts");
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let deadline = tokio::time::Instant::now() + WAIT;
-            while tokio::time::Instant::now() < deadline {
-                if TcpStream::connect(addr).await.is_ok() {
-                    return Mosquitto {
-                        child,
-                        addr,
-                        _dir: dir,
-                    };
-                }
-                if child.try_wait().ok().flatten().is_some() {
-                    break; // port taken meanwhile: try another
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
+            if let Some(m) = Self::try_on(free_port(), extra).await {
+                return m;
             }
-            let _ = child.kill();
-            let _ = child.wait();
         }
         panic!("mosquitto did not start");
+    }
+
+    /// On a given port (a server the gateway fails over to later).
+    pub async fn start_on(port: u16, extra: &str) -> Mosquitto {
+        Self::try_on(port, extra)
+            .await
+            .unwrap_or_else(|| panic!("mosquitto did not start on port {port}"))
+    }
+
+    async fn try_on(port: u16, extra: &str) -> Option<Mosquitto> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let conf = dir.path().join("mosquitto.conf");
+        let extra = extra.replace("{dir}", &dir.path().display().to_string());
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\n{extra}\n"),
+        )
+        .expect("write mosquitto.conf");
+        let mut m = Mosquitto {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            conf,
+            dir,
+        };
+        m.spawn().await.then_some(m)
+    }
+
+    async fn spawn(&mut self) -> bool {
+        let mut child = std::process::Command::new(mosquitto_bin())
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("mosquitto starts");
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while tokio::time::Instant::now() < deadline {
+            if TcpStream::connect(self.addr).await.is_ok() {
+                self.child = Some(child);
+                return true;
+            }
+            if child.try_wait().ok().flatten().is_some() {
+                return false; // port taken
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        false
+    }
+
+    /// Kills it (SIGKILL: an outage, nothing saved).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port with the same configuration.
+    pub async fn restart(&mut self) {
+        self.kill();
+        for _ in 0..50 {
+            if self.spawn().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("mosquitto did not restart on {}", self.addr);
     }
 }
 
 impl Drop for Mosquitto {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
+    }
+}
+
+/// The `capteurs-gateway` binary of this build (next to the test
+/// executable; `cargo test --workspace` and tests/run.sh build it).
+pub fn gateway_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join("capteurs-gateway");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build -p capteurs-gateway` (tests/run.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A whole gateway in-process (broker, buffer, upstream) from TOML: the
+/// given text plus a loopback port 0 listener and `data_dir`.
+pub struct TestGateway {
+    pub gateway: Option<capteurs_gateway::gateway::Gateway>,
+    pub addr: SocketAddr,
+}
+
+impl TestGateway {
+    pub async fn start(data_dir: &Path, toml: &str) -> TestGateway {
+        let text = format!(
+            "[gateway]\ndata_dir = {:?}\n[broker]\nlisten = \"127.0.0.1:0\"\n{toml}",
+            data_dir.display().to_string()
+        );
+        let cfg = capteurs_gateway::GatewayConfig::parse(&text, "test config", data_dir)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let gateway = capteurs_gateway::gateway::start(&cfg)
+            .await
+            .unwrap_or_else(|e| panic!("gateway starts: {e}"));
+        let addr = gateway.broker.local_addr();
+        TestGateway {
+            gateway: Some(gateway),
+            addr,
+        }
+    }
+
+    pub fn buffer(&self) -> &capteurs_gateway::buffer::Buffer {
+        self.gateway
+            .as_ref()
+            .and_then(|g| g.buffer.as_ref())
+            .expect("upstream enabled")
+    }
+
+    pub fn upstream(&self) -> &capteurs_gateway::upstream::UpstreamStats {
+        self.gateway
+            .as_ref()
+            .and_then(|g| g.upstream.as_ref())
+            .expect("upstream enabled")
+            .stats()
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(g) = self.gateway.take() {
+            g.shutdown().await;
+        }
     }
 }

@@ -1,0 +1,341 @@
+//! The upstream against a real cloud broker: Debian's mosquitto on loopback
+//! ports. Local clients publish to our gateway; cloud clients read mosquitto.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use capteurs_gateway::buffer::BufferStats;
+use capteurs_tests::*;
+
+/// The `[upstream]` section for servers on these ports, fast reconnects,
+/// status topics under `ops/` (out of the way of `capteurs/#`).
+fn upstream(ports: &[u16], extra: &str) -> String {
+    let servers: Vec<String> = ports
+        .iter()
+        .map(|p| format!("\"mqtt://127.0.0.1:{p}\""))
+        .collect();
+    format!(
+        "[upstream]\nenabled = true\nservers = [{}]\nreconnect_min_ms = 50\nreconnect_max_ms = 400\nconnect_timeout_ms = 2000\nstats_interval_secs = 1\nstatus_prefix = \"ops\"\n{extra}\n",
+        servers.join(", ")
+    )
+}
+
+/// Publishes `payloads` at QoS 1 on `topic`, each acknowledged.
+async fn publish_all(c: &mut RawClient, topic: &str, payloads: impl IntoIterator<Item = String>) {
+    for p in payloads {
+        c.publish(topic, p.as_bytes(), QoS::AtLeastOnce, false)
+            .await;
+    }
+}
+
+/// Receives on `c` until `want` distinct payloads were seen; returns them
+/// in order of first arrival (duplicates, allowed by at-least-once, are
+/// counted apart).
+async fn collect(c: &mut RawClient, want: usize) -> (Vec<String>, usize) {
+    let mut order = Vec::new();
+    let mut seen = HashSet::new();
+    let mut dups = 0;
+    while order.len() < want {
+        let m = c.receive().await;
+        let p = String::from_utf8(m.payload).unwrap();
+        if seen.insert(p.clone()) {
+            order.push(p);
+        } else {
+            dups += 1;
+        }
+    }
+    (order, dups)
+}
+
+fn numbered(r: std::ops::Range<usize>) -> Vec<String> {
+    r.map(|i| format!("{i:05}")).collect()
+}
+
+async fn buffer_empty(g: &TestGateway) {
+    let stats = g.buffer().stats().clone();
+    eventually("the buffer to drain", || {
+        BufferStats::get(&stats.depth) == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn steady_state_qos1_arrives_in_order() {
+    let cloud = Mosquitto::start().await;
+    let mut sub = RawClient::connect(cloud.addr, &ConnectOpts::new("cloud-sub")).await;
+    sub.subscribe("capteurs/#", QoS::AtLeastOnce).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = TestGateway::start(dir.path(), &upstream(&[cloud.addr.port()], "")).await;
+    let mut local = RawClient::connect(g.addr, &ConnectOpts::new("sensor")).await;
+    publish_all(
+        &mut local,
+        "capteurs/temperature/fr/clermont/r1",
+        numbered(0..500),
+    )
+    .await;
+    let (got, dups) = collect(&mut sub, 500).await;
+    assert_eq!(got, numbered(0..500));
+    assert_eq!(dups, 0, "no duplicates without an outage");
+    buffer_empty(&g).await;
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn outage_backlog_survives_a_restart_and_drains_in_order_at_the_set_rate() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = upstream(&[port], "max_rate = 1000");
+    // The cloud is down: messages are acknowledged locally and kept.
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut local = RawClient::connect(g.addr, &ConnectOpts::new("sensor")).await;
+    publish_all(&mut local, "capteurs/a", numbered(0..300)).await;
+    publish_all(&mut local, "capteurs/b", numbered(300..600)).await;
+    assert_eq!(BufferStats::get(&g.buffer().stats().depth), 600);
+    local.disconnect().await;
+    g.stop().await;
+    // The cloud comes back; so does the gateway, with its buffer.
+    let cloud = Mosquitto::start_on(port, "").await;
+    let mut sub = RawClient::connect(cloud.addr, &ConnectOpts::new("cloud-sub")).await;
+    sub.subscribe("capteurs/#", QoS::AtLeastOnce).await;
+    let started = Instant::now();
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut per_topic: HashMap<String, Vec<String>> = HashMap::new();
+    let mut seen = HashSet::new();
+    while seen.len() < 600 {
+        let m = sub.receive().await;
+        let p = String::from_utf8(m.payload).unwrap();
+        if seen.insert(p.clone()) {
+            per_topic.entry(m.topic).or_default().push(p);
+        }
+    }
+    let took = started.elapsed();
+    assert_eq!(per_topic["capteurs/a"], numbered(0..300));
+    assert_eq!(per_topic["capteurs/b"], numbered(300..600));
+    // 600 messages at 1,000 msg/s take at least about 0.6 s.
+    assert!(took >= Duration::from_millis(500), "drained in {took:?}");
+    buffer_empty(&g).await;
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn failover_to_the_next_server_loses_nothing() {
+    let mut a = Mosquitto::start().await;
+    let b = Mosquitto::start().await;
+    let mut sub_b = RawClient::connect(b.addr, &ConnectOpts::new("cloud-b")).await;
+    sub_b.subscribe("capteurs/#", QoS::AtLeastOnce).await;
+    let mut sub_a = RawClient::connect(a.addr, &ConnectOpts::new("cloud-a")).await;
+    sub_a.subscribe("capteurs/#", QoS::AtLeastOnce).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut g =
+        TestGateway::start(dir.path(), &upstream(&[a.addr.port(), b.addr.port()], "")).await;
+    let mut local = RawClient::connect(g.addr, &ConnectOpts::new("sensor")).await;
+    publish_all(&mut local, "capteurs/x", numbered(0..100)).await;
+    let (got, _) = collect(&mut sub_a, 100).await;
+    assert_eq!(got, numbered(0..100));
+    buffer_empty(&g).await;
+    a.kill();
+    publish_all(&mut local, "capteurs/x", numbered(100..400)).await;
+    let (got, _) = collect(&mut sub_b, 300).await;
+    assert_eq!(got, numbered(100..400));
+    buffer_empty(&g).await;
+    assert!(
+        g.upstream()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn session_present_0_after_the_cloud_lost_our_session_loses_nothing() {
+    // Without persistence, a restarted mosquitto has forgotten the
+    // gateway's persistent session: CONNACK session-present = 0.
+    let mut cloud = Mosquitto::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = upstream(&[cloud.addr.port()], "clean_session = false");
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut local = RawClient::connect(g.addr, &ConnectOpts::new("sensor")).await;
+    // One retained message per topic: a late subscriber sees what arrived.
+    for i in 0..50 {
+        local
+            .publish(
+                &format!("capteurs/s/{i}"),
+                b"before",
+                QoS::AtLeastOnce,
+                true,
+            )
+            .await;
+    }
+    buffer_empty(&g).await;
+    cloud.kill();
+    for i in 50..250 {
+        local
+            .publish(
+                &format!("capteurs/s/{i}"),
+                b"during",
+                QoS::AtLeastOnce,
+                true,
+            )
+            .await;
+    }
+    cloud.restart().await;
+    buffer_empty(&g).await;
+    let mut sub = RawClient::connect(cloud.addr, &ConnectOpts::new("late")).await;
+    sub.subscribe("capteurs/s/#", QoS::AtMostOnce).await;
+    let mut topics = HashSet::new();
+    while let Ok(Some(Packet::Publish(p))) = sub.recv_within(QUIET).await {
+        assert!(p.retain);
+        assert_eq!(&p.payload[..], b"during", "{}", p.topic);
+        topics.insert(p.topic.to_string());
+    }
+    let want: HashSet<String> = (50..250).map(|i| format!("capteurs/s/{i}")).collect();
+    assert_eq!(topics, want);
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn full_buffer_drops_by_policy_and_counts_exactly() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    // "capteurs/f/NNN" (14 bytes) + 10-byte payload = 24 bytes; 1,200 bytes
+    // hold 50 of them.
+    let cfg = format!(
+        "{}[buffer]\nmax_bytes = 1200\nwhen_full = \"drop_oldest\"\n",
+        upstream(&[port], "")
+    );
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut local = RawClient::connect(g.addr, &ConnectOpts::new("sensor")).await;
+    for i in 0..80 {
+        local
+            .publish(
+                &format!("capteurs/f/{i:03}"),
+                b"0123456789",
+                QoS::AtLeastOnce,
+                true,
+            )
+            .await;
+    }
+    let stats = g.buffer().stats().clone();
+    assert_eq!(BufferStats::get(&stats.dropped_oldest), 30);
+    assert_eq!(BufferStats::get(&stats.depth), 50);
+    // The cloud comes up: the 50 newest arrive, the 30 oldest never do.
+    let cloud = Mosquitto::start_on(port, "").await;
+    buffer_empty(&g).await;
+    let mut sub = RawClient::connect(cloud.addr, &ConnectOpts::new("late")).await;
+    sub.subscribe("capteurs/f/#", QoS::AtMostOnce).await;
+    let mut topics = HashSet::new();
+    while let Ok(Some(Packet::Publish(p))) = sub.recv_within(QUIET).await {
+        topics.insert(p.topic.to_string());
+    }
+    let want: HashSet<String> = (30..80).map(|i| format!("capteurs/f/{i:03}")).collect();
+    assert_eq!(topics, want);
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn in_rules_bring_commands_down_and_nothing_loops() {
+    let cloud = Mosquitto::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let rules = "[[upstream.rules]]\npattern = \"capteurs/#\"\ndirection = \"out\"\nqos = 1\n\
+                 [[upstream.rules]]\npattern = \"cmd/#\"\ndirection = \"both\"\nqos = 1\n\
+                 local_prefix = \"local/\"\nremote_prefix = \"site/\"\n";
+    let cfg = format!("{}{rules}", upstream(&[cloud.addr.port()], ""));
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut local_sub = RawClient::connect(g.addr, &ConnectOpts::new("actuator")).await;
+    local_sub.subscribe("local/cmd/#", QoS::AtLeastOnce).await;
+    let mut cloud_sub = RawClient::connect(cloud.addr, &ConnectOpts::new("cloud-sub")).await;
+    cloud_sub.subscribe("site/cmd/#", QoS::AtLeastOnce).await;
+    // The gateway subscribes on connect: wait until it is connected.
+    let up = g.upstream();
+    eventually("the upstream connection", || {
+        up.connected.load(std::sync::atomic::Ordering::Relaxed)
+    })
+    .await;
+    let mut cloud_pub = RawClient::connect(cloud.addr, &ConnectOpts::new("cloud-app")).await;
+    // The gateway's SUBSCRIBE may still be on its way: resend until it lands.
+    let mut got = None;
+    for _ in 0..20 {
+        cloud_pub
+            .publish("site/cmd/reboot", b"now", QoS::AtLeastOnce, false)
+            .await;
+        assert_eq!(cloud_sub.receive().await.topic, "site/cmd/reboot");
+        if let Ok(Some(Packet::Publish(p))) = local_sub.recv_within(QUIET).await {
+            got = Some(p);
+            break;
+        }
+    }
+    let p = got.expect("the command reached the local subscriber");
+    assert_eq!(
+        (&*p.topic, &p.payload[..]),
+        ("local/cmd/reboot", &b"now"[..])
+    );
+    // Not sent back out: the cloud subscriber saw only the cloud's publish.
+    cloud_sub.expect_nothing().await;
+    assert_eq!(BufferStats::get(&g.buffer().stats().appended), 0);
+    // A local command goes out through the same `both` rule.
+    let mut local_pub = RawClient::connect(g.addr, &ConnectOpts::new("console")).await;
+    local_pub
+        .publish("local/cmd/led", b"on", QoS::AtLeastOnce, false)
+        .await;
+    let m = cloud_sub.receive().await;
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..]),
+        ("site/cmd/led", &b"on"[..])
+    );
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn status_online_stats_and_offline_on_a_clean_stop() {
+    let cloud = Mosquitto::start().await;
+    let mut sub = RawClient::connect(cloud.addr, &ConnectOpts::new("ops")).await;
+    sub.subscribe("ops/gateways/#", QoS::AtLeastOnce).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = TestGateway::start(dir.path(), &upstream(&[cloud.addr.port()], "")).await;
+    let m = sub.receive().await;
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..], m.retain),
+        ("ops/gateways/capteurs/status", &b"online"[..], false)
+    );
+    let m = sub.receive().await;
+    assert_eq!(m.topic, "ops/gateways/capteurs/stats");
+    let stats: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!(stats["buffer"]["messages"], 0);
+    assert_eq!(stats["dropped"]["oldest"], 0);
+    g.stop().await;
+    loop {
+        let m = sub.receive().await;
+        if m.topic == "ops/gateways/capteurs/status" {
+            assert_eq!(&m.payload[..], b"offline");
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn envelope_carries_gateway_and_sequence_for_deduplication() {
+    let cloud = Mosquitto::start().await;
+    let mut sub = RawClient::connect(cloud.addr, &ConnectOpts::new("cloud-sub")).await;
+    sub.subscribe("capteurs/#", QoS::AtLeastOnce).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = TestGateway::start(
+        dir.path(),
+        &upstream(&[cloud.addr.port()], "envelope = true"),
+    )
+    .await;
+    let mut local = RawClient::connect(g.addr, &ConnectOpts::new("sensor")).await;
+    local
+        .publish("capteurs/t", b"21.5", QoS::AtLeastOnce, false)
+        .await;
+    local
+        .publish("capteurs/t", &[0xff, 0x00], QoS::AtLeastOnce, false)
+        .await;
+    let a: serde_json::Value = serde_json::from_slice(&sub.receive().await.payload).unwrap();
+    let b: serde_json::Value = serde_json::from_slice(&sub.receive().await.payload).unwrap();
+    assert_eq!(a["gateway"], "capteurs");
+    assert_eq!(a["payload"], "21.5");
+    assert_eq!(b["payload_base64"], "/wA=");
+    assert_eq!(b["seq"].as_u64().unwrap(), a["seq"].as_u64().unwrap() + 1);
+    g.stop().await;
+}
