@@ -339,3 +339,95 @@ async fn envelope_carries_gateway_and_sequence_for_deduplication() {
     assert_eq!(b["seq"].as_u64().unwrap(), a["seq"].as_u64().unwrap() + 1);
     g.stop().await;
 }
+
+/// QoS 1 PUBLISH; true once acknowledged, false if the gateway died first.
+async fn try_publish_qos1(c: &mut RawClient, topic: &str, payload: &str) -> bool {
+    let id = c.next_packet_id();
+    let p = publish_packet(
+        topic,
+        payload.as_bytes(),
+        QoS::AtLeastOnce,
+        false,
+        Some(id),
+        false,
+    );
+    if !c.try_send(p).await {
+        return false;
+    }
+    matches!(
+        c.recv_within(WAIT).await,
+        Ok(Some(Packet::PublishAck { packet_id })) if packet_id == id
+    )
+}
+
+#[tokio::test]
+async fn sigkill_at_many_points_loses_no_acknowledged_message() {
+    let port = free_port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\ndata_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:0\"\n{}",
+            upstream(&[port], "")
+        ),
+    )
+    .unwrap();
+    let mut acked: Vec<String> = Vec::new();
+    // The cloud is down; the gateway is killed mid-stream, again and again.
+    for round in 0..8u64 {
+        let mut gw = GatewayProcess::start(&config);
+        let mut c = RawClient::connect(gw.addr, &ConnectOpts::new("sensor")).await;
+        let pid = gw.pid();
+        let kill_after = Duration::from_millis(30 + (round * 37) % 170);
+        let killer = tokio::spawn(async move {
+            tokio::time::sleep(kill_after).await;
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+        });
+        let mut i = 0;
+        loop {
+            let payload = format!("r{round}-{i:06}");
+            if !try_publish_qos1(&mut c, "capteurs/crash", &payload).await {
+                break;
+            }
+            acked.push(payload);
+            i += 1;
+        }
+        killer.await.unwrap();
+        gw.kill();
+        assert!(i > 0, "round {round}: nothing acknowledged before the kill");
+    }
+    // The cloud comes back, then the gateway: everything acknowledged arrives.
+    let cloud = Mosquitto::start_on(port, "").await;
+    let mut sub = RawClient::connect(cloud.addr, &ConnectOpts::new("cloud-sub")).await;
+    sub.subscribe("capteurs/#", QoS::AtLeastOnce).await;
+    let _gw = GatewayProcess::start(&config);
+    let want: HashSet<String> = acked.iter().cloned().collect();
+    let mut got = HashSet::new();
+    let mut order = Vec::new();
+    while !want.is_subset(&got) {
+        match sub.recv_within(Duration::from_secs(10)).await {
+            Ok(Some(Packet::Publish(p))) => {
+                let s = String::from_utf8(p.payload.to_vec()).unwrap();
+                if got.insert(s.clone()) {
+                    order.push(s);
+                }
+                if let Some(id) = p.packet_id {
+                    sub.send(Packet::PublishAck { packet_id: id }).await;
+                }
+            }
+            other => panic!(
+                "{} of {} acknowledged messages missing ({other:?}); e.g. {:?}",
+                want.difference(&got).count(),
+                want.len(),
+                want.difference(&got).take(5).collect::<Vec<_>>()
+            ),
+        }
+    }
+    // In the order they were acknowledged (each round's messages in sequence).
+    let acked_order: Vec<&String> = order.iter().filter(|p| want.contains(*p)).collect();
+    let expected: Vec<&String> = acked.iter().collect();
+    assert_eq!(acked_order, expected);
+}

@@ -228,6 +228,13 @@ impl RawClient {
         self.send_raw(&buf).await;
     }
 
+    /// Sends without panicking; false when the connection is gone.
+    pub async fn try_send(&mut self, packet: Packet) -> bool {
+        let mut buf = BytesMut::new();
+        self.codec.encode(packet, &mut buf).expect("encode");
+        self.stream.write_all(&buf).await.is_ok()
+    }
+
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("write");
     }
@@ -605,5 +612,68 @@ impl TestGateway {
         if let Some(g) = self.gateway.take() {
             g.shutdown().await;
         }
+    }
+}
+
+/// A `capteurs-gateway` process (for crash tests): started with a config
+/// file, its address read from its log; SIGKILLed on drop.
+pub struct GatewayProcess {
+    child: std::process::Child,
+    pub addr: SocketAddr,
+}
+
+impl GatewayProcess {
+    pub fn start(config: &Path) -> GatewayProcess {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(gateway_bin())
+            .arg("--config")
+            .arg(config)
+            .env("NO_COLOR", "1")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("gateway starts");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if let Some(addr) = line
+                    .split("MQTT broker listening addr=")
+                    .nth(1)
+                    .and_then(|a| a.split_whitespace().next())
+                    .and_then(|a| a.parse::<SocketAddr>().ok())
+                {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr);
+                    }
+                }
+                if std::env::var_os("CAPTEURS_TEST_LOG").is_some() {
+                    eprintln!("gateway: {line}");
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the gateway logs its address");
+        GatewayProcess { child, addr }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: no clean-up of any kind.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
