@@ -431,3 +431,126 @@ async fn sigkill_at_many_points_loses_no_acknowledged_message() {
     let expected: Vec<&String> = acked.iter().collect();
     assert_eq!(acked_order, expected);
 }
+
+/// A test CA and a server certificate for localhost/127.0.0.1, made with
+/// Debian's openssl.
+fn make_ca(dir: &std::path::Path, name: &str) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let ca_key = format!("{name}-ca.key");
+    let ca_crt = format!("{name}-ca.crt");
+    let mut a = vec!["req", "-x509"];
+    a.extend(ec);
+    a.extend([
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca_crt,
+        "-days",
+        "2",
+        "-subj",
+        "/CN=Capteurs test CA",
+    ]);
+    run(&a);
+    let key = format!("{name}-server.key");
+    let csr = format!("{name}-server.csr");
+    let crt = format!("{name}-server.crt");
+    let mut a = vec!["req"];
+    a.extend(ec);
+    a.extend(["-keyout", &key, "-out", &csr, "-subj", "/CN=localhost"]);
+    run(&a);
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nkeyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &csr,
+        "-CA",
+        &ca_crt,
+        "-CAkey",
+        &ca_key,
+        "-CAcreateserial",
+        "-out",
+        &crt,
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+#[tokio::test]
+async fn tls_upstream_with_a_test_ca_and_a_wrong_ca_refused_clearly() {
+    let certs = tempfile::tempdir().unwrap();
+    make_ca(certs.path(), "good");
+    make_ca(certs.path(), "other");
+    let p = |f: &str| certs.path().join(f).display().to_string();
+    let cloud = Mosquitto::start_with(&format!(
+        "cafile {}\ncertfile {}\nkeyfile {}\n",
+        p("good-ca.crt"),
+        p("good-server.crt"),
+        p("good-server.key")
+    ))
+    .await;
+    let tls_upstream = |ca: &str| {
+        upstream(&[], &format!("ca_file = {:?}", p(ca))).replace(
+            "servers = []",
+            &format!("servers = [\"mqtts://localhost:{}\"]", cloud.addr.port()),
+        )
+    };
+    // A wrong CA: refused, with a reason that says TLS, nothing delivered.
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = TestGateway::start(dir.path(), &tls_upstream("other-ca.crt")).await;
+    let mut local = RawClient::connect(g.addr, &ConnectOpts::new("sensor")).await;
+    local
+        .publish("capteurs/tls", b"kept", QoS::AtLeastOnce, false)
+        .await;
+    let up = g.upstream();
+    eventually("a failed TLS connection", || {
+        up.connect_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    })
+    .await;
+    let error = up.last_error.lock().unwrap().clone().unwrap_or_default();
+    assert!(
+        error.contains("TLS") && error.contains("ca_file"),
+        "{error}"
+    );
+    assert_eq!(up.connects.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(BufferStats::get(&g.buffer().stats().depth), 1);
+    g.stop().await;
+    // The right CA: the message kept in the buffer goes through TLS (its
+    // row is deleted only on mosquitto's PUBACK).
+    let mut g = TestGateway::start(dir.path(), &tls_upstream("good-ca.crt")).await;
+    buffer_empty(&g).await;
+    assert_eq!(BufferStats::get(&g.buffer().stats().forwarded), 1);
+    assert!(
+        g.upstream()
+            .connects
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    g.stop().await;
+}

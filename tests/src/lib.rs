@@ -491,7 +491,9 @@ impl Mosquitto {
         let extra = extra.replace("{dir}", &dir.path().display().to_string());
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\n{extra}\n"),
+            // `user root`: run as root (CI), mosquitto would switch to the
+            // `mosquitto` user, who cannot read our temporary files.
+            format!("user root\nlistener {port} 127.0.0.1\nallow_anonymous true\n{extra}\n"),
         )
         .expect("write mosquitto.conf");
         let mut m = Mosquitto {

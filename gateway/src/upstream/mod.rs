@@ -163,6 +163,8 @@ pub struct UpstreamStats {
     pub acknowledged: AtomicU64,
     /// Messages from the cloud published locally (`in` rules).
     pub received: AtomicU64,
+    /// Why the last connection failed or ended (for operators and tests).
+    pub last_error: std::sync::Mutex<Option<String>>,
 }
 
 /// A running forwarder.
@@ -298,6 +300,11 @@ impl Forwarder {
                 End::Shutdown => return,
                 End::Lost { error, connected } => {
                     self.stats.connected.store(false, Ordering::Relaxed);
+                    *self
+                        .stats
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) = Some(error.clone());
                     if connected {
                         warn!(server = %server, error = %error, "upstream connection lost");
                         failures = 0;
