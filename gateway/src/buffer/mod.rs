@@ -310,6 +310,8 @@ fn move_aside(path: &Path) {
 struct Db {
     conn: Connection,
     path: PathBuf,
+    /// The `synchronous` mode set on the connection now.
+    sync: Option<SyncMode>,
 }
 
 const SCHEMA: &str = "
@@ -365,7 +367,14 @@ impl Db {
             .optional()
             .map_err(err)?;
         let next = max.map_or(1, |m| m + 1).max(saved.unwrap_or(1));
-        Ok((Db { conn, path }, next))
+        Ok((
+            Db {
+                conn,
+                path,
+                sync: Some(settings.sync),
+            },
+            next,
+        ))
     }
 
     fn err(&self, source: rusqlite::Error) -> BufferError {
@@ -513,6 +522,26 @@ impl Writer {
             .settings
             .max_age
             .filter(|_| self.last_expiry.elapsed() >= Duration::from_secs(1));
+        // Only appends need the fsync: a delete lost in a power cut costs a
+        // duplicate, not a message. Ack-only commits skip it (WAL keeps
+        // them ordered; the next fsync makes them durable too).
+        let durable = !batch.appends.is_empty() || !self.waiting.is_empty();
+        let want = if durable {
+            self.settings.sync
+        } else {
+            SyncMode::Normal
+        };
+        if self.db.sync != Some(want) {
+            let v = match want {
+                SyncMode::Full => "FULL",
+                SyncMode::Normal => "NORMAL",
+            };
+            self.db
+                .conn
+                .pragma_update(None, "synchronous", v)
+                .map_err(err)?;
+            self.db.sync = Some(want);
+        }
         let tx = self.db.conn.transaction().map_err(err)?;
         let mut depth = BufferStats::get(&self.stats.depth);
         let mut bytes = BufferStats::get(&self.stats.bytes);

@@ -23,8 +23,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use rand::Rng;
 use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, Incoming, LastWill, MqttOptions, Outgoing, QoS,
-    TlsConfiguration, Transport,
+    AsyncClient, ConnectionError, Event, EventLoop, Incoming, LastWill, MqttOptions,
+    NetworkOptions, Outgoing, QoS, TlsConfiguration, Transport,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -361,6 +361,12 @@ impl Forwarder {
         let s = &self.settings;
         let (client, mut events) =
             AsyncClient::new(self.options(server), usize::from(s.max_inflight) + 64);
+        // Without TCP_NODELAY small PUBLISHes wait on the peer's delayed
+        // ACK (40 ms a window): the drain crawls at a few thousand msg/s.
+        let mut net = NetworkOptions::new();
+        net.set_tcp_nodelay(true);
+        net.set_connection_timeout(s.connect_timeout.as_secs().max(1));
+        events.set_network_options(net);
         let connack = tokio::select! {
             _ = self.shutdown.cancelled() => return End::Shutdown,
             r = tokio::time::timeout(s.connect_timeout, first_connack(&mut events)) => r,
@@ -404,43 +410,43 @@ impl Forwarder {
         // Everything still buffered goes (again), oldest first.
         let mut cursor = 0u64;
         let mut exhausted = false;
+        let mut ready: VecDeque<Row> = VecDeque::new();
         let mut settled = self.buffer.settled();
         let mut pace = Pace::new(s.max_rate);
         let mut stats_tick = tokio::time::interval(s.stats_interval);
         let window = usize::from(s.max_inflight);
         loop {
-            // Fill the window from the buffer.
-            while !exhausted && handed.len() + inflight.len() < window {
-                let room = (window - handed.len() - inflight.len()).min(pace.available());
-                if room == 0 {
-                    break;
-                }
-                let rows = match self.buffer.fetch(cursor, room).await {
-                    Ok(rows) => rows,
-                    Err(e) => {
-                        warn!(error = %e, "cannot read the buffer");
-                        break;
+            // Read ahead from the buffer in batches (one round trip to the
+            // writer thread per half window, not per acknowledgement) ...
+            if !exhausted && ready.len() < window.div_ceil(2) {
+                match self.buffer.fetch(cursor, window).await {
+                    Ok(rows) => {
+                        exhausted = rows.len() < window;
+                        if let Some(last) = rows.last() {
+                            cursor = last.seq;
+                        }
+                        ready.extend(rows);
                     }
-                };
-                if rows.len() < room {
-                    exhausted = true;
-                }
-                for row in rows {
-                    cursor = row.seq;
-                    let payload = self.payload(&row);
-                    if let Err(e) =
-                        client.try_publish(&row.topic, qos(row.qos), row.retain, payload)
-                    {
-                        return End::Lost {
-                            error: format!("rumqttc request queue: {e}"),
-                            connected: true,
-                        };
-                    }
-                    handed.push_back(Some((row.seq, row.qos)));
-                    pace.take(1);
+                    Err(e) => warn!(error = %e, "cannot read the buffer"),
                 }
             }
-            let paced = pace.limited() && !exhausted && handed.len() + inflight.len() < window;
+            // ... and hand rows over one by one as the window opens, so a
+            // PUBLISH follows each PUBACK at once: a broker that delays its
+            // small PUBACKs (Nagle) gets our ACK piggy-backed straight away.
+            while handed.len() + inflight.len() < window && pace.available() > 0 {
+                let Some(row) = ready.pop_front() else { break };
+                let payload = self.payload(&row);
+                if let Err(e) = client.try_publish(&row.topic, qos(row.qos), row.retain, payload) {
+                    return End::Lost {
+                        error: format!("rumqttc request queue: {e}"),
+                        connected: true,
+                    };
+                }
+                handed.push_back(Some((row.seq, row.qos)));
+                pace.take(1);
+            }
+            let paced =
+                pace.limited() && !ready.is_empty() && handed.len() + inflight.len() < window;
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => {
