@@ -1,0 +1,343 @@
+#!/usr/bin/env python3
+"""Upstream benchmarks: the store-and-forward buffer and an outage, side by
+side with a Mosquitto bridge. Standard library only; needs Debian's
+mosquitto and release builds of capteurs-gateway and capteurs-sim.
+
+    tests/bench/upstream.py [--fill-secs 4] [--outage-secs 5] [--rate 2000] [--json FILE]
+
+1. Append: capteurs-sim bench publishes QoS 1 flat out (10 connections,
+   64-byte payloads) to the gateway while the cloud is down: every PUBACK
+   waits for the buffer's group commit (synchronous=FULL), so the publish
+   rate is the buffer's durable append rate. RSS is read with everything
+   still buffered (at least 1,000,000 messages).
+2. Drain: the gateway restarts with mosquitto up; time until the buffer is
+   empty (every row deleted on mosquitto's PUBACK, QoS 1), from the stats
+   message. RSS is sampled during the drain.
+3. Outage: a steady QoS 1 stream at --rate msg/s for 12 s through (a) our
+   gateway and (b) mosquitto bridged to the cloud mosquitto
+   (`topic capteurs/# out 1`, cleansession false, defaults otherwise); the
+   cloud is stopped for --outage-secs in the middle. A persistent cloud
+   subscriber counts the distinct messages that arrive.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GW = os.path.join(ROOT, "target/release/capteurs-gateway")
+SIM = os.path.join(ROOT, "target/release/capteurs-sim")
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_port(port, timeout=10):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+class Mosquitto:
+    def __init__(self, work, name, port, extra=""):
+        self.conf = os.path.join(work, f"{name}.conf")
+        self.port = port
+        with open(self.conf, "w") as f:
+            f.write(f"user root\nlistener {port} 127.0.0.1\nallow_anonymous true\n{extra}\n")
+        self.proc = None
+
+    def start(self):
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", self.conf],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+        return self
+
+    def stop(self):
+        if self.proc:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait()
+            self.proc = None
+
+
+class Gateway:
+    def __init__(self, work, upstream_port, extra=""):
+        self.data = os.path.join(work, "gw-data")
+        self.conf = os.path.join(work, "gw.toml")
+        with open(self.conf, "w") as f:
+            f.write(f"""[gateway]
+data_dir = "{self.data}"
+[broker]
+listen = "127.0.0.1:0"
+[upstream]
+enabled = true
+servers = ["mqtt://127.0.0.1:{upstream_port}"]
+reconnect_min_ms = 100
+reconnect_max_ms = 1000
+stats_interval_secs = 1
+status_prefix = "ops"
+{extra}
+[[upstream.rules]]
+pattern = "#"
+direction = "out"
+qos = 1
+""")
+        self.proc = None
+        self.port = None
+
+    def start(self):
+        self.proc = subprocess.Popen([GW, "--config", self.conf], stderr=subprocess.PIPE,
+                                     text=True, env={**os.environ, "NO_COLOR": "1"})
+        for line in self.proc.stderr:
+            m = re.search(r"MQTT broker listening addr=127\.0\.0\.1:(\d+)", line)
+            if m:
+                self.port = int(m.group(1))
+                break
+        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
+        return self
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait()
+
+
+def sim_bench(port, args):
+    out = subprocess.run([SIM, "bench", "--port", str(port), "--json", "-q", *args],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+class StatsWatcher:
+    """Follows the gateway's retained stats message on the cloud broker."""
+
+    def __init__(self, port):
+        self.proc = subprocess.Popen(
+            ["mosquitto_sub", "-p", str(port), "-t", "ops/gateways/+/stats"],
+            stdout=subprocess.PIPE, text=True)
+        self.last = None
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            try:
+                self.last = json.loads(line)
+            except ValueError:
+                pass
+
+    def close(self):
+        self.proc.kill()
+
+
+# --- a minimal MQTT 3.1.1 subscriber (persistent session, QoS 1) ---------
+
+def _enc_len(n):
+    out = bytearray()
+    while True:
+        b = n % 128
+        n //= 128
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _str(s):
+    b = s.encode()
+    return struct.pack(">H", len(b)) + b
+
+
+class Counter:
+    """Counts distinct payloads on a topic filter; reconnects with its
+    persistent session whenever the broker goes away."""
+
+    def __init__(self, port, topic, client_id):
+        self.port, self.topic, self.client_id = port, topic, client_id
+        self.seen = set()
+        self.total = 0
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _session(self):
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=2)
+        body = _str("MQTT") + bytes([4, 0x00]) + struct.pack(">H", 60) + _str(self.client_id)
+        s.sendall(bytes([0x10]) + _enc_len(len(body)) + body)
+        if s.recv(4)[:2] != b"\x20\x02":
+            raise OSError("no CONNACK")
+        body = struct.pack(">H", 1) + _str(self.topic) + b"\x01"
+        s.sendall(bytes([0x82]) + _enc_len(len(body)) + body)
+        s.settimeout(0.5)
+        buf = b""
+        while not self.stop:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                continue
+            if not chunk:
+                raise OSError("closed")
+            buf += chunk
+            while True:
+                if len(buf) < 2:
+                    break
+                mult, n, i = 1, 0, 1
+                while True:
+                    if i >= len(buf):
+                        n = None
+                        break
+                    b = buf[i]
+                    n += (b & 127) * mult
+                    mult *= 128
+                    i += 1
+                    if not b & 128:
+                        break
+                if n is None or len(buf) < i + n:
+                    break
+                kind, pkt, buf = buf[0], buf[i:i + n], buf[i + n:]
+                if kind >> 4 == 3:
+                    tlen = struct.unpack(">H", pkt[:2])[0]
+                    pos = 2 + tlen
+                    qos = (kind >> 1) & 3
+                    if qos:
+                        pid = pkt[pos:pos + 2]
+                        pos += 2
+                        s.sendall(b"\x40\x02" + pid)
+                    self.total += 1
+                    self.seen.add(pkt[pos:pos + 20])  # publisher + sequence number
+
+    def _run(self):
+        while not self.stop:
+            try:
+                self._session()
+            except OSError:
+                time.sleep(0.1)
+
+    def close(self):
+        self.stop = True
+        self.thread.join(timeout=3)
+
+
+def outage(work, label, local_port_of, cloud, rate, outage_secs):
+    """A 12 s QoS 1 stream; the cloud stops for outage_secs in the middle."""
+    counter = Counter(cloud.port, "capteurs/#", f"counter-{label}")
+    time.sleep(0.5)
+    result = {}
+
+    def run_bench():
+        result["r"] = sim_bench(local_port_of(), [
+            "--publishers", "1", "--subscribers", "0", "--qos", "1", "--rate", str(rate),
+            "--duration", "12", "--topic", "capteurs/bench"])
+
+    t = threading.Thread(target=run_bench)
+    t.start()
+    time.sleep(3)
+    cloud.stop()
+    time.sleep(outage_secs)
+    cloud.start()
+    t.join()
+    # Let whatever is queued arrive.
+    last, stable = -1, 0
+    while stable < 6:
+        time.sleep(0.5)
+        stable = stable + 1 if len(counter.seen) == last else 0
+        last = len(counter.seen)
+    counter.close()
+    sent = result["r"]["sent"]
+    return {"sent": sent, "arrived": len(counter.seen), "lost": sent - len(counter.seen),
+            "duplicates": counter.total - len(counter.seen)}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--fill-secs", type=float, default=4)
+    ap.add_argument("--outage-secs", type=float, default=5)
+    ap.add_argument("--rate", type=int, default=2000)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "capteurs-gateway", "-p", "capteurs-sim"],
+                   cwd=ROOT, check=True)
+    work = tempfile.mkdtemp(prefix="capteurs-bench-")
+    report = {}
+    try:
+        # 1. Append rate, cloud down.
+        cloud_port = free_port()
+        gw = Gateway(work, cloud_port, "[buffer]\nmax_bytes = 1073741824").start()
+        r = sim_bench(gw.port, ["--publishers", "10", "--subscribers", "0", "--qos", "1",
+                                "--duration", str(a.fill_secs), "--broker-pid", str(gw.proc.pid)])
+        time.sleep(0.5)
+        report["append"] = {"msg_per_s": round(r["publish_rate"]), "messages": r["sent"],
+                            "rss_mib_buffered": round(rss_kib(gw.proc.pid) / 1024, 1),
+                            "gateway_cpu_percent": round(r["cpu"]["broker_percent"])}
+        gw.stop()
+        # 2. Drain to mosquitto at QoS 1.
+        cloud = Mosquitto(work, "cloud", cloud_port).start()
+        stats = StatsWatcher(cloud_port)
+        t0 = time.time()
+        gw = Gateway(work, cloud_port, "[buffer]\nmax_bytes = 1073741824").start()
+        peak = 0
+        while True:
+            peak = max(peak, rss_kib(gw.proc.pid))
+            s = stats.last
+            if s and s["buffer"]["messages"] == 0 and s["forwarded"] > 0:
+                break
+            time.sleep(0.05)
+        took = time.time() - t0
+        report["drain"] = {"messages": r["sent"], "seconds": round(took, 2),
+                           "msg_per_s": round(r["sent"] / took),
+                           "rss_mib_peak": round(peak / 1024, 1)}
+        stats.close()
+        gw.stop()
+        cloud.stop()
+        shutil.rmtree(gw.data)
+        # 3. Outage: ours vs a mosquitto bridge.
+        cloud = Mosquitto(work, "cloud2", free_port(),
+                          f"persistence true\npersistence_location {work}/\n").start()
+        gw = Gateway(work, cloud.port, "").start()
+        report["outage_capteurs"] = outage(work, "gw", lambda: gw.port, cloud, a.rate, a.outage_secs)
+        gw.stop()
+        bridge_port = free_port()
+        bridge = Mosquitto(work, "bridge", bridge_port, f"""connection cloud
+address 127.0.0.1:{cloud.port}
+topic capteurs/# out 1
+cleansession false
+""").start()
+        report["outage_mosquitto_bridge"] = outage(work, "bridge", lambda: bridge_port, cloud,
+                                                   a.rate, a.outage_secs)
+        bridge.stop()
+        cloud.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report["settings"] = vars(a)
+    print(json.dumps(report, indent=2))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
