@@ -220,6 +220,10 @@ pub struct BufferConfig {
     /// `full`: fsync each group commit (survives power cuts); `normal`:
     /// survives a crash of the gateway, not of the machine.
     pub sync: SyncMode,
+    /// Keep messages in memory while the cloud is reachable (SD card wear).
+    pub memory_first: bool,
+    /// Memory-first: beyond this many unacknowledged messages, write to disk.
+    pub memory_max_messages: usize,
 }
 
 impl Default for BufferConfig {
@@ -229,6 +233,8 @@ impl Default for BufferConfig {
             max_age_secs: 0,
             when_full: WhenFull::DropOldest,
             sync: SyncMode::Full,
+            memory_first: false,
+            memory_max_messages: 10_000,
         }
     }
 }
@@ -464,6 +470,13 @@ impl GatewayConfig {
         let b = &self.buffer;
         if b.max_bytes < 1024 {
             bad("buffer", "max_bytes", "must be at least 1024".into());
+        }
+        if b.memory_max_messages == 0 || b.memory_max_messages > 10_000_000 {
+            bad(
+                "buffer",
+                "memory_max_messages",
+                "must be between 1 and 10000000".into(),
+            );
         }
         for (i, r) in u.rules.iter().enumerate() {
             let table = format!("upstream.rules[{i}]");

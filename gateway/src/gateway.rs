@@ -115,6 +115,7 @@ pub fn buffer_settings(cfg: &GatewayConfig) -> BufferSettings {
         max_age: (b.max_age_secs > 0).then(|| Duration::from_secs(b.max_age_secs)),
         when_full: b.when_full,
         sync: b.sync,
+        memory_first: b.memory_first.then_some(b.memory_max_messages),
     }
 }
 

@@ -561,3 +561,58 @@ async fn tls_upstream_with_a_test_ca_and_a_wrong_ca_refused_clearly() {
     );
     g.stop().await;
 }
+
+#[tokio::test]
+async fn memory_first_writes_nothing_while_the_cloud_is_up_and_everything_when_it_is_down() {
+    let mut cloud = Mosquitto::start().await;
+    let port = cloud.addr.port();
+    let mut sub = RawClient::connect(cloud.addr, &ConnectOpts::new("cloud-sub")).await;
+    sub.subscribe("capteurs/#", QoS::AtLeastOnce).await;
+    sub.subscribe("ops/gateways/+/status", QoS::AtLeastOnce)
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = format!("{}[buffer]\nmemory_first = true\n", upstream(&[port], ""));
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let m = sub.receive().await;
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..]),
+        ("ops/gateways/capteurs/status", &b"online"[..])
+    );
+    let mut local = RawClient::connect(g.addr, &ConnectOpts::new("sensor")).await;
+    publish_all(&mut local, "capteurs/m", numbered(0..300)).await;
+    let (got, _) = collect(&mut sub, 300).await;
+    assert_eq!(got, numbered(0..300));
+    buffer_empty(&g).await;
+    let stats = g.buffer().stats().clone();
+    assert_eq!(
+        BufferStats::get(&stats.disk_writes),
+        0,
+        "the SD card was spared"
+    );
+    assert_eq!(BufferStats::get(&stats.forwarded), 300);
+    // The cloud goes away: every message accepted from now on is on disk.
+    sub.disconnect().await;
+    cloud.kill();
+    eventually("the gateway to see the link down", || {
+        !g.upstream()
+            .connected
+            .load(std::sync::atomic::Ordering::Relaxed)
+    })
+    .await;
+    publish_all(&mut local, "capteurs/m", numbered(300..400)).await;
+    eventually("100 messages written to disk", || {
+        BufferStats::get(&stats.disk_writes) == 100
+    })
+    .await;
+    assert_eq!(BufferStats::get(&stats.in_memory), 0);
+    local.disconnect().await;
+    g.stop().await;
+    // The cloud returns, then the gateway: the backlog drains, in order.
+    let cloud = Mosquitto::start_on(port, "").await;
+    let mut sub = RawClient::connect(cloud.addr, &ConnectOpts::new("cloud-sub2")).await;
+    sub.subscribe("capteurs/#", QoS::AtLeastOnce).await;
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let (got, _) = collect(&mut sub, 100).await;
+    assert_eq!(got, numbered(300..400));
+    g.stop().await;
+}

@@ -13,7 +13,7 @@
 //! restarts (kept in the database even when the buffer is empty): the
 //! upstream can send them along so consumers drop duplicates.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -70,6 +70,10 @@ pub struct BufferSettings {
     pub max_age: Option<Duration>,
     pub when_full: WhenFull,
     pub sync: SyncMode,
+    /// Memory-first mode: while the cloud is reachable, keep up to this many
+    /// new messages in memory only (a crash loses them); `None`: every
+    /// message goes to disk.
+    pub memory_first: Option<usize>,
 }
 
 /// Counters, readable at any time (stats message, logs, tests).
@@ -89,6 +93,10 @@ pub struct BufferStats {
     pub write_errors: AtomicU64,
     /// Times a broken database file was moved aside and a fresh one started.
     pub recovered: AtomicU64,
+    /// Messages written to the database file (appends and memory spills).
+    pub disk_writes: AtomicU64,
+    /// Messages held in memory only now (memory-first mode).
+    pub in_memory: AtomicU64,
 }
 
 impl BufferStats {
@@ -115,6 +123,9 @@ enum Cmd {
         reply: oneshot::Sender<Vec<Row>>,
     },
     Oldest(oneshot::Sender<Option<i64>>),
+    /// The upstream link is up (memory-first mode keeps new rows in
+    /// memory) or down (they go to disk, and so does what memory holds).
+    Online(bool),
 }
 
 /// A handle on the buffer; clones share it.
@@ -165,6 +176,8 @@ impl Buffer {
             stats: stats.clone(),
             settled: settled_tx,
             waiting: VecDeque::new(),
+            mem: BTreeMap::new(),
+            online: false,
             last_expiry: Instant::now(),
             next_seq,
             highest: next_seq - 1,
@@ -239,6 +252,12 @@ impl Buffer {
             .map_err(|_| BufferError::Stopped)?;
         }
         rx.await.map_err(|_| BufferError::Stopped)
+    }
+
+    /// Tells the buffer whether the cloud is reachable (memory-first mode).
+    pub fn set_online(&self, online: bool) {
+        let g = self.inner.tx.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = g.1.send(Cmd::Online(online));
     }
 
     /// Receive time (ms since the epoch) of the oldest stored message.
@@ -402,6 +421,10 @@ struct Writer {
     settled: watch::Sender<u64>,
     /// Appends held while the buffer is full under `block`.
     waiting: VecDeque<Row>,
+    /// Memory-first mode: rows accepted but not on disk. Always newer than
+    /// every row on disk (anything that goes to disk spills these first).
+    mem: BTreeMap<u64, Row>,
+    online: bool,
     last_expiry: Instant,
     next_seq: u64,
     /// Highest sequence number applied (stored, dropped or held).
@@ -428,7 +451,15 @@ impl Writer {
                     Ok(c) => Some(c),
                     Err(mpsc::RecvTimeoutError::Timeout) => None,
                     Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        // Shutting down: what memory holds goes to disk.
+                        self.online = false;
+                        if self.waiting.is_empty() && self.mem.is_empty() {
+                            return;
+                        }
                         if self.waiting.is_empty() {
+                            if let Err(e) = self.apply(&mut Batch::default()) {
+                                error!(error = %e, messages = self.mem.len(), "cannot save the in-memory messages at shutdown: they are lost");
+                            }
                             return;
                         }
                         None
@@ -459,6 +490,7 @@ impl Writer {
                         reply,
                     } => batch.fetches.push((after, limit, reply)),
                     Cmd::Oldest(reply) => batch.oldest.push(reply),
+                    Cmd::Online(online) => self.online = online,
                 }
             }
             match self.apply(&mut batch) {
@@ -503,15 +535,71 @@ impl Writer {
     /// One transaction; on failure nothing changed (appends held by
     /// `block` are held again).
     fn apply(&mut self, batch: &mut Batch) -> Result<(), BufferError> {
+        let spill = self.memory_step(batch);
         let held = self.waiting.clone();
-        let r = self.apply_inner(batch);
+        let r = self.apply_inner(batch, &spill);
         if r.is_err() {
             self.waiting = held;
+            // Nothing was written: the spilled rows are in memory again.
+            self.mem.extend(spill.into_iter().map(|r| (r.seq, r)));
+        } else if !spill.is_empty() {
+            info!(
+                messages = spill.len(),
+                online = self.online,
+                "in-memory messages written to disk"
+            );
         }
+        self.stats
+            .in_memory
+            .store(self.mem.len() as u64, Ordering::Relaxed);
         r
     }
 
-    fn apply_inner(&mut self, batch: &mut Batch) -> Result<(), BufferError> {
+    /// Memory-first mode: acknowledgements of rows held in memory never
+    /// touch the disk, and new rows stay in memory while the cloud is
+    /// reachable, nothing is held by `block` and the thresholds allow.
+    /// Otherwise everything in memory is returned, to be written to disk
+    /// before the new rows (the file stays in sequence order).
+    fn memory_step(&mut self, batch: &mut Batch) -> Vec<Row> {
+        let Some(limit) = self.settings.memory_first else {
+            return Vec::new();
+        };
+        let s = &self.stats;
+        let (mut depth, mut bytes) = (BufferStats::get(&s.depth), BufferStats::get(&s.bytes));
+        let (mut forwarded, mut appended) = (0u64, 0u64);
+        batch.acks.retain(|seq| match self.mem.remove(seq) {
+            Some(row) => {
+                depth -= 1;
+                bytes -= row.size();
+                forwarded += 1;
+                false
+            }
+            None => true,
+        });
+        let incoming: u64 = batch.appends.iter().map(|(r, _)| r.size()).sum();
+        let keep = self.online
+            && self.waiting.is_empty()
+            && self.mem.len() + batch.appends.len() <= limit
+            && bytes + incoming <= self.settings.max_bytes;
+        let mut spill = Vec::new();
+        if keep {
+            for (row, _) in batch.appends.drain(..) {
+                depth += 1;
+                bytes += row.size();
+                appended += 1;
+                self.mem.insert(row.seq, row);
+            }
+        } else if !self.mem.is_empty() {
+            spill = std::mem::take(&mut self.mem).into_values().collect();
+        }
+        s.depth.store(depth, Ordering::Relaxed);
+        s.bytes.store(bytes, Ordering::Relaxed);
+        s.forwarded.fetch_add(forwarded, Ordering::Relaxed);
+        s.appended.fetch_add(appended, Ordering::Relaxed);
+        spill
+    }
+
+    fn apply_inner(&mut self, batch: &mut Batch, spill: &[Row]) -> Result<(), BufferError> {
         let path = self.db.path.clone();
         let err = |source| BufferError::Sqlite {
             path: path.clone(),
@@ -525,7 +613,7 @@ impl Writer {
         // Only appends need the fsync: a delete lost in a power cut costs a
         // duplicate, not a message. Ack-only commits skip it (WAL keeps
         // them ordered; the next fsync makes them durable too).
-        let durable = !batch.appends.is_empty() || !self.waiting.is_empty();
+        let durable = !batch.appends.is_empty() || !spill.is_empty() || !self.waiting.is_empty();
         let want = if durable {
             self.settings.sync
         } else {
@@ -547,7 +635,7 @@ impl Writer {
         let mut bytes = BufferStats::get(&self.stats.bytes);
         let (mut forwarded, mut dropped_old, mut dropped_new, mut dropped_q0, mut expired) =
             (0u64, 0u64, 0u64, 0u64, 0u64);
-        let mut appended = 0u64;
+        let (mut appended, mut disk_writes) = (0u64, 0u64);
         {
             let mut del = tx
                 .prepare_cached(
@@ -598,6 +686,19 @@ impl Writer {
             let mut del_oldest = tx
                 .prepare_cached("DELETE FROM outbox WHERE seq = ?1")
                 .map_err(err)?;
+            // Spilled rows are counted in depth and bytes already.
+            for row in spill {
+                ins.execute(params![
+                    row.seq,
+                    row.topic,
+                    &row.payload[..],
+                    row.qos,
+                    row.retain,
+                    row.ts_ms
+                ])
+                .map_err(err)?;
+                disk_writes += 1;
+            }
             // Held appends first (they are older), then the new ones.
             let mut incoming: VecDeque<(Row, bool)> =
                 self.waiting.drain(..).map(|r| (r, true)).collect();
@@ -670,6 +771,7 @@ impl Writer {
                 depth += 1;
                 bytes += size;
                 appended += 1;
+                disk_writes += 1;
             }
             if batch.highest >= self.next_seq {
                 self.next_seq = batch.highest + 1;
@@ -689,6 +791,7 @@ impl Writer {
         s.depth.store(depth, Ordering::Relaxed);
         s.bytes.store(bytes, Ordering::Relaxed);
         s.appended.fetch_add(appended, Ordering::Relaxed);
+        s.disk_writes.fetch_add(disk_writes, Ordering::Relaxed);
         s.forwarded.fetch_add(forwarded, Ordering::Relaxed);
         s.dropped_oldest.fetch_add(dropped_old, Ordering::Relaxed);
         s.dropped_newest.fetch_add(dropped_new, Ordering::Relaxed);
@@ -727,7 +830,8 @@ impl Writer {
                 })
                 .optional()
                 .ok()
-                .flatten();
+                .flatten()
+                .or_else(|| self.mem.values().next().map(|r| r.ts_ms));
             let _ = reply.send(ts);
         }
     }
@@ -754,6 +858,16 @@ impl Writer {
             .map_err(|e| self.db.err(e))?
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.db.err(e))?;
+        // Rows in memory are newer than every row on disk.
+        let mut rows = rows;
+        let after = rows.last().map_or(after, |r| r.seq);
+        let room = limit - rows.len();
+        rows.extend(
+            self.mem
+                .range(after + 1..)
+                .take(room)
+                .map(|(_, r)| r.clone()),
+        );
         Ok(rows)
     }
 
@@ -773,8 +887,11 @@ impl Writer {
             Ok((db, next)) => {
                 self.db = db;
                 self.next_seq = self.next_seq.max(next);
-                self.stats.depth.store(0, Ordering::Relaxed);
-                self.stats.bytes.store(0, Ordering::Relaxed);
+                let in_memory = self.mem.values().map(Row::size).sum();
+                self.stats
+                    .depth
+                    .store(self.mem.len() as u64, Ordering::Relaxed);
+                self.stats.bytes.store(in_memory, Ordering::Relaxed);
                 self.stats.recovered.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => error!(error = %e, "cannot start a fresh buffer database"),
@@ -798,7 +915,98 @@ mod tests {
             max_age: None,
             when_full,
             sync: SyncMode::Normal,
+            memory_first: None,
         }
+    }
+
+    /// Rows on disk, read with a second connection (not through the buffer).
+    fn on_disk(dir: &Path) -> Vec<u64> {
+        let c = Connection::open(dir.join("buffer.sqlite")).unwrap();
+        let mut st = c.prepare("SELECT seq FROM outbox ORDER BY seq").unwrap();
+        st.query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    async fn disk_writes(b: &Buffer, want: u64) {
+        let s = b.stats().clone();
+        for _ in 0..500 {
+            if BufferStats::get(&s.disk_writes) == want {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("disk_writes {} != {want}", BufferStats::get(&s.disk_writes));
+    }
+
+    #[tokio::test]
+    async fn memory_first_stays_off_disk_online_and_spills_offline_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = settings(dir.path(), 1 << 20, WhenFull::DropOldest);
+        cfg.memory_first = Some(100);
+        // Offline at start: rows go to disk.
+        let b = Buffer::open(cfg.clone()).unwrap();
+        append(&b, "t", "disk-1");
+        settled(&b, 1).await;
+        assert_eq!(on_disk(dir.path()), [1]);
+        // Online: new rows stay in memory, after the ones on disk.
+        b.set_online(true);
+        for i in 2..=10 {
+            append(&b, "t", &format!("{i}"));
+        }
+        settled(&b, 10).await;
+        assert_eq!(BufferStats::get(&b.stats().in_memory), 9);
+        assert_eq!(BufferStats::get(&b.stats().depth), 10);
+        assert_eq!(BufferStats::get(&b.stats().disk_writes), 1);
+        let seqs = |rows: Vec<Row>| rows.iter().map(|r| r.seq).collect::<Vec<_>>();
+        assert_eq!(
+            seqs(b.fetch(0, 100).await.unwrap()),
+            (1..=10).collect::<Vec<_>>()
+        );
+        assert_eq!(seqs(b.fetch(0, 3).await.unwrap()), [1, 2, 3]);
+        assert_eq!(seqs(b.fetch(3, 2).await.unwrap()), [4, 5]);
+        for seq in 1..=5 {
+            b.ack(seq);
+        }
+        append(&b, "t", "11");
+        settled(&b, 11).await;
+        assert_eq!(BufferStats::get(&b.stats().forwarded), 5);
+        assert_eq!(on_disk(dir.path()), Vec::<u64>::new());
+        assert_eq!(BufferStats::get(&b.stats().disk_writes), 1);
+        // The link drops: memory goes to disk.
+        b.set_online(false);
+        disk_writes(&b, 7).await;
+        assert_eq!(on_disk(dir.path()), [6, 7, 8, 9, 10, 11]);
+        assert_eq!(BufferStats::get(&b.stats().in_memory), 0);
+        b.close();
+        let b = Buffer::open(cfg).unwrap();
+        assert_eq!(append(&b, "t", "12"), 12);
+    }
+
+    #[tokio::test]
+    async fn memory_first_spills_past_its_threshold_and_at_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = settings(dir.path(), 1 << 20, WhenFull::DropOldest);
+        cfg.memory_first = Some(4);
+        let b = Buffer::open(cfg.clone()).unwrap();
+        b.set_online(true);
+        for i in 1..=3 {
+            append(&b, "t", &format!("{i}"));
+            settled(&b, i).await;
+        }
+        assert_eq!(BufferStats::get(&b.stats().disk_writes), 0);
+        for i in 4..=6 {
+            append(&b, "t", &format!("{i}"));
+            settled(&b, i).await;
+        }
+        // The fifth unacknowledged row passed the threshold: all went to disk.
+        assert!(BufferStats::get(&b.stats().disk_writes) >= 5);
+        append(&b, "t", "7");
+        settled(&b, 7).await;
+        // A clean stop writes what memory holds.
+        b.close();
+        assert_eq!(on_disk(dir.path()), (1..=7).collect::<Vec<_>>());
     }
 
     fn append(b: &Buffer, topic: &str, payload: &str) -> u64 {

@@ -300,6 +300,7 @@ impl Forwarder {
                 End::Shutdown => return,
                 End::Lost { error, connected } => {
                     self.stats.connected.store(false, Ordering::Relaxed);
+                    self.buffer.set_online(false);
                     *self
                         .stats
                         .last_error
@@ -387,6 +388,7 @@ impl Forwarder {
             Ok(Ok(present)) => present,
         };
         self.stats.connected.store(true, Ordering::Relaxed);
+        self.buffer.set_online(true);
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
         info!(server = %server, session_present, client_id = %s.client_id, "connected upstream");
 
@@ -553,6 +555,8 @@ impl Forwarder {
                 "messages": get(&b.depth),
                 "bytes": get(&b.bytes),
                 "oldest_age_ms": oldest.map(|t| (now_ms() - t).max(0)),
+                "in_memory": get(&b.in_memory),
+                "disk_writes": get(&b.disk_writes),
             },
             "dropped": {
                 "oldest": get(&b.dropped_oldest),
