@@ -616,3 +616,112 @@ async fn memory_first_writes_nothing_while_the_cloud_is_up_and_everything_when_i
     assert_eq!(got, numbered(300..400));
     g.stop().await;
 }
+
+/// A small tmpfs, so the disk really fills up; unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(at: &std::path::Path, size: &str) -> SmallDisk {
+        std::fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output()
+            .expect("mount runs");
+        assert!(
+            out.status.success(),
+            "this test needs root to mount a small tmpfs (tests/run.sh runs as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk(at.to_owned())
+    }
+
+    fn grow(&self, size: &str) {
+        let ok = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(&self.0)
+            .status()
+            .expect("mount runs")
+            .success();
+        assert!(ok, "remount {}", self.0.display());
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn disk_full_holds_publishers_and_loses_nothing_once_there_is_room() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = SmallDisk::mount(&dir.path().join("disk"), "256k");
+    let port = free_port();
+    // Right after TestGateway's own `[broker]` lines: only the buffer
+    // writes to the small disk.
+    let cfg = format!("persistence = false\n{}", upstream(&[port], ""));
+    let mut g = TestGateway::start(&disk.0, &cfg).await;
+    let mut c = RawClient::connect(g.addr, &ConnectOpts::new("sensor")).await;
+    let payload = "v".repeat(1000);
+    // The cloud is down: publish until a PUBACK does not come (disk full).
+    let mut sent = Vec::new();
+    let held_id = loop {
+        assert!(sent.len() < 5000, "256 KiB never filled up");
+        let body = format!("{:05}-{payload}", sent.len());
+        let id = c.next_packet_id();
+        c.send(publish_packet(
+            "capteurs/full",
+            body.as_bytes(),
+            QoS::AtLeastOnce,
+            false,
+            Some(id),
+            false,
+        ))
+        .await;
+        sent.push(body);
+        match c.recv_within(Duration::from_secs(2)).await {
+            Ok(Some(Packet::PublishAck { packet_id })) if packet_id == id => {}
+            Err(_) => break id,
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    let stats = g.buffer().stats().clone();
+    eventually("write errors counted", || {
+        BufferStats::get(&stats.write_errors) > 0
+    })
+    .await;
+    // The gateway keeps serving local clients meanwhile.
+    let mut other = RawClient::connect(g.addr, &ConnectOpts::new("local")).await;
+    other.subscribe("local/#", QoS::AtMostOnce).await;
+    other
+        .publish("local/x", b"still here", QoS::AtMostOnce, false)
+        .await;
+    assert_eq!(other.receive().await.payload, b"still here");
+    // Room again: the held PUBACK comes, later messages are stored too.
+    disk.grow("64m");
+    assert!(matches!(
+        c.recv_within(WAIT).await,
+        Ok(Some(Packet::PublishAck { packet_id })) if packet_id == held_id
+    ));
+    for i in 0..10 {
+        let body = format!("after-{i}");
+        c.publish("capteurs/full", body.as_bytes(), QoS::AtLeastOnce, false)
+            .await;
+        sent.push(body);
+    }
+    c.disconnect().await;
+    g.stop().await;
+    // Everything reaches the cloud, in order.
+    let cloud = Mosquitto::start_on(port, "").await;
+    let mut sub = RawClient::connect(cloud.addr, &ConnectOpts::new("cloud-sub")).await;
+    sub.subscribe("capteurs/#", QoS::AtLeastOnce).await;
+    let mut g = TestGateway::start(&disk.0, &cfg).await;
+    let (got, _) = collect(&mut sub, sent.len()).await;
+    assert_eq!(got, sent);
+    assert_eq!(g.buffer().stats().dropped(), 0);
+    g.stop().await;
+}

@@ -90,6 +90,9 @@ pub struct BufferStats {
     /// QoS 0 messages refused while the buffer was full under `block`.
     pub dropped_blocked_qos0: AtomicU64,
     pub expired: AtomicU64,
+    /// QoS 0 messages dropped while the file could not be written (disk
+    /// full): past MAX_PENDING_QOS0 waiting, the newest.
+    pub dropped_unwritable: AtomicU64,
     pub write_errors: AtomicU64,
     /// Times a broken database file was moved aside and a fresh one started.
     pub recovered: AtomicU64,
@@ -108,6 +111,7 @@ impl BufferStats {
             + Self::get(&self.dropped_newest)
             + Self::get(&self.dropped_blocked_qos0)
             + Self::get(&self.expired)
+            + Self::get(&self.dropped_unwritable)
     }
 }
 
@@ -157,12 +161,20 @@ impl Buffer {
         let stats = Arc::new(BufferStats::default());
         let (db, next_seq) = match Db::open(&settings) {
             Ok(x) => x,
-            Err(e) => {
-                error!(error = %e, "buffer database unreadable; moving it aside and starting a fresh one");
-                move_aside(&settings.path);
+            // Only a broken file is moved aside; a full disk or a
+            // permission problem is reported as it is, the file untouched.
+            Err(e) if is_corrupt(&e) => {
+                error!(error = %e, "buffer database corrupted; keeping it aside and starting a fresh one");
+                let aside = move_aside(&settings.path);
                 stats.recovered.fetch_add(1, Ordering::Relaxed);
-                Db::open(&settings)?
+                let (mut db, next) = Db::open(&settings)?;
+                let next = match aside {
+                    Some(aside) => next.max(salvage(&aside, &mut db)),
+                    None => next,
+                };
+                (db, next)
             }
+            Err(e) => return Err(e),
         };
         let (depth, bytes) = db.depth()?;
         stats.depth.store(depth, Ordering::Relaxed);
@@ -304,19 +316,30 @@ fn ms(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-/// Renames a broken database (and its WAL and shared-memory files) aside.
-fn move_aside(path: &Path) {
-    let stamp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+/// Renames a broken database (and its WAL and shared-memory files) aside,
+/// never over an earlier one; returns the new name of the database file.
+fn move_aside(path: &Path) -> Option<PathBuf> {
+    let stamp = ms(SystemTime::now());
+    let mut n = 0;
+    let name = |n: u32| match n {
+        0 => format!("{}.broken-{stamp}", path.display()),
+        n => format!("{}.broken-{stamp}-{n}", path.display()),
+    };
+    while Path::new(&name(n)).exists() {
+        n += 1;
+    }
+    let base = name(n);
+    let mut moved = None;
     for suffix in ["", "-wal", "-shm"] {
         let from = PathBuf::from(format!("{}{suffix}", path.display()));
         if from.exists() {
-            let to = PathBuf::from(format!("{}.broken-{stamp}{suffix}", path.display()));
+            let to = PathBuf::from(format!("{base}{suffix}"));
             match std::fs::rename(&from, &to) {
                 Ok(()) => {
-                    error!(from = %from.display(), to = %to.display(), "broken buffer file kept aside")
+                    error!(from = %from.display(), to = %to.display(), "broken buffer file kept aside");
+                    if suffix.is_empty() {
+                        moved = Some(to);
+                    }
                 }
                 Err(e) => {
                     error!(file = %from.display(), error = %e, "cannot move the broken buffer file aside")
@@ -324,6 +347,87 @@ fn move_aside(path: &Path) {
             }
         }
     }
+    moved
+}
+
+/// Copies every row still readable in a broken buffer file into `db`:
+/// from the start up to the first unreadable page, then from the end back
+/// to it. Returns the next sequence number the broken file implies, so
+/// numbers never go back.
+fn salvage(broken: &Path, db: &mut Db) -> u64 {
+    let Ok(old) = Connection::open(broken) else {
+        return 1;
+    };
+    let read = |order: &str, rows: &mut Vec<Row>, stop_at: u64| {
+        let sql = format!(
+            "SELECT seq, topic, payload, qos, retain, ts_ms FROM outbox ORDER BY seq {order}"
+        );
+        let Ok(mut st) = old.prepare(&sql) else {
+            return;
+        };
+        let Ok(mut it) = st.query([]) else { return };
+        while let Ok(Some(r)) = it.next() {
+            let row = (|| {
+                Ok::<_, rusqlite::Error>(Row {
+                    seq: r.get(0)?,
+                    topic: r.get(1)?,
+                    payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                    qos: r.get(3)?,
+                    retain: r.get(4)?,
+                    ts_ms: r.get(5)?,
+                })
+            })();
+            match row {
+                Ok(row) if row.seq > stop_at => rows.push(row),
+                _ => return,
+            }
+        }
+    };
+    let mut head = Vec::new();
+    read("ASC", &mut head, 0);
+    let mut tail = Vec::new();
+    read("DESC", &mut tail, head.last().map_or(0, |r| r.seq));
+    tail.reverse();
+    let saved: u64 = old
+        .query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
+            r.get(0)
+        })
+        .unwrap_or(1);
+    let rows: Vec<Row> = head.into_iter().chain(tail).collect();
+    let next = rows.last().map_or(1, |r| r.seq + 1).max(saved);
+    let stored = (|| {
+        let tx = db.conn.transaction()?;
+        {
+            let mut ins = tx.prepare(
+                "INSERT OR IGNORE INTO outbox (seq, topic, payload, qos, retain, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for r in &rows {
+                ins.execute(params![
+                    r.seq,
+                    r.topic,
+                    &r.payload[..],
+                    r.qos,
+                    r.retain,
+                    r.ts_ms
+                ])?;
+            }
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('next_seq', ?1)
+                 ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
+                params![next],
+            )?;
+        }
+        tx.commit()
+    })();
+    match stored {
+        Ok(()) => error!(
+            salvaged = rows.len(),
+            from = %broken.display(),
+            "rows still readable in the broken buffer file copied to the fresh one; any others stay in the kept file"
+        ),
+        Err(e) => error!(error = %e, "cannot copy rows out of the broken buffer file"),
+    }
+    next
 }
 
 struct Db {
@@ -414,6 +518,9 @@ impl Db {
     }
 }
 
+/// QoS 0 messages kept in memory at most while the file cannot be written.
+const MAX_PENDING_QOS0: usize = 10_000;
+
 struct Writer {
     db: Db,
     settings: BufferSettings,
@@ -501,7 +608,8 @@ impl Writer {
                 }
                 Err(e) => {
                     self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                    error!(error = %e, pending = batch.appends.len(), "buffer write failed; retrying (publishers wait, nothing is dropped)");
+                    error!(error = %e, pending = batch.appends.len(), "buffer write failed (disk full?); retrying every 500 ms, QoS 1/2 publishers wait for their PUBACK");
+                    self.bound_pending_qos0(&mut batch);
                     if is_corrupt(&e) {
                         self.recover();
                     }
@@ -517,6 +625,32 @@ impl Writer {
                     std::thread::sleep(Duration::from_millis(500));
                 }
             }
+        }
+    }
+
+    /// While writes fail, QoS 1/2 appends are bounded by their publishers
+    /// (each waits for its PUBACK); QoS 0 ones are not, so past
+    /// MAX_PENDING_QOS0 the newest are dropped and counted.
+    fn bound_pending_qos0(&mut self, batch: &mut Batch) {
+        let mut qos0 = 0usize;
+        let before = batch.appends.len();
+        batch.appends.retain(|(_, publisher_waits)| {
+            if *publisher_waits {
+                return true;
+            }
+            qos0 += 1;
+            qos0 <= MAX_PENDING_QOS0
+        });
+        let dropped = (before - batch.appends.len()) as u64;
+        if dropped > 0 {
+            self.stats
+                .dropped_unwritable
+                .fetch_add(dropped, Ordering::Relaxed);
+            warn!(
+                dropped,
+                kept = MAX_PENDING_QOS0,
+                "buffer unwritable: newest QoS 0 messages dropped"
+            );
         }
     }
 
@@ -815,10 +949,19 @@ impl Writer {
 
     fn answer(&mut self, batch: Batch) {
         for (after, limit, reply) in batch.fetches {
-            let rows = self.read(after, limit).unwrap_or_else(|e| {
-                error!(error = %e, "buffer read failed");
-                Vec::new()
-            });
+            let rows = match self.read(after, limit) {
+                Ok(rows) => rows,
+                // A page went bad under us: keep the file aside, go on
+                // with what can be read out of it.
+                Err(e) if is_corrupt(&e) => {
+                    self.recover();
+                    self.read(after, limit).unwrap_or_default()
+                }
+                Err(e) => {
+                    error!(error = %e, "buffer read failed");
+                    Vec::new()
+                }
+            };
             let _ = reply.send(rows);
         }
         for reply in batch.oldest {
@@ -882,16 +1025,21 @@ impl Writer {
             Err(_) => return,
         };
         drop(std::mem::replace(&mut self.db.conn, dead));
-        move_aside(&self.settings.path);
+        let aside = move_aside(&self.settings.path);
         match Db::open(&self.settings) {
-            Ok((db, next)) => {
+            Ok((mut db, next)) => {
+                let next = match aside {
+                    Some(aside) => next.max(salvage(&aside, &mut db)),
+                    None => next,
+                };
+                let (depth, bytes) = db.depth().unwrap_or((0, 0));
                 self.db = db;
                 self.next_seq = self.next_seq.max(next);
-                let in_memory = self.mem.values().map(Row::size).sum();
+                let in_memory: u64 = self.mem.values().map(Row::size).sum();
                 self.stats
                     .depth
-                    .store(self.mem.len() as u64, Ordering::Relaxed);
-                self.stats.bytes.store(in_memory, Ordering::Relaxed);
+                    .store(depth + self.mem.len() as u64, Ordering::Relaxed);
+                self.stats.bytes.store(bytes + in_memory, Ordering::Relaxed);
                 self.stats.recovered.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => error!(error = %e, "cannot start a fresh buffer database"),
@@ -1136,5 +1284,50 @@ mod tests {
             })
             .count();
         assert_eq!(kept, 1);
+    }
+
+    #[tokio::test]
+    async fn a_corrupted_page_keeps_the_file_aside_and_salvages_what_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = settings(dir.path(), 1 << 30, WhenFull::DropOldest);
+        let b = Buffer::open(cfg.clone()).unwrap();
+        let payload = "x".repeat(200);
+        for _ in 0..2000 {
+            append(&b, "capteurs/t", &payload);
+        }
+        settled(&b, 2000).await;
+        b.close();
+        // Garbage over one page in the middle of the table.
+        let path = dir.path().join("buffer.sqlite");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let pages = bytes.len() / 4096;
+        let at = pages / 2 * 4096;
+        for (i, byte) in bytes[at..at + 4096].iter_mut().enumerate() {
+            *byte = (i * 7 + 13) as u8;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        let b = Buffer::open(cfg).unwrap();
+        assert_eq!(BufferStats::get(&b.stats().recovered), 1);
+        let depth = BufferStats::get(&b.stats().depth);
+        assert!(
+            depth > 1500 && depth < 2000,
+            "salvaged {depth} of 2000 (one page holds ~18 rows)"
+        );
+        let rows = b.fetch(0, 5000).await.unwrap();
+        assert_eq!(rows.len() as u64, depth);
+        assert_eq!(rows.first().map(|r| r.seq), Some(1));
+        assert_eq!(rows.last().map(|r| r.seq), Some(2000));
+        assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq));
+        assert_eq!(
+            append(&b, "t", "next"),
+            2001,
+            "sequence numbers never go back"
+        );
+        let kept = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".broken-"))
+            .count();
+        assert_eq!(kept, 1, "the broken file is kept for inspection");
     }
 }

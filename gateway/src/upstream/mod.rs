@@ -563,8 +563,10 @@ impl Forwarder {
                 "newest": get(&b.dropped_newest),
                 "qos0_blocked": get(&b.dropped_blocked_qos0),
                 "expired": get(&b.expired),
+                "unwritable": get(&b.dropped_unwritable),
             },
             "forwarded": get(&b.forwarded),
+            "write_errors": get(&b.write_errors),
             "received": self.stats.received.load(Ordering::Relaxed),
             "connects": self.stats.connects.load(Ordering::Relaxed),
         })
