@@ -169,7 +169,7 @@ impl Default for UpstreamConfig {
             stats_interval_secs: 60,
             reconnect_min_ms: 500,
             reconnect_max_ms: 60_000,
-            max_inflight: 100,
+            max_inflight: 20,
             max_rate: 0,
             envelope: false,
             rules: vec![UpstreamRule::default()],

@@ -148,6 +148,40 @@ async fn failover_to_the_next_server_loses_nothing() {
 }
 
 #[tokio::test]
+async fn qos2_rule_forwards_in_order_through_an_outage() {
+    let mut cloud = Mosquitto::start_on(free_port(), "persistence false").await;
+    let port = cloud.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    // Default window (20): mosquitto drops QoS 2 messages beyond its own
+    // max_inflight_messages (20) after acknowledging them.
+    let cfg = upstream(&[port], "")
+        + "[[upstream.rules]]\npattern = \"capteurs/#\"\ndirection = \"out\"\nqos = 2\n";
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut sub = RawClient::connect(cloud.addr, &ConnectOpts::new("cloud-sub")).await;
+    sub.subscribe("capteurs/#", QoS::AtLeastOnce).await;
+    let mut local = RawClient::connect(g.addr, &ConnectOpts::new("sensor")).await;
+    publish_all(&mut local, "capteurs/q2", numbered(0..200)).await;
+    let (got, dups) = collect(&mut sub, 200).await;
+    assert_eq!(got, numbered(0..200));
+    assert_eq!(dups, 0);
+    // Rows go only on PUBCOMP: none left once the cloud completed them.
+    buffer_empty(&g).await;
+    assert_eq!(BufferStats::get(&g.buffer().stats().forwarded), 200);
+    cloud.kill();
+    publish_all(&mut local, "capteurs/q2", numbered(200..400)).await;
+    local.disconnect().await;
+    g.stop().await;
+    cloud.restart().await;
+    let mut sub = RawClient::connect(cloud.addr, &ConnectOpts::new("cloud-sub")).await;
+    sub.subscribe("capteurs/#", QoS::AtLeastOnce).await;
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let (got, _) = collect(&mut sub, 200).await;
+    assert_eq!(got, numbered(200..400));
+    buffer_empty(&g).await;
+    g.stop().await;
+}
+
+#[tokio::test]
 async fn session_present_0_after_the_cloud_lost_our_session_loses_nothing() {
     // Without persistence, a restarted mosquitto has forgotten the
     // gateway's persistent session: CONNACK session-present = 0.
