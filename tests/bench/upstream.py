@@ -17,7 +17,10 @@ mosquitto and release builds of capteurs-gateway and capteurs-sim.
    gateway and (b) mosquitto bridged to the cloud mosquitto
    (`topic capteurs/# out 1`, cleansession false, defaults otherwise); the
    cloud is stopped for --outage-secs in the middle. A persistent cloud
-   subscriber counts the distinct messages that arrive.
+   subscriber counts the distinct messages that arrive; the cloud has
+   `max_queued_messages 0` (no limit) so that the counting subscriber,
+   slower than a drain, never has messages dropped on its way: what is
+   counted lost was lost before the cloud.
 """
 import argparse
 import json
@@ -316,7 +319,7 @@ def main():
         shutil.rmtree(gw.data)
         # 3. Outage: ours vs a mosquitto bridge.
         cloud = Mosquitto(work, "cloud2", free_port(),
-                          f"persistence true\npersistence_location {work}/\n").start()
+                          f"persistence true\npersistence_location {work}/\nmax_queued_messages 0\n").start()
         gw = Gateway(work, cloud.port, "").start()
         report["outage_capteurs"] = outage(work, "gw", lambda: gw.port, cloud, a.rate, a.outage_secs)
         gw.stop()
