@@ -60,6 +60,30 @@ impl Row {
     fn size(&self) -> u64 {
         (self.topic.len() + self.payload.len()) as u64
     }
+
+    /// From `SELECT seq, topic, payload, qos, retain, ts_ms`.
+    fn from_sql(r: &rusqlite::Row) -> rusqlite::Result<Row> {
+        Ok(Row {
+            seq: r.get(0)?,
+            topic: r.get(1)?,
+            payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+            qos: r.get(3)?,
+            retain: r.get(4)?,
+            ts_ms: r.get(5)?,
+        })
+    }
+
+    /// Through `INSERT INTO outbox (seq, topic, payload, qos, retain, ts_ms)`.
+    fn insert(&self, st: &mut rusqlite::Statement) -> rusqlite::Result<usize> {
+        st.execute(params![
+            self.seq,
+            self.topic,
+            &self.payload[..],
+            self.qos,
+            self.retain,
+            self.ts_ms
+        ])
+    }
 }
 
 /// Limits and durability.
@@ -367,16 +391,7 @@ fn salvage(broken: &Path, db: &mut Db) -> u64 {
         };
         let Ok(mut it) = st.query([]) else { return };
         while let Ok(Some(r)) = it.next() {
-            let row = (|| {
-                Ok::<_, rusqlite::Error>(Row {
-                    seq: r.get(0)?,
-                    topic: r.get(1)?,
-                    payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
-                    qos: r.get(3)?,
-                    retain: r.get(4)?,
-                    ts_ms: r.get(5)?,
-                })
-            })();
+            let row = Row::from_sql(r);
             match row {
                 Ok(row) if row.seq > stop_at => rows.push(row),
                 _ => return,
@@ -402,14 +417,7 @@ fn salvage(broken: &Path, db: &mut Db) -> u64 {
                 "INSERT OR IGNORE INTO outbox (seq, topic, payload, qos, retain, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )?;
             for r in &rows {
-                ins.execute(params![
-                    r.seq,
-                    r.topic,
-                    &r.payload[..],
-                    r.qos,
-                    r.retain,
-                    r.ts_ms
-                ])?;
+                r.insert(&mut ins)?;
             }
             tx.execute(
                 "INSERT INTO meta (key, value) VALUES ('next_seq', ?1)
@@ -822,15 +830,7 @@ impl Writer {
                 .map_err(err)?;
             // Spilled rows are counted in depth and bytes already.
             for row in spill {
-                ins.execute(params![
-                    row.seq,
-                    row.topic,
-                    &row.payload[..],
-                    row.qos,
-                    row.retain,
-                    row.ts_ms
-                ])
-                .map_err(err)?;
+                row.insert(&mut ins).map_err(err)?;
                 disk_writes += 1;
             }
             // Held appends first (they are older), then the new ones.
@@ -893,15 +893,7 @@ impl Writer {
                         }
                     }
                 }
-                ins.execute(params![
-                    row.seq,
-                    row.topic,
-                    &row.payload[..],
-                    row.qos,
-                    row.retain,
-                    row.ts_ms
-                ])
-                .map_err(err)?;
+                row.insert(&mut ins).map_err(err)?;
                 depth += 1;
                 bytes += size;
                 appended += 1;
@@ -988,16 +980,7 @@ impl Writer {
             )
             .map_err(|e| self.db.err(e))?;
         let rows = st
-            .query_map(params![after, limit as i64], |r| {
-                Ok(Row {
-                    seq: r.get(0)?,
-                    topic: r.get(1)?,
-                    payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
-                    qos: r.get(3)?,
-                    retain: r.get(4)?,
-                    ts_ms: r.get(5)?,
-                })
-            })
+            .query_map(params![after, limit as i64], Row::from_sql)
             .map_err(|e| self.db.err(e))?
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| self.db.err(e))?;
