@@ -38,6 +38,10 @@ pub struct GatewayConfig {
     pub broker: BrokerConfig,
     pub upstream: UpstreamConfig,
     pub buffer: BufferConfig,
+    pub sources: SourcesConfig,
+    pub sensors: Vec<SensorConfig>,
+    pub serial: Vec<SerialConfig>,
+    pub ble: BleConfig,
     pub log: LogConfig,
     /// Directory the file was read from: relative paths inside it are
     /// resolved against it. Not a key.
@@ -52,6 +56,10 @@ impl Default for GatewayConfig {
             broker: BrokerConfig::default(),
             upstream: UpstreamConfig::default(),
             buffer: BufferConfig::default(),
+            sources: SourcesConfig::default(),
+            sensors: Vec::new(),
+            serial: Vec::new(),
+            ble: BleConfig::default(),
             log: LogConfig::default(),
             base_dir: PathBuf::from("."),
         }
@@ -239,6 +247,169 @@ impl Default for BufferConfig {
     }
 }
 
+/// How sensor readings become topics and payloads, for every source.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SourcesConfig {
+    /// `{grandeur}`, `{pays}`, `{ville}`, `{rue}`, `{id}` are replaced.
+    pub topic_template: String,
+    /// `<status_prefix>/<sensor id>`: `online` / `silent`.
+    pub status_prefix: String,
+    /// `<discovery_prefix>/<serial|ble>/<id>`: unknown devices, once each.
+    pub discovery_prefix: String,
+    /// Physical bounds per quantity, over the built-in ones.
+    pub bounds: std::collections::BTreeMap<String, [f64; 2]>,
+    /// One log line per port and cause at most this often (the others are
+    /// counted).
+    pub log_interval_secs: u64,
+    /// `$SYS/capteurs/sources` (counters as JSON) is refreshed this often.
+    pub stats_interval_secs: u64,
+}
+
+impl Default for SourcesConfig {
+    fn default() -> Self {
+        SourcesConfig {
+            topic_template: "capteurs/{grandeur}/{pays}/{ville}/{rue}".into(),
+            status_prefix: "capteurs/status".into(),
+            discovery_prefix: "capteurs/discovery".into(),
+            bounds: Default::default(),
+            log_interval_secs: 10,
+            stats_interval_secs: 10,
+        }
+    }
+}
+
+/// One sensor of the registry (`[[sensors]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SensorConfig {
+    pub id: String,
+    /// `serial:<port path>` or `ble:<MAC>`.
+    pub source: String,
+    pub pays: String,
+    pub ville: String,
+    pub rue: String,
+    #[serde(default = "default_grandeurs")]
+    pub grandeurs: Vec<String>,
+    #[serde(default)]
+    pub payload: SensorPayload,
+    #[serde(default)]
+    pub qos: u8,
+    #[serde(default = "yes")]
+    pub retain: bool,
+    #[serde(default)]
+    pub min_interval_ms: u64,
+    #[serde(default)]
+    pub change_threshold: f64,
+    #[serde(default)]
+    pub silence_timeout_secs: u64,
+    /// BTHome bindkey (32 hex digits) for encrypted adverts.
+    pub key: Option<String>,
+}
+
+fn default_grandeurs() -> Vec<String> {
+    vec!["temperature".into()]
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SensorPayload {
+    #[default]
+    Plain,
+    Json,
+}
+
+/// One serial port (`[[serial]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialConfig {
+    pub port: PathBuf,
+    #[serde(default = "default_baud")]
+    pub baud: u32,
+    #[serde(default = "default_data_bits")]
+    pub data_bits: u8,
+    #[serde(default)]
+    pub parity: Parity,
+    #[serde(default = "default_stop_bits")]
+    pub stop_bits: u8,
+    #[serde(default)]
+    pub line_ending: LineEnding,
+    #[serde(default = "default_format")]
+    pub format: crate::sources::serial::lines::LineFormat,
+    #[serde(default = "default_checksum")]
+    pub checksum: crate::sources::serial::lines::Checksum,
+    /// For lines without an id (`plain`): whose readings they are.
+    pub sensor: Option<String>,
+    /// For `plain` lines: which quantity (default: the sensor's first).
+    pub grandeur: Option<String>,
+    #[serde(default = "default_max_line")]
+    pub max_line_bytes: usize,
+    #[serde(default = "default_reopen_min")]
+    pub reopen_min_ms: u64,
+    #[serde(default = "default_reopen_max")]
+    pub reopen_max_ms: u64,
+}
+
+fn default_baud() -> u32 {
+    115_200
+}
+fn default_data_bits() -> u8 {
+    8
+}
+fn default_stop_bits() -> u8 {
+    1
+}
+fn default_format() -> crate::sources::serial::lines::LineFormat {
+    crate::sources::serial::lines::LineFormat::Plain
+}
+fn default_checksum() -> crate::sources::serial::lines::Checksum {
+    crate::sources::serial::lines::Checksum::None
+}
+fn default_max_line() -> usize {
+    1024
+}
+fn default_reopen_min() -> u64 {
+    500
+}
+fn default_reopen_max() -> u64 {
+    30_000
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Parity {
+    #[default]
+    None,
+    Even,
+    Odd,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LineEnding {
+    #[default]
+    Lf,
+    Crlf,
+    Cr,
+}
+
+/// BLE sensors (`[ble]`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BleConfig {
+    /// Passive scanning through BlueZ (a build with the `ble` feature).
+    pub scan: bool,
+    /// BlueZ adapter name; unset: the default one.
+    pub adapter: Option<String>,
+    /// Recorded adverts, one per line (a file, FIFO or pty), read as if
+    /// they came from the radio.
+    pub replay: Option<PathBuf>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WhenFull {
@@ -383,7 +554,222 @@ impl GatewayConfig {
             );
         }
         self.validate_upstream(text, &mut problems);
+        self.validate_sources(text, &mut problems);
         problems
+    }
+
+    fn validate_sources(&self, text: &str, problems: &mut Vec<String>) {
+        use crate::sources::place::topic_level;
+        use crate::sources::registry::{render, SourceKey};
+        let at_line = |line: Option<usize>| line.map_or(String::new(), |l| format!("line {l}: "));
+        let mut bad = |table: &str, key: &str, what: String| {
+            problems.push(format!(
+                "{}{table}.{key}: {what}",
+                at_line(key_line(text, table, key))
+            ));
+        };
+        let src = &self.sources;
+        let topic_ok =
+            |t: &str| !t.is_empty() && !t.contains(['+', '#', '\0']) && !t.starts_with('$');
+        if !src.topic_template.contains("{grandeur}") {
+            bad(
+                "sources",
+                "topic_template",
+                "must contain {grandeur}".into(),
+            );
+        } else if !topic_ok(&render(&src.topic_template, "g", "p", "v", "r", "i"))
+            || src.topic_template.contains("//")
+        {
+            bad(
+                "sources",
+                "topic_template",
+                format!(
+                    "{:?} is not a valid topic once filled in",
+                    src.topic_template
+                ),
+            );
+        }
+        for (key, v) in [
+            ("status_prefix", &src.status_prefix),
+            ("discovery_prefix", &src.discovery_prefix),
+        ] {
+            if !topic_ok(v) || v.ends_with('/') {
+                bad("sources", key, format!("{v:?} is not a topic prefix"));
+            }
+        }
+        for (g, [lo, hi]) in &src.bounds {
+            if topic_level(g).as_deref() != Ok(g.as_str()) {
+                bad(
+                    "sources.bounds",
+                    g,
+                    "is not a quantity name (lower case, no accents)".into(),
+                );
+            } else if lo.partial_cmp(hi) != Some(std::cmp::Ordering::Less) {
+                bad(
+                    "sources.bounds",
+                    g,
+                    format!("[{lo}, {hi}]: the low bound must be below the high one"),
+                );
+            }
+        }
+        if src.log_interval_secs == 0 || src.stats_interval_secs == 0 {
+            let key = if src.log_interval_secs == 0 {
+                "log_interval_secs"
+            } else {
+                "stats_interval_secs"
+            };
+            bad("sources", key, "must be at least 1".into());
+        }
+        if self.ble.scan && !cfg!(feature = "ble") {
+            bad(
+                "ble",
+                "scan",
+                "this build has no BLE support (cargo feature `ble`); use [ble] replay or a package built with it".into(),
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut macs = std::collections::HashSet::new();
+        for (i, s) in self.sensors.iter().enumerate() {
+            let mut bad = |key: &str, what: String| {
+                problems.push(format!(
+                    "{}sensors[{i}].{key}: {what}",
+                    at_line(array_key_line(text, "sensors", i, key))
+                ));
+            };
+            for (key, v) in [
+                ("id", &s.id),
+                ("pays", &s.pays),
+                ("ville", &s.ville),
+                ("rue", &s.rue),
+            ] {
+                if let Err(e) = topic_level(v) {
+                    bad(key, format!("{v:?} {e}"));
+                }
+            }
+            if s.grandeurs.is_empty() {
+                bad("grandeurs", "must list at least one quantity".into());
+            }
+            for g in &s.grandeurs {
+                if let Err(e) = topic_level(g) {
+                    bad("grandeurs", format!("{g:?} {e}"));
+                }
+            }
+            if s.qos > 2 {
+                bad("qos", "must be 0, 1 or 2".into());
+            }
+            if s.change_threshold.is_nan() || s.change_threshold < 0.0 {
+                bad("change_threshold", "must be 0 or more".into());
+            }
+            if let Some(k) = &s.key {
+                let ok = crate::sources::ble::parse_hex(k).is_some_and(|b| b.len() == 16);
+                if !ok {
+                    bad(
+                        "key",
+                        "must be 32 hex digits (a 16-byte BTHome bindkey)".into(),
+                    );
+                }
+            }
+            match SourceKey::parse(&s.source) {
+                Err(e) => bad("source", e),
+                Ok(SourceKey::Serial(port)) => {
+                    if !self.serial.iter().any(|p| p.port == port) {
+                        bad(
+                            "source",
+                            format!(
+                                "no [[serial]] entry has port = {:?}",
+                                port.display().to_string()
+                            ),
+                        );
+                    }
+                    if !seen.insert((port, s.id.clone())) {
+                        bad("id", format!("{:?} is listed twice on this port", s.id));
+                    }
+                }
+                Ok(SourceKey::Ble(mac)) => {
+                    if !macs.insert(mac) {
+                        bad("source", "this BLE address is listed twice".into());
+                    }
+                    if !self.ble.scan && self.ble.replay.is_none() {
+                        bad(
+                            "source",
+                            "a BLE sensor, but [ble] has neither scan = true nor replay".into(),
+                        );
+                    }
+                }
+            }
+        }
+        let mut ports = std::collections::HashSet::new();
+        for (i, p) in self.serial.iter().enumerate() {
+            let mut bad = |key: &str, what: String| {
+                problems.push(format!(
+                    "{}serial[{i}].{key}: {what}",
+                    at_line(array_key_line(text, "serial", i, key))
+                ));
+            };
+            if !ports.insert(p.port.clone()) {
+                bad("port", "this port is listed twice".into());
+            }
+            if p.baud == 0 {
+                bad("baud", "must be above 0".into());
+            }
+            if !(5..=8).contains(&p.data_bits) {
+                bad("data_bits", "must be 5, 6, 7 or 8".into());
+            }
+            if !(1..=2).contains(&p.stop_bits) {
+                bad("stop_bits", "must be 1 or 2".into());
+            }
+            if !(16..=65536).contains(&p.max_line_bytes) {
+                bad("max_line_bytes", "must be between 16 and 65536".into());
+            }
+            if p.reopen_min_ms < 10 || p.reopen_max_ms < p.reopen_min_ms {
+                bad(
+                    "reopen_min_ms",
+                    "needs 10 <= reopen_min_ms <= reopen_max_ms".into(),
+                );
+            }
+            let here: Vec<&SensorConfig> = self
+                .sensors
+                .iter()
+                .filter(|s| {
+                    SourceKey::parse(&s.source).ok() == Some(SourceKey::Serial(p.port.clone()))
+                })
+                .collect();
+            let default = match &p.sensor {
+                Some(id) => {
+                    let found = here.iter().find(|s| &s.id == id).copied();
+                    if found.is_none() {
+                        bad(
+                            "sensor",
+                            format!(
+                                "no [[sensors]] entry {id:?} with source = \"serial:{}\"",
+                                p.port.display()
+                            ),
+                        );
+                    }
+                    found
+                }
+                None if here.len() == 1 => Some(here[0]),
+                None => None,
+            };
+            if p.format == crate::sources::serial::lines::LineFormat::Plain
+                && default.is_none()
+                && p.sensor.is_none()
+            {
+                bad(
+                    "sensor",
+                    format!("plain lines carry no id: say whose readings they are ({} sensors on this port)", here.len()),
+                );
+            }
+            if let (Some(g), Some(s)) = (&p.grandeur, default) {
+                if !s
+                    .grandeurs
+                    .iter()
+                    .any(|x| topic_level(x).ok() == topic_level(g).ok())
+                {
+                    bad("grandeur", format!("sensor {:?} does not list {g:?}", s.id));
+                }
+            }
+        }
     }
 
     fn validate_upstream(&self, text: &str, problems: &mut Vec<String>) {
@@ -626,6 +1012,55 @@ mod tests {
         assert!(
             problems[1].starts_with("line 4: broker.max_inflight"),
             "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn sensor_and_serial_errors_name_key_and_line() {
+        let text = "\
+[[serial]]
+port = \"/dev/ttyUSB0\"
+stop_bits = 3
+
+[[sensors]]
+id = \"cuisine\"
+source = \"serial:/dev/ttyUSB0\"
+pays = \"FR\"
+ville = \"Aubière/Nord\"
+rue = \"Rue de la Chebarde\"
+
+[[sensors]]
+id = \"balcon\"
+source = \"ble:A4:C1:38:02:83\"
+pays = \"FR\"
+ville = \"Aubière\"
+rue = \"Rue #2\"
+qos = 3
+";
+        let err = GatewayConfig::parse(text, "t.toml", Path::new("."))
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "line 3: serial[0].stop_bits",
+            "line 9: sensors[0].ville: \"Aubière/Nord\" contains '/'",
+            "line 14: sensors[1].source",
+            "line 17: sensors[1].rue",
+            "line 18: sensors[1].qos",
+        ] {
+            assert!(err.contains(want), "{want:?} not in\n{err}");
+        }
+        // A BLE sensor needs a BLE input; plain lines need to know whose.
+        let text = "[[serial]]\nport = \"/dev/ttyS0\"\n[[sensors]]\nid = \"b\"\nsource = \"ble:A4:C1:38:02:83:F4\"\npays = \"fr\"\nville = \"v\"\nrue = \"r\"\n";
+        let err = GatewayConfig::parse(text, "t.toml", Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("line 5: sensors[0].source: a BLE sensor, but [ble]"),
+            "{err}"
+        );
+        assert!(
+            err.contains("serial[0].sensor: plain lines carry no id"),
+            "{err}"
         );
     }
 }

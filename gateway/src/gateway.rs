@@ -12,9 +12,11 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::broker::auth::{AuthError, FileAuth};
+use crate::broker::Publisher;
 use crate::broker::{Broker, BrokerError, BrokerHandle, BrokerSettings};
 use crate::buffer::{Buffer, BufferError, BufferSettings};
 use crate::config::GatewayConfig;
+use crate::sources::{self, Registry, Sources, SourcesHandle, SourcesSettings};
 use crate::upstream::{self, Outlet, Rules, ServerUrl, UpstreamHandle, UpstreamSettings};
 
 #[derive(Debug, Error)]
@@ -29,6 +31,8 @@ pub enum Error {
     Buffer(#[from] BufferError),
     #[error("upstream: {0}")]
     Upstream(String),
+    #[error("sensors: {0}")]
+    Sources(String),
 }
 
 /// Broker settings from the configuration.
@@ -124,11 +128,15 @@ pub struct Gateway {
     pub broker: BrokerHandle,
     pub buffer: Option<Buffer>,
     pub upstream: Option<UpstreamHandle>,
+    pub sources: Option<SourcesHandle>,
 }
 
 impl Gateway {
-    /// Stops the stages in order: upstream, broker, buffer.
+    /// Stops the stages in order: sources, upstream, broker, buffer.
     pub async fn shutdown(self) {
+        if let Some(s) = self.sources {
+            s.shutdown().await;
+        }
         if let Some(u) = self.upstream {
             u.shutdown().await;
         }
@@ -145,10 +153,12 @@ pub async fn start(cfg: &GatewayConfig) -> Result<Gateway, Error> {
     let auth = Arc::new(authenticator(cfg)?);
     if !cfg.upstream.enabled {
         let broker = Broker::start(settings, auth).await?;
+        let sources = start_sources(cfg, broker.publisher())?;
         return Ok(Gateway {
             broker,
             buffer: None,
             upstream: None,
+            sources,
         });
     }
     let up = upstream_settings(cfg)?;
@@ -160,11 +170,73 @@ pub async fn start(cfg: &GatewayConfig) -> Result<Gateway, Error> {
     let outlet = Arc::new(Outlet::new(rules.clone(), buffer.clone()));
     let broker = Broker::start_with_outbox(settings, auth, Some(outlet)).await?;
     let upstream = upstream::start(up, rules, buffer.clone(), broker.publisher());
+    let sources = start_sources(cfg, broker.publisher())?;
     Ok(Gateway {
         broker,
         buffer: Some(buffer),
         upstream: Some(upstream),
+        sources,
     })
+}
+
+/// The serial ports and BLE inputs of the configuration, publishing through
+/// `publisher`; `None` when no sensor source is configured.
+pub fn start_sources(
+    cfg: &GatewayConfig,
+    publisher: Publisher,
+) -> Result<Option<SourcesHandle>, Error> {
+    if cfg.sensors.is_empty() && cfg.serial.is_empty() && cfg.ble.replay.is_none() && !cfg.ble.scan
+    {
+        return Ok(None);
+    }
+    let registry = Registry::new(&cfg.sources, &cfg.sensors).map_err(Error::Sources)?;
+    let mut ports = Vec::new();
+    for p in &cfg.serial {
+        let here = registry.on_port(&p.port);
+        let default_sensor = match &p.sensor {
+            Some(id) => registry.serial(&p.port, id),
+            None if here.len() == 1 => Some(here[0]),
+            None => None,
+        };
+        let default_grandeur = p.grandeur.clone().or_else(|| {
+            default_sensor.and_then(|i| {
+                registry.sensors[i]
+                    .quantities
+                    .first()
+                    .map(|q| q.grandeur.clone())
+            })
+        });
+        ports.push(sources::serial::PortSettings {
+            port: p.port.clone(),
+            path: cfg.resolve(&p.port),
+            baud: p.baud,
+            data_bits: p.data_bits,
+            parity: p.parity,
+            stop_bits: p.stop_bits,
+            line_ending: p.line_ending,
+            format: p.format,
+            checksum: p.checksum,
+            default_sensor,
+            default_grandeur,
+            max_line_bytes: p.max_line_bytes,
+            reopen_min: Duration::from_millis(p.reopen_min_ms),
+            reopen_max: Duration::from_millis(p.reopen_max_ms),
+        });
+    }
+    let settings = SourcesSettings {
+        serial: ports,
+        ble_replay: cfg.ble.replay.as_ref().map(|p| cfg.resolve(p)),
+        ble_scan: cfg.ble.scan.then(|| sources::ble::ScanSettings {
+            adapter: cfg.ble.adapter.clone(),
+        }),
+        stats_interval: Duration::from_secs(cfg.sources.stats_interval_secs),
+    };
+    let s = Sources::new(
+        registry,
+        publisher,
+        Duration::from_secs(cfg.sources.log_interval_secs),
+    );
+    Ok(Some(sources::start(settings, s)))
 }
 
 /// Runs the gateway until `shutdown` resolves, then stops cleanly.

@@ -21,6 +21,9 @@ pub enum Origin {
     Broker,
     /// The cloud broker, through an `in` upstream rule (never sent back out).
     Upstream,
+    /// A serial or BLE sensor of the registry (its id), or an unknown
+    /// device's discovery report.
+    Sensor(ByteString),
 }
 
 /// A message: topic, payload and the publish flags, plus where and when it

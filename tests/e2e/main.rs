@@ -5,4 +5,5 @@ mod broker;
 mod course;
 mod interop;
 mod persistence;
+mod sensors;
 mod upstream;

@@ -1,0 +1,349 @@
+//! The sensor registry (`[[sensors]]`): which device is which sensor, where
+//! it is (its topic), what it measures, and how its messages look.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::ble::{format_mac, parse_hex, parse_mac};
+use super::place::topic_level;
+pub use crate::config::SensorPayload as Payload;
+use crate::config::{SensorConfig, SourcesConfig};
+
+/// Where a sensor's readings come from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum SourceKey {
+    Serial(PathBuf),
+    Ble([u8; 6]),
+}
+
+impl SourceKey {
+    /// `serial:/dev/ttyUSB0` or `ble:A4:C1:38:02:83:F4`.
+    pub fn parse(s: &str) -> Result<SourceKey, String> {
+        if let Some(port) = s.strip_prefix("serial:") {
+            if port.is_empty() {
+                return Err("serial: needs a port path".into());
+            }
+            return Ok(SourceKey::Serial(PathBuf::from(port)));
+        }
+        if let Some(mac) = s.strip_prefix("ble:") {
+            return parse_mac(&mac.to_ascii_uppercase())
+                .map(SourceKey::Ble)
+                .ok_or_else(|| format!("{mac:?} is not a MAC address (AA:BB:CC:DD:EE:FF)"));
+        }
+        Err(format!("{s:?}: expected serial:<port> or ble:<MAC>"))
+    }
+}
+
+impl fmt::Display for SourceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SourceKey::Serial(p) => write!(f, "serial:{}", p.display()),
+            SourceKey::Ble(mac) => write!(f, "ble:{}", format_mac(mac)),
+        }
+    }
+}
+
+/// One quantity of a sensor and the topic it is published on.
+#[derive(Debug)]
+pub struct Quantity {
+    pub grandeur: String,
+    pub topic: String,
+}
+
+#[derive(Debug)]
+pub struct Sensor {
+    pub id: String,
+    pub source: SourceKey,
+    pub quantities: Vec<Quantity>,
+    pub payload: Payload,
+    pub qos: u8,
+    pub retain: bool,
+    pub min_interval: Duration,
+    pub change_threshold: f64,
+    pub silence_timeout: Option<Duration>,
+    pub key: Option<[u8; 16]>,
+    pub state: Mutex<SensorState>,
+}
+
+#[derive(Debug)]
+pub struct SensorState {
+    /// Last published value and when, per grandeur.
+    pub last: HashMap<String, (f64, Instant)>,
+    pub last_frame: Option<u32>,
+    pub last_seen: Instant,
+    pub silent: bool,
+}
+
+impl Sensor {
+    pub fn quantity(&self, grandeur: &str) -> Option<&Quantity> {
+        self.quantities.iter().find(|q| q.grandeur == grandeur)
+    }
+}
+
+pub struct Registry {
+    pub sensors: Vec<Sensor>,
+    pub status_prefix: String,
+    pub discovery_prefix: String,
+    bounds: HashMap<String, (f64, f64)>,
+    by_source: HashMap<(SourceKey, String), usize>,
+    by_mac: HashMap<[u8; 6], usize>,
+}
+
+/// Physical bounds of the built-in quantities (°C, %, hPa, %, V).
+const BOUNDS: &[(&str, f64, f64)] = &[
+    ("temperature", -80.0, 150.0),
+    ("humidite", 0.0, 100.0),
+    ("pression", 300.0, 1100.0),
+    ("batterie", 0.0, 100.0),
+    ("tension", 0.0, 60.0),
+];
+
+/// The unit of a quantity, for JSON payloads.
+pub fn unit(grandeur: &str) -> &'static str {
+    match grandeur {
+        "temperature" | "point_de_rosee" => "°C",
+        "humidite" | "batterie" | "humidite_sol" => "%",
+        "pression" => "hPa",
+        "tension" => "V",
+        "co2" => "ppm",
+        "luminosite" => "lx",
+        "pm25" | "pm10" => "µg/m³",
+        _ => "",
+    }
+}
+
+/// A sensor id as one topic level (ids are checked at config time; this
+/// never fails on a checked id).
+pub fn id_level(id: &str) -> String {
+    topic_level(id).unwrap_or_else(|_| {
+        id.chars()
+            .map(|c| {
+                if matches!(c, '/' | '+' | '#') || c.is_control() {
+                    '_'
+                } else {
+                    c
+                }
+            })
+            .collect()
+    })
+}
+
+/// Renders the topic template; every part must already be a topic level.
+pub fn render(
+    template: &str,
+    grandeur: &str,
+    pays: &str,
+    ville: &str,
+    rue: &str,
+    id: &str,
+) -> String {
+    template
+        .replace("{grandeur}", grandeur)
+        .replace("{pays}", pays)
+        .replace("{ville}", ville)
+        .replace("{rue}", rue)
+        .replace("{id}", id)
+}
+
+impl Registry {
+    /// Builds the registry; errors name the sensor and key (the config
+    /// check reports them with their line first).
+    pub fn new(cfg: &SourcesConfig, sensors: &[SensorConfig]) -> Result<Registry, String> {
+        let mut bounds: HashMap<String, (f64, f64)> = BOUNDS
+            .iter()
+            .map(|(g, lo, hi)| (g.to_string(), (*lo, *hi)))
+            .collect();
+        for (g, [lo, hi]) in &cfg.bounds {
+            bounds.insert(g.clone(), (*lo, *hi));
+        }
+        let mut reg = Registry {
+            sensors: Vec::new(),
+            status_prefix: cfg.status_prefix.clone(),
+            discovery_prefix: cfg.discovery_prefix.clone(),
+            bounds,
+            by_source: HashMap::new(),
+            by_mac: HashMap::new(),
+        };
+        let now = Instant::now();
+        for (i, s) in sensors.iter().enumerate() {
+            let at = |key: &str, e: String| format!("sensors[{i}].{key}: {e}");
+            let source = SourceKey::parse(&s.source).map_err(|e| at("source", e))?;
+            let level =
+                |key: &str, v: &str| topic_level(v).map_err(|e| at(key, format!("{v:?} {e}")));
+            let (pays, ville, rue) = (
+                level("pays", &s.pays)?,
+                level("ville", &s.ville)?,
+                level("rue", &s.rue)?,
+            );
+            let id = level("id", &s.id)?;
+            let mut quantities = Vec::new();
+            for g in &s.grandeurs {
+                let g = level("grandeurs", g)?;
+                let topic = render(&cfg.topic_template, &g, &pays, &ville, &rue, &id);
+                quantities.push(Quantity { grandeur: g, topic });
+            }
+            let key = match &s.key {
+                None => None,
+                Some(k) => Some(
+                    parse_hex(k)
+                        .and_then(|b| <[u8; 16]>::try_from(b).ok())
+                        .ok_or_else(|| {
+                            at(
+                                "key",
+                                "must be 32 hex digits (a 16-byte BTHome bindkey)".into(),
+                            )
+                        })?,
+                ),
+            };
+            let index = reg.sensors.len();
+            if reg
+                .by_source
+                .insert((source.clone(), s.id.clone()), index)
+                .is_some()
+            {
+                return Err(at("id", format!("{:?} is listed twice on {source}", s.id)));
+            }
+            if let SourceKey::Ble(mac) = source {
+                if reg.by_mac.insert(mac, index).is_some() {
+                    return Err(at("source", format!("{source} is listed twice")));
+                }
+            }
+            reg.sensors.push(Sensor {
+                id: s.id.clone(),
+                source,
+                quantities,
+                payload: s.payload,
+                qos: s.qos,
+                retain: s.retain,
+                min_interval: Duration::from_millis(s.min_interval_ms),
+                change_threshold: s.change_threshold,
+                silence_timeout: (s.silence_timeout_secs > 0)
+                    .then(|| Duration::from_secs(s.silence_timeout_secs)),
+                key,
+                state: Mutex::new(SensorState {
+                    last: HashMap::new(),
+                    last_frame: None,
+                    last_seen: now,
+                    silent: false,
+                }),
+            });
+        }
+        Ok(reg)
+    }
+
+    /// The sensor `id` on serial `port`.
+    pub fn serial(&self, port: &std::path::Path, id: &str) -> Option<usize> {
+        self.by_source
+            .get(&(SourceKey::Serial(port.to_owned()), id.to_owned()))
+            .copied()
+    }
+
+    /// The sensors on serial `port`.
+    pub fn on_port(&self, port: &std::path::Path) -> Vec<usize> {
+        let key = SourceKey::Serial(port.to_owned());
+        (0..self.sensors.len())
+            .filter(|&i| self.sensors[i].source == key)
+            .collect()
+    }
+
+    pub fn ble(&self, mac: &[u8; 6]) -> Option<usize> {
+        self.by_mac.get(mac).copied()
+    }
+
+    pub fn bounds(&self, grandeur: &str) -> Option<(f64, f64)> {
+        self.bounds.get(grandeur).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sensor(id: &str, source: &str) -> SensorConfig {
+        SensorConfig {
+            id: id.into(),
+            source: source.into(),
+            pays: "FR".into(),
+            ville: "Aubière".into(),
+            rue: "Rue de la Chebarde".into(),
+            grandeurs: vec!["temperature".into(), "humidité".into()],
+            payload: Payload::Plain,
+            qos: 0,
+            retain: true,
+            min_interval_ms: 0,
+            change_threshold: 0.0,
+            silence_timeout_secs: 0,
+            key: None,
+        }
+    }
+
+    #[test]
+    fn topics_follow_the_course_tree() {
+        let r = Registry::new(
+            &SourcesConfig::default(),
+            &[
+                sensor("cuisine", "serial:/dev/ttyUSB0"),
+                sensor("balcon", "ble:a4:c1:38:02:83:f4"),
+            ],
+        )
+        .unwrap();
+        let s = &r.sensors[0];
+        assert_eq!(
+            s.quantities[0].topic,
+            "capteurs/temperature/fr/aubiere/rue_de_la_chebarde"
+        );
+        assert_eq!(
+            s.quantities[1].topic,
+            "capteurs/humidite/fr/aubiere/rue_de_la_chebarde"
+        );
+        assert_eq!(
+            r.serial(std::path::Path::new("/dev/ttyUSB0"), "cuisine"),
+            Some(0)
+        );
+        assert_eq!(
+            r.serial(std::path::Path::new("/dev/ttyUSB1"), "cuisine"),
+            None
+        );
+        assert_eq!(r.ble(&[0xA4, 0xC1, 0x38, 0x02, 0x83, 0xF4]), Some(1));
+        assert_eq!(r.sensors[1].source.to_string(), "ble:A4:C1:38:02:83:F4");
+        let cfg = SourcesConfig {
+            topic_template: "maison/{rue}/{id}/{grandeur}".into(),
+            ..SourcesConfig::default()
+        };
+        let r = Registry::new(&cfg, &[sensor("Cuisine", "serial:/dev/ttyUSB0")]).unwrap();
+        assert_eq!(
+            r.sensors[0].quantities[0].topic,
+            "maison/rue_de_la_chebarde/cuisine/temperature"
+        );
+    }
+
+    #[test]
+    fn bad_entries_name_the_sensor_and_key() {
+        let mut s = sensor("x", "serial:/dev/ttyUSB0");
+        s.ville = "Aubière/Nord".into();
+        let e = Registry::new(&SourcesConfig::default(), &[s])
+            .err()
+            .unwrap();
+        assert!(e.starts_with("sensors[0].ville:"), "{e}");
+        let e = Registry::new(&SourcesConfig::default(), &[sensor("x", "usb:0")])
+            .err()
+            .unwrap();
+        assert!(e.starts_with("sensors[0].source:"), "{e}");
+        let mut s = sensor("x", "ble:A4:C1:38:02:83:F4");
+        s.key = Some("abcd".into());
+        let e = Registry::new(&SourcesConfig::default(), &[s])
+            .err()
+            .unwrap();
+        assert!(e.starts_with("sensors[0].key:"), "{e}");
+        let e = Registry::new(
+            &SourcesConfig::default(),
+            &[sensor("x", "serial:/a"), sensor("x", "serial:/a")],
+        )
+        .err()
+        .unwrap();
+        assert!(e.starts_with("sensors[1].id:"), "{e}");
+    }
+}
