@@ -2,6 +2,7 @@
 //! serial lines, and the benchmark load generator.
 
 mod bench;
+mod ble;
 mod course;
 mod fleet;
 mod mqtt;
@@ -32,6 +33,9 @@ enum Command {
     Fleet(fleet::FleetArgs),
     /// The same readings as lines on a serial port or a pseudo-terminal
     Serial(serial::SerialArgs),
+    /// The same readings as BLE adverts (BTHome, ATC1441, pvvx, Ruuvi,
+    /// Govee) in the gateway's replay format, on stdout, a file or a pty
+    Ble(ble::BleArgs),
     /// MQTT load generator: publishers × subscribers × QoS × payload × rate;
     /// reports publish and delivery rates, lost and duplicated messages and
     /// publish→deliver latency (run it against ours and mosquitto alike).
@@ -43,6 +47,7 @@ fn main() -> ExitCode {
         Command::Course(args) => course::run(args),
         Command::Fleet(args) => fleet::run(args),
         Command::Serial(args) => serial::run(args),
+        Command::Ble(args) => ble::run(args),
         Command::Bench(args) => bench::run(args),
     };
     match result {

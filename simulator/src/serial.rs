@@ -220,7 +220,7 @@ fn corrupted(kind: Corruption, line: &str, rng: &mut ChaCha8Rng) -> Vec<u8> {
 
 /// Opens a pseudo-terminal in raw mode; returns (master, slave, slave path).
 /// The slave stays open here so the pty survives readers coming and going.
-fn open_pty() -> anyhow::Result<(OwnedFd, OwnedFd, PathBuf)> {
+pub(crate) fn open_pty() -> anyhow::Result<(OwnedFd, OwnedFd, PathBuf)> {
     let mut master = -1;
     let mut slave = -1;
     let mut name = [0 as libc::c_char; 128];
@@ -281,7 +281,7 @@ fn set_raw(fd: i32, baud: Option<u32>) -> anyhow::Result<()> {
 }
 
 /// Sets `flag` when `sig` arrives (a plain handler storing to a static).
-fn signal_hook_flag(sig: i32, flag: Arc<AtomicBool>) -> anyhow::Result<()> {
+pub(crate) fn signal_hook_flag(sig: i32, flag: Arc<AtomicBool>) -> anyhow::Result<()> {
     static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
     let _ = FLAG.set(flag);
     extern "C" fn on_signal(_: i32) {

@@ -142,6 +142,18 @@ impl RateLimitedLog {
     }
 }
 
+/// What identifies an advert among its repeats.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    /// The device's frame or packet counter.
+    Counter(u32),
+    /// The advert's data, for formats without a counter.
+    Bytes(Vec<u8>),
+}
+
+/// Identical counter-less adverts within this window are one frame.
+pub const REPEAT_WINDOW: Duration = Duration::from_secs(10);
+
 /// Where readings go: the registry's checks, the counters, the broker.
 pub struct Sources {
     pub registry: Registry,
@@ -285,19 +297,28 @@ impl Sources {
         self.publisher.publish(m);
     }
 
-    /// A frame counter the sensor already sent (BLE adverts repeat):
-    /// true if this frame is new.
-    pub fn new_frame(&self, index: usize, frame: Option<u32>) -> bool {
-        let Some(frame) = frame else { return true };
+    /// Whether this advert is new for the sensor: adverts are repeated
+    /// many times by the radio. A frame with a counter is a repeat when its
+    /// counter is the last one; a frame without (Govee) when its bytes are
+    /// the last ones and came less than [`REPEAT_WINDOW`] ago.
+    pub fn new_frame(&self, index: usize, frame: Frame) -> bool {
         let sensor = &self.registry.sensors[index];
         let mut st = sensor.state.lock().unwrap_or_else(|e| e.into_inner());
-        st.last_seen = Instant::now();
-        if st.last_frame == Some(frame) {
+        let now = Instant::now();
+        st.last_seen = now;
+        let repeat = match (&st.last_frame, &frame) {
+            (Some((Frame::Counter(a), _)), Frame::Counter(b)) => a == b,
+            (Some((Frame::Bytes(a), at)), Frame::Bytes(b)) => {
+                a == b && now.duration_since(*at) < REPEAT_WINDOW
+            }
+            _ => false,
+        };
+        if repeat {
             drop(st);
             SourceStats::add(&self.stats.collapsed);
             return false;
         }
-        st.last_frame = Some(frame);
+        st.last_frame = Some((frame, now));
         true
     }
 

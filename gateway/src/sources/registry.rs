@@ -72,7 +72,7 @@ pub struct Sensor {
 pub struct SensorState {
     /// Last published value and when, per grandeur.
     pub last: HashMap<String, (f64, Instant)>,
-    pub last_frame: Option<u32>,
+    pub last_frame: Option<(super::Frame, Instant)>,
     pub last_seen: Instant,
     pub silent: bool,
 }

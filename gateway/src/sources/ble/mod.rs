@@ -25,7 +25,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{Reading, SourceStats, Sources};
+use super::{Frame, Reading, SourceStats, Sources};
 
 /// One advertisement as received: who sent it, how loud, and the service
 /// and manufacturer data it carried.
@@ -274,7 +274,17 @@ pub fn advert(sources: &Sources, a: &Advert) {
         );
         return;
     };
-    if !sources.new_frame(index, d.counter) {
+    let frame = match d.counter {
+        Some(c) => Frame::Counter(c),
+        None => Frame::Bytes(
+            a.service_data
+                .iter()
+                .chain(&a.manufacturer_data)
+                .flat_map(|(id, d)| id.to_be_bytes().into_iter().chain(d.iter().copied()))
+                .collect(),
+        ),
+    };
+    if !sources.new_frame(index, frame) {
         return;
     }
     let at = SystemTime::now();
@@ -300,18 +310,24 @@ pub fn advert(sources: &Sources, a: &Advert) {
 
 /// Reads recorded adverts (one per line, [`Advert::parse`]) from a file,
 /// FIFO or pty. A regular file is read once; anything else is reopened
-/// when it ends, like a serial port.
+/// when it ends, like a serial port (every 200 ms while it is missing: a
+/// replay input is a test or a demo, not a radio to spare).
 pub async fn replay(path: PathBuf, sources: Arc<Sources>, shutdown: CancellationToken) {
     let name = path.display().to_string();
     let source = format!("ble-replay:{name}");
-    let mut delay = Duration::from_millis(200);
+    let delay = Duration::from_millis(200);
     loop {
-        match tokio::fs::File::open(&path).await {
+        // O_NOCTTY: a pty must never become the gateway's controlling terminal.
+        let opened = tokio::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(&path)
+            .await;
+        match opened {
             Ok(f) => {
                 sources.stats.port_opens.fetch_add(1, Ordering::Relaxed);
                 let regular = f.metadata().await.map(|m| m.is_file()).unwrap_or(false);
                 info!(path = %name, "BLE replay input open");
-                delay = Duration::from_millis(200);
                 let mut lines = tokio::io::BufReader::new(f).lines();
                 loop {
                     let line = tokio::select! {
@@ -346,7 +362,6 @@ pub async fn replay(path: PathBuf, sources: Arc<Sources>, shutdown: Cancellation
                 sources.log.log(&format!("{source}/open"), |suppressed| {
                     warn!(path = %name, error = %e, suppressed, "cannot open BLE replay input");
                 });
-                delay = (delay * 2).min(Duration::from_secs(30));
             }
         }
         tokio::select! {
