@@ -24,7 +24,17 @@ export CAPTEURS_PYTHON="$PWD/.venv/bin/python3"
 
 rustup target add wasm32-wasip2 >/dev/null 2>&1 || true
 
+# The `ble` feature (BlueZ through bluer) links libdbus: its headers are
+# needed to check that it still compiles.
+if ! pkg-config --exists dbus-1 2>/dev/null; then
+  echo "== installing libdbus-1-dev and pkg-config (BLE feature check)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libdbus-1-dev pkg-config >/dev/null
+fi
+
 echo "== building"
 cargo build --workspace --all-targets
+echo "== checking the BLE build (feature ble)"
+cargo check -p capteurs-gateway --features ble
 echo "== testing"
 cargo test --workspace --no-fail-fast
