@@ -275,3 +275,65 @@ async fn ble_adverts_decode_to_topics_and_duplicates_collapse() {
     assert_eq!(text(&m), ("capteurs/status/balcon", "silent"));
     g.stop().await;
 }
+
+#[tokio::test]
+async fn a_paho_subscriber_gets_every_reading_at_the_course_address() {
+    let mut pty = Pty::open();
+    let src = format!("serial:{}", pty.path.display());
+    let cfg = serial(&pty.path, "format = \"json\"")
+        + &sensor("cuisine", &src, "\"temperature\", \"humidite\"", "");
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    // paho-mqtt 1.6, the course's API, with the course's wildcard example.
+    let script = r#"
+import sys
+import paho.mqtt.client as mqtt
+seen = []
+def on_connect(c, u, f, rc):
+    c.subscribe("capteurs/+/fr/aubiere/rue_de_la_chebarde", qos=0)
+def on_subscribe(c, u, mid, q):
+    print("subscribed", flush=True)
+def on_message(c, u, msg):
+    print(msg.topic, msg.payload.decode(), flush=True)
+    seen.append(msg)
+    if len(seen) == 2:
+        c.disconnect()
+c = mqtt.Client()
+c.on_connect, c.on_subscribe, c.on_message = on_connect, on_subscribe, on_message
+c.connect("127.0.0.1", int(sys.argv[1]))
+c.loop_forever()
+"#;
+    let mut child = tokio::process::Command::new(python())
+        .args(["-u", "-c", script, &g.addr.port().to_string()])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    use tokio::io::AsyncBufReadExt;
+    tokio::time::timeout(WAIT, out.read_line(&mut line))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(line.trim(), "subscribed");
+    pty.write(b"{\"id\":\"cuisine\",\"temperature\":21.37,\"humidite\":40.5}\n");
+    let mut rest = String::new();
+    tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncReadExt::read_to_string(&mut out, &mut rest),
+    )
+    .await
+    .expect("paho got both readings and disconnected")
+    .unwrap();
+    let mut lines: Vec<&str> = rest.lines().collect();
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            "capteurs/humidite/fr/aubiere/rue_de_la_chebarde 40.5",
+            "capteurs/temperature/fr/aubiere/rue_de_la_chebarde 21.37"
+        ]
+    );
+    g.stop().await;
+}

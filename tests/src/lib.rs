@@ -748,3 +748,30 @@ impl Pty {
         self.master.write_all(bytes).expect("write to the pty");
     }
 }
+
+/// The interpreter with paho-mqtt 1.6: `$CAPTEURS_PYTHON`, which
+/// tests/run.sh sets to its `.venv`. Checked once; never skipped.
+pub fn python() -> &'static str {
+    static PYTHON: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PYTHON.get_or_init(|| {
+        let python = std::env::var("CAPTEURS_PYTHON").unwrap_or_else(|_| {
+            panic!(
+                "CAPTEURS_PYTHON is not set: run tests/run.sh, or set it to a Python \
+                 with paho-mqtt==1.6.1 (python3 -m venv .venv && \
+                 .venv/bin/pip install paho-mqtt==1.6.1)"
+            )
+        });
+        let out = std::process::Command::new(&python)
+            .args(["-c", "import paho.mqtt; print(paho.mqtt.__version__)"])
+            .output()
+            .unwrap_or_else(|e| panic!("CAPTEURS_PYTHON={python} does not run: {e}"));
+        let version = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(
+            out.status.success() && version.starts_with("1.6"),
+            "CAPTEURS_PYTHON={python} lacks paho-mqtt 1.6 (the course's API): \
+             version {version:?}, {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        python
+    })
+}
