@@ -407,23 +407,10 @@ fn fleet_scenario_errors_name_key_and_line() {
 
 /// Starts `capteurs-sim serial --pty ...`; returns the process and the pty.
 fn serial(args: &[&str]) -> (std::process::Child, std::fs::File) {
-    let mut child = std::process::Command::new(SIM)
-        .arg("serial")
-        .arg("--pty")
-        .arg("--quiet") // stderr: only the final counts
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let path = first
-        .trim()
-        .strip_prefix("pty: ")
-        .unwrap_or_else(|| panic!("first line {first:?}"));
+    // --quiet: stderr holds only the final counts.
+    let mut all = vec!["serial", "--quiet"];
+    all.extend_from_slice(args);
+    let (child, path) = sim_pty(&all);
     let tty = std::fs::File::open(path).unwrap();
     (child, tty)
 }

@@ -22,7 +22,6 @@ import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -30,23 +29,10 @@ import threading
 import time
 import tty
 
+import mqttlite
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GW = os.path.join(ROOT, "target/release/capteurs-gateway")
-
-
-def _enc_len(n):
-    out = bytearray()
-    while True:
-        b = n % 128
-        n //= 128
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _str(s):
-    b = s.encode()
-    return struct.pack(">H", len(b)) + b
 
 
 def rss_kib(pid):
@@ -65,13 +51,7 @@ def cpu_ticks(pid):
 
 class Subscriber:
     def __init__(self, port):
-        self.s = socket.create_connection(("127.0.0.1", port))
-        self.s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        body = _str("MQTT") + bytes([4, 0x02]) + struct.pack(">H", 60) + _str("bench-sub")
-        self.s.sendall(bytes([0x10]) + _enc_len(len(body)) + body)
-        assert self.s.recv(4)[:2] == b"\x20\x02"
-        body = struct.pack(">H", 1) + _str("capteurs/temperature/#") + b"\x00"
-        self.s.sendall(bytes([0x82]) + _enc_len(len(body)) + body)
+        self.s = mqttlite.subscribe(port, "bench-sub", "capteurs/temperature/#", 0)
         self.arrivals = []  # (time, topic, payload)
         self.stop = False
         self.ready = threading.Event()
@@ -89,27 +69,13 @@ class Subscriber:
             now = time.perf_counter()
             if not chunk:
                 return
-            buf += chunk
-            while len(buf) >= 2:
-                mult, n, i = 1, 0, 1
-                while True:
-                    if i >= len(buf):
-                        n = None
-                        break
-                    b = buf[i]
-                    n += (b & 127) * mult
-                    mult *= 128
-                    i += 1
-                    if not b & 128:
-                        break
-                if n is None or len(buf) < i + n:
-                    break
-                kind, pkt, buf = buf[0], buf[i:i + n], buf[i + n:]
+            pkts, buf = mqttlite.packets(buf + chunk)
+            for kind, body in pkts:
                 if kind >> 4 == 9:
                     self.ready.set()
                 elif kind >> 4 == 3:
-                    tlen = struct.unpack(">H", pkt[:2])[0]
-                    self.arrivals.append((now, pkt[2:2 + tlen], pkt[2 + tlen:]))
+                    topic, _, payload = mqttlite.publish_parts(kind, body)
+                    self.arrivals.append((now, topic, payload))
 
 
 def run(ports, rate, secs):

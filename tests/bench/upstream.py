@@ -29,12 +29,13 @@ import re
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+
+import mqttlite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GW = os.path.join(ROOT, "target/release/capteurs-gateway")
@@ -158,23 +159,6 @@ class StatsWatcher:
         self.proc.kill()
 
 
-# --- a minimal MQTT 3.1.1 subscriber (persistent session, QoS 1) ---------
-
-def _enc_len(n):
-    out = bytearray()
-    while True:
-        b = n % 128
-        n //= 128
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _str(s):
-    b = s.encode()
-    return struct.pack(">H", len(b)) + b
-
-
 class Counter:
     """Counts distinct payloads on a topic filter; reconnects with its
     persistent session whenever the broker goes away."""
@@ -188,13 +172,7 @@ class Counter:
         self.thread.start()
 
     def _session(self):
-        s = socket.create_connection(("127.0.0.1", self.port), timeout=2)
-        body = _str("MQTT") + bytes([4, 0x00]) + struct.pack(">H", 60) + _str(self.client_id)
-        s.sendall(bytes([0x10]) + _enc_len(len(body)) + body)
-        if s.recv(4)[:2] != b"\x20\x02":
-            raise OSError("no CONNACK")
-        body = struct.pack(">H", 1) + _str(self.topic) + b"\x01"
-        s.sendall(bytes([0x82]) + _enc_len(len(body)) + body)
+        s = mqttlite.subscribe(self.port, self.client_id, self.topic, 1, clean=False)
         s.settimeout(0.5)
         buf = b""
         while not self.stop:
@@ -204,34 +182,14 @@ class Counter:
                 continue
             if not chunk:
                 raise OSError("closed")
-            buf += chunk
-            while True:
-                if len(buf) < 2:
-                    break
-                mult, n, i = 1, 0, 1
-                while True:
-                    if i >= len(buf):
-                        n = None
-                        break
-                    b = buf[i]
-                    n += (b & 127) * mult
-                    mult *= 128
-                    i += 1
-                    if not b & 128:
-                        break
-                if n is None or len(buf) < i + n:
-                    break
-                kind, pkt, buf = buf[0], buf[i:i + n], buf[i + n:]
+            pkts, buf = mqttlite.packets(buf + chunk)
+            for kind, body in pkts:
                 if kind >> 4 == 3:
-                    tlen = struct.unpack(">H", pkt[:2])[0]
-                    pos = 2 + tlen
-                    qos = (kind >> 1) & 3
-                    if qos:
-                        pid = pkt[pos:pos + 2]
-                        pos += 2
+                    _, pid, payload = mqttlite.publish_parts(kind, body)
+                    if pid:
                         s.sendall(b"\x40\x02" + pid)
                     self.total += 1
-                    self.seen.add(pkt[pos:pos + 20])  # publisher + sequence number
+                    self.seen.add(payload[:20])  # publisher + sequence number
 
     def _run(self):
         while not self.stop:
