@@ -36,5 +36,8 @@ echo "== building"
 cargo build --workspace --all-targets
 echo "== checking the BLE build (feature ble)"
 cargo check -p capteurs-gateway --features ble
+echo "== example plugins (wasm32-wasip2) and their unit tests"
+cargo build --release --target wasm32-wasip2 --manifest-path plugins/Cargo.toml
+cargo test --manifest-path plugins/Cargo.toml
 echo "== testing"
 cargo test --workspace --no-fail-fast

@@ -42,6 +42,7 @@ pub struct GatewayConfig {
     pub sensors: Vec<SensorConfig>,
     pub serial: Vec<SerialConfig>,
     pub ble: BleConfig,
+    pub plugins: Vec<PluginConfig>,
     pub log: LogConfig,
     /// Directory the file was read from: relative paths inside it are
     /// resolved against it. Not a key.
@@ -60,6 +61,7 @@ impl Default for GatewayConfig {
             sensors: Vec::new(),
             serial: Vec::new(),
             ble: BleConfig::default(),
+            plugins: Vec::new(),
             log: LogConfig::default(),
             base_dir: PathBuf::from("."),
         }
@@ -102,6 +104,8 @@ pub struct BrokerConfig {
     pub sys_interval_secs: u64,
     pub persist_interval_ms: u64,
     pub persistence: bool,
+    /// Ask the built-in password file and ACL before the auth plugins.
+    pub builtin_auth_first: bool,
 }
 
 impl Default for BrokerConfig {
@@ -121,6 +125,7 @@ impl Default for BrokerConfig {
             sys_interval_secs: 10,
             persist_interval_ms: 1000,
             persistence: true,
+            builtin_auth_first: false,
         }
     }
 }
@@ -397,6 +402,86 @@ pub enum LineEnding {
     Cr,
 }
 
+/// One WebAssembly plugin (`[[plugins]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    pub name: String,
+    pub kind: PluginKind,
+    /// The component (`.wasm`, built for wasm32-wasip2).
+    pub path: PathBuf,
+    /// Transforms: the topic filters whose messages it gets.
+    #[serde(default = "all_topics")]
+    pub topics: Vec<String>,
+    /// Position in its chain (lower first).
+    #[serde(default)]
+    pub order: i64,
+    #[serde(default)]
+    pub on_error: OnErrorConfig,
+    pub dead_letter_topic: Option<String>,
+    #[serde(default = "default_memory_mb")]
+    pub memory_mb: u64,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    #[serde(default)]
+    pub fuel: u64,
+    #[serde(default = "default_max_faults")]
+    pub max_faults: u32,
+    /// Auth: remember authorize answers (the plugin's answer must depend
+    /// only on client, user, action and topic).
+    #[serde(default = "yes")]
+    pub cache_decisions: bool,
+    #[serde(default)]
+    pub params: toml::Table,
+}
+
+impl PluginConfig {
+    /// Parameters as text, as the plugin receives them.
+    pub fn params(&self) -> Vec<(String, String)> {
+        self.params
+            .iter()
+            .map(|(k, v)| {
+                let v = match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                (k.clone(), v)
+            })
+            .collect()
+    }
+}
+
+fn all_topics() -> Vec<String> {
+    vec!["#".into()]
+}
+fn default_memory_mb() -> u64 {
+    16
+}
+fn default_timeout_ms() -> u64 {
+    20
+}
+fn default_max_faults() -> u32 {
+    5
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PluginKind {
+    Transform,
+    Auth,
+}
+
+/// What happens to a message a transform failed on; for auth plugins,
+/// `pass` abstains (the next authenticator decides) and the others refuse.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnErrorConfig {
+    #[default]
+    Pass,
+    Drop,
+    DeadLetter,
+}
+
 /// BLE sensors (`[ble]`).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -483,6 +568,53 @@ impl GatewayConfig {
     /// Every semantic problem, each naming its key and (when the key is in
     /// the file) its line.
     pub fn validate(&self, text: &str) -> Vec<String> {
+        let mut problems = self.validate_plugins(text);
+        problems.extend(self.validate_rest(text));
+        problems
+    }
+
+    fn validate_plugins(&self, text: &str) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        for (i, p) in self.plugins.iter().enumerate() {
+            let mut bad = |key: &str, what: String| {
+                let at = array_key_line(text, "plugins", i, key)
+                    .map_or(String::new(), |l| format!("line {l}: "));
+                problems.push(format!("{at}plugins[{i}].{key}: {what}"));
+            };
+            if p.name.is_empty()
+                || p.name.contains(['/', '+', '#'])
+                || !names.insert(p.name.clone())
+            {
+                bad(
+                    "name",
+                    format!("{:?}: names must be unique, without '/', '+', '#'", p.name),
+                );
+            }
+            for f in &p.topics {
+                if let Err(e) = crate::broker::topic::validate_filter(f) {
+                    bad("topics", format!("{f:?}: {e}"));
+                }
+            }
+            if let Some(t) = &p.dead_letter_topic {
+                if crate::broker::topic::validate_name(t).is_err() {
+                    bad("dead_letter_topic", format!("{t:?} is not a topic name"));
+                }
+            }
+            if !(1..=4096).contains(&p.memory_mb) {
+                bad("memory_mb", "must be between 1 and 4096".into());
+            }
+            if !(2..=60_000).contains(&p.timeout_ms) {
+                bad("timeout_ms", "must be between 2 and 60000".into());
+            }
+            if p.max_faults == 0 {
+                bad("max_faults", "must be at least 1".into());
+            }
+        }
+        problems
+    }
+
+    fn validate_rest(&self, text: &str) -> Vec<String> {
         let mut problems = Vec::new();
         let mut bad = |table: &str, key: &str, what: String| {
             let at = match key_line(text, table, key) {

@@ -11,13 +11,17 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::broker::auth::Authenticator;
 use crate::broker::auth::{AuthError, FileAuth};
 use crate::broker::Publisher;
 use crate::broker::{Broker, BrokerError, BrokerHandle, BrokerSettings};
 use crate::buffer::{Buffer, BufferError, BufferSettings};
 use crate::config::GatewayConfig;
+use crate::plugins::runtime::PluginError;
+use crate::plugins::Plugins;
 use crate::sources::{self, Registry, Sources, SourcesHandle, SourcesSettings};
 use crate::upstream::{self, Outlet, Rules, ServerUrl, UpstreamHandle, UpstreamSettings};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -33,6 +37,8 @@ pub enum Error {
     Upstream(String),
     #[error("sensors: {0}")]
     Sources(String),
+    #[error(transparent)]
+    Plugin(#[from] PluginError),
 }
 
 /// Broker settings from the configuration.
@@ -129,11 +135,16 @@ pub struct Gateway {
     pub buffer: Option<Buffer>,
     pub upstream: Option<UpstreamHandle>,
     pub sources: Option<SourcesHandle>,
+    pub plugins: Option<Arc<Plugins>>,
+    plugin_watch: Option<CancellationToken>,
 }
 
 impl Gateway {
     /// Stops the stages in order: sources, upstream, broker, buffer.
     pub async fn shutdown(self) {
+        if let Some(w) = self.plugin_watch {
+            w.cancel();
+        }
         if let Some(s) = self.sources {
             s.shutdown().await;
         }
@@ -150,15 +161,30 @@ impl Gateway {
 /// Starts every stage.
 pub async fn start(cfg: &GatewayConfig) -> Result<Gateway, Error> {
     let settings = broker_settings(cfg)?;
-    let auth = Arc::new(authenticator(cfg)?);
+    let builtin: Arc<dyn Authenticator> = Arc::new(authenticator(cfg)?);
+    let plugins = load_plugins(cfg, builtin.clone()).await?;
+    let auth: Arc<dyn Authenticator> = match &plugins {
+        Some(p) => p.clone(),
+        None => builtin,
+    };
+    let transform = plugins
+        .clone()
+        .map(|p| p as Arc<dyn crate::broker::Transform>);
+    let plugin_watch = plugins.as_ref().map(|p| {
+        let token = CancellationToken::new();
+        tokio::spawn(crate::plugins::watch(p.clone(), token.clone()));
+        token
+    });
     if !cfg.upstream.enabled {
-        let broker = Broker::start(settings, auth).await?;
+        let broker = Broker::start_with(settings, auth, None, transform).await?;
         let sources = start_sources(cfg, broker.publisher())?;
         return Ok(Gateway {
             broker,
             buffer: None,
             upstream: None,
             sources,
+            plugins,
+            plugin_watch,
         });
     }
     let up = upstream_settings(cfg)?;
@@ -168,7 +194,7 @@ pub async fn start(cfg: &GatewayConfig) -> Result<Gateway, Error> {
         .await
         .map_err(|e| Error::Upstream(e.to_string()))??;
     let outlet = Arc::new(Outlet::new(rules.clone(), buffer.clone()));
-    let broker = Broker::start_with_outbox(settings, auth, Some(outlet)).await?;
+    let broker = Broker::start_with(settings, auth, Some(outlet), transform).await?;
     let upstream = upstream::start(up, rules, buffer.clone(), broker.publisher());
     let sources = start_sources(cfg, broker.publisher())?;
     Ok(Gateway {
@@ -176,7 +202,30 @@ pub async fn start(cfg: &GatewayConfig) -> Result<Gateway, Error> {
         buffer: Some(buffer),
         upstream: Some(upstream),
         sources,
+        plugins,
+        plugin_watch,
     })
+}
+
+/// The `[[plugins]]` of the configuration, loaded (compiled components
+/// cached in `data_dir/plugins-cache`); `None` when there are none.
+pub async fn load_plugins(
+    cfg: &GatewayConfig,
+    builtin: Arc<dyn Authenticator>,
+) -> Result<Option<Arc<Plugins>>, Error> {
+    if cfg.plugins.is_empty() {
+        return Ok(None);
+    }
+    let configs = cfg.plugins.clone();
+    let base = cfg.base_dir.clone();
+    let cache = cfg.resolve(&cfg.gateway.data_dir).join("plugins-cache");
+    let builtin_first = cfg.broker.builtin_auth_first;
+    let p = tokio::task::spawn_blocking(move || {
+        Plugins::load(configs, &base, Some(cache), builtin, builtin_first)
+    })
+    .await
+    .map_err(|e| Error::Sources(format!("plugin loader: {e}")))??;
+    Ok(Some(Arc::new(p)))
 }
 
 /// The serial ports and BLE inputs of the configuration, publishing through
@@ -242,6 +291,20 @@ pub fn start_sources(
 /// Runs the gateway until `shutdown` resolves, then stops cleanly.
 pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
     let gateway = start(&cfg).await?;
+    // SIGHUP reloads the plugins (a plugin that fails to load keeps its
+    // previous version running).
+    if let Some(p) = gateway.plugins.clone() {
+        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            tokio::spawn(async move {
+                while hup.recv().await.is_some() {
+                    tracing::info!("SIGHUP: reloading plugins");
+                    let p = p.clone();
+                    let _ = tokio::task::spawn_blocking(move || p.reload()).await;
+                }
+            });
+        }
+    }
     shutdown.await;
     tracing::info!("shutting down");
     gateway.shutdown().await;

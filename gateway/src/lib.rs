@@ -12,6 +12,7 @@
 //! # Layout
 //! - [`config`]: the TOML configuration tree, its defaults and checks.
 //! - [`message`]: the message type.
+//! - [`plugins`]: WebAssembly transform and auth plugins (wasmtime, component model, WIT in `wit/`).
 //! - [`sources`]: serial and BLE sensors, turned into messages on `capteurs/<grandeur>/<pays>/<ville>/<rue>`.
 //! - [`broker`]: the embedded MQTT 3.1.1 broker (sessions, retained, auth, `$SYS`, persistence).
 //! - [`buffer`]: the SQLite store-and-forward buffer in front of the upstream.
@@ -23,6 +24,7 @@ pub mod buffer;
 pub mod config;
 pub mod gateway;
 pub mod message;
+pub mod plugins;
 pub mod sources;
 pub mod upstream;
 

@@ -57,6 +57,52 @@ enum Command {
         #[arg(long, short = 'D')]
         delete: bool,
     },
+    /// Try a WebAssembly plugin without a broker.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Which world the component implements, its exports, and whether it
+    /// starts (init) with the given parameters.
+    Check {
+        file: PathBuf,
+        /// Plugin parameter (repeatable).
+        #[arg(long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
+    },
+    /// Feed one message to a transform plugin and print what comes out, or
+    /// ask an auth plugin (with --username/--password and/or --action).
+    Run {
+        file: PathBuf,
+        #[arg(
+            long,
+            default_value = "capteurs/temperature/fr/aubiere/rue_de_la_chebarde"
+        )]
+        topic: String,
+        #[arg(long, default_value = "")]
+        payload: String,
+        #[arg(long, default_value_t = 0)]
+        qos: u8,
+        #[arg(long)]
+        retain: bool,
+        /// The message's origin: client:<id>, sensor:<id>, upstream, broker.
+        #[arg(long, default_value = "client:plugin-run")]
+        origin: String,
+        #[arg(long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
+        /// Auth: the user name (and --password) to authenticate.
+        #[arg(long)]
+        username: Option<String>,
+        #[arg(long)]
+        password: Option<String>,
+        /// Auth: publish or subscribe on --topic.
+        #[arg(long)]
+        action: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -105,6 +151,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             passwd::set_password(&file, &user, &password)?;
             Ok(())
         }
+        Some(Command::Plugin { command }) => plugin_command(command),
         Some(Command::Run) | None => {
             let mut cfg = match &cli.config {
                 Some(path) => GatewayConfig::load(path)?,
@@ -151,4 +198,173 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
             _ = term.recv() => tracing::info!("SIGTERM received"),
         }
     })
+}
+
+fn parse_params(params: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    params
+        .iter()
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .with_context(|| format!("--param {p:?}: expected KEY=VALUE"))
+        })
+        .collect()
+}
+
+fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
+    use capteurs_gateway::broker::auth::{Action, Authenticator, ClientInfo};
+    use capteurs_gateway::message::{Message, Origin};
+    use capteurs_gateway::plugins::runtime::{self, GuardSettings, Limits};
+    use capteurs_gateway::plugins::{auth::AuthPlugin, transform};
+    use std::time::Duration;
+    init_logging("info");
+    let engine = runtime::engine()?;
+    let (file, params) = match &command {
+        PluginCommand::Check { file, params } | PluginCommand::Run { file, params, .. } => {
+            (file.clone(), parse_params(params)?)
+        }
+    };
+    let component = runtime::load(&engine, "plugin", &file, None)?;
+    let exports = capteurs_gateway::plugins::world_of(&component, &engine);
+    let kind = if exports
+        .iter()
+        .any(|e| e.starts_with("capteurs:plugins/transform@0.1"))
+    {
+        "transform"
+    } else if exports
+        .iter()
+        .any(|e| e.starts_with("capteurs:plugins/auth@0.1"))
+    {
+        "auth"
+    } else if exports
+        .iter()
+        .any(|e| e.starts_with("capteurs:plugins/decoder@0.1"))
+    {
+        "decoder"
+    } else {
+        bail!(
+            "{}: implements no world of capteurs:plugins@0.1 (exports: {})",
+            file.display(),
+            if exports.is_empty() {
+                "none".into()
+            } else {
+                exports.join(", ")
+            }
+        );
+    };
+    let guard = || GuardSettings {
+        name: file
+            .file_stem()
+            .map_or("plugin".into(), |s| s.to_string_lossy().into_owned()),
+        limits: Limits::new(64, Duration::from_millis(1000), 0),
+        params: params.clone(),
+        max_faults: 1,
+    };
+    match (command, kind) {
+        (PluginCommand::Check { .. }, _) => {
+            println!(
+                "{}: {kind} plugin (capteurs:plugins@0.1), exports: {}",
+                file.display(),
+                exports.join(", ")
+            );
+            match kind {
+                "transform" => {
+                    transform::Transform::new(
+                        &engine,
+                        &component,
+                        transform::TransformSettings {
+                            topics: vec!["#".into()],
+                            on_error: transform::OnError::Pass,
+                            guard: guard(),
+                        },
+                    )?;
+                }
+                "auth" => {
+                    AuthPlugin::new(&engine, &component, guard(), false, false)?;
+                }
+                _ => println!("(decoder plugins are not run by this gateway yet)"),
+            }
+            println!("init with {} parameter(s): OK", params.len());
+            Ok(())
+        }
+        (
+            PluginCommand::Run {
+                topic,
+                payload,
+                qos,
+                retain,
+                origin,
+                ..
+            },
+            "transform",
+        ) => {
+            let t = transform::Transform::new(
+                &engine,
+                &component,
+                transform::TransformSettings {
+                    topics: vec!["#".into()],
+                    on_error: transform::OnError::Pass,
+                    guard: guard(),
+                },
+            )?;
+            let origin = match origin.split_once(':') {
+                Some(("client", id)) => Origin::Client(id.into()),
+                Some(("sensor", id)) => Origin::Sensor(id.into()),
+                None if origin == "upstream" => Origin::Upstream,
+                None if origin == "broker" => Origin::Broker,
+                _ => bail!("--origin {origin:?}: client:<id>, sensor:<id>, upstream or broker"),
+            };
+            let m = Message::new(topic, payload.into_bytes(), qos, retain, origin);
+            let out = t
+                .process(&m)
+                .map_err(|e| anyhow::anyhow!("the plugin failed: {e}"))?;
+            if out.is_empty() {
+                println!("(filtered out: no message)");
+            }
+            for o in out {
+                println!(
+                    "{} qos={} retain={} {}",
+                    o.topic,
+                    o.qos,
+                    o.retain,
+                    String::from_utf8_lossy(&o.payload)
+                );
+            }
+            Ok(())
+        }
+        (
+            PluginCommand::Run {
+                topic,
+                username,
+                password,
+                action,
+                ..
+            },
+            "auth",
+        ) => {
+            let a = AuthPlugin::new(&engine, &component, guard(), false, false)?;
+            let client = ClientInfo {
+                client_id: "plugin-run".into(),
+                username: username.clone(),
+                peer: ([127, 0, 0, 1], 0).into(),
+            };
+            if username.is_some() {
+                let d = a.authenticate(&client, password.as_deref().map(str::as_bytes));
+                println!("authenticate {}: {d:?}", username.as_deref().unwrap_or(""));
+            }
+            if let Some(action) = action {
+                let act = match action.as_str() {
+                    "publish" => Action::Publish,
+                    "subscribe" => Action::Subscribe,
+                    other => bail!("--action {other:?}: publish or subscribe"),
+                };
+                println!(
+                    "authorize {action} {topic}: {:?}",
+                    a.authorize(&client, act, &topic)
+                );
+            }
+            Ok(())
+        }
+        (_, kind) => bail!("plugin run: {kind} plugins cannot be run by this command"),
+    }
 }

@@ -5,5 +5,6 @@ mod broker;
 mod course;
 mod interop;
 mod persistence;
+mod plugins;
 mod sensors;
 mod upstream;

@@ -610,6 +610,13 @@ impl TestGateway {
             .stats()
     }
 
+    pub fn plugins(&self) -> &std::sync::Arc<capteurs_gateway::plugins::Plugins> {
+        self.gateway
+            .as_ref()
+            .and_then(|g| g.plugins.as_ref())
+            .expect("plugins configured")
+    }
+
     pub fn sources(&self) -> &std::sync::Arc<capteurs_gateway::sources::SourceStats> {
         self.gateway
             .as_ref()
@@ -774,4 +781,33 @@ pub fn python() -> &'static str {
         );
         python
     })
+}
+
+/// The example plugins (and tests/plugins/misbehave), built once for
+/// wasm32-wasip2 by the first test that needs them; returns the path of
+/// `name`.wasm (`name` with `_`, as cargo writes it).
+pub fn plugin_wasm(name: &str) -> PathBuf {
+    static BUILT: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    let dir = BUILT
+        .get_or_init(|| {
+            let root = workspace();
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let out = std::process::Command::new(cargo)
+                .args(["build", "--release", "--target", "wasm32-wasip2", "--manifest-path"])
+                .arg(root.join("plugins/Cargo.toml"))
+                .output()
+                .map_err(|e| format!("cannot run cargo: {e}"))?;
+            if !out.status.success() {
+                return Err(format!(
+                    "building the plugins failed (is the wasm32-wasip2 target installed? tests/run.sh adds it):\n{}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            Ok(root.join("plugins/target/wasm32-wasip2/release"))
+        })
+        .as_ref()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let path = dir.join(format!("{}.wasm", name.replace('-', "_")));
+    assert!(path.exists(), "{} was not built", path.display());
+    path
 }

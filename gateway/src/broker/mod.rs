@@ -128,6 +128,12 @@ pub trait Outbox: Send + Sync {
     fn settled(&self) -> tokio::sync::watch::Receiver<u64>;
 }
 
+/// Transforms messages before they are routed (the WASM transform chain):
+/// zero, one or many messages out for one in.
+pub trait Transform: Send + Sync {
+    fn apply(&self, message: Message) -> Vec<Message>;
+}
+
 /// A running broker.
 pub struct BrokerHandle {
     shared: Arc<Shared>,
@@ -152,6 +158,17 @@ impl Broker {
         auth: Arc<dyn Authenticator>,
         outbox: Option<Arc<dyn Outbox>>,
     ) -> Result<BrokerHandle, BrokerError> {
+        Self::start_with(settings, auth, outbox, None).await
+    }
+
+    /// [`Broker::start_with_outbox`] with a transform chain run on every
+    /// message before it is routed.
+    pub async fn start_with(
+        settings: BrokerSettings,
+        auth: Arc<dyn Authenticator>,
+        outbox: Option<Arc<dyn Outbox>>,
+        transform: Option<Arc<dyn Transform>>,
+    ) -> Result<BrokerHandle, BrokerError> {
         let listener =
             TcpListener::bind(settings.listen)
                 .await
@@ -169,6 +186,7 @@ impl Broker {
             backpressure: !settings.slow_subscriber_timeout.is_zero(),
         });
         router.outbox = outbox;
+        router.transform = transform;
         let store = match &settings.data_dir {
             Some(dir) => {
                 let store = Store::open(dir)?;

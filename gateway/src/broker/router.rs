@@ -82,6 +82,9 @@ pub struct Router {
     pub space: Notify,
     /// Gets a copy of every routed message (the upstream buffer).
     pub outbox: Option<Arc<dyn super::Outbox>>,
+    /// Runs before routing: may drop, change or split a message (WASM
+    /// transform plugins).
+    pub transform: Option<Arc<dyn super::Transform>>,
 }
 
 impl Router {
@@ -96,6 +99,7 @@ impl Router {
             dirty_retained: Mutex::new(HashMap::new()),
             space: Notify::new(),
             outbox: None,
+            transform: None,
         }
     }
 
@@ -112,6 +116,25 @@ impl Router {
     /// Returns the outbox sequence number the publisher's acknowledgement
     /// must wait for, when the message goes upstream.
     pub fn publish_from(
+        &self,
+        message: Message,
+        publisher: Option<&Arc<Session>>,
+        congested: &mut Vec<Arc<Session>>,
+        publisher_waits: bool,
+    ) -> Option<u64> {
+        let Some(t) = &self.transform else {
+            return self.route(message, publisher, congested, publisher_waits);
+        };
+        // What the transforms make of it: zero, one or many messages; the
+        // publisher waits for the last one to be settled upstream.
+        let mut wait = None;
+        for m in t.apply(message) {
+            wait = wait.max(self.route(m, publisher, congested, publisher_waits));
+        }
+        wait
+    }
+
+    fn route(
         &self,
         message: Message,
         publisher: Option<&Arc<Session>>,

@@ -1,0 +1,361 @@
+//! WebAssembly plugins on the component model (WIT in `wit/`): transforms
+//! between the sources/clients and the broker, auth in front of the
+//! built-in password file and ACL.
+//!
+//! - [`runtime`]: the engine, the compiled-component cache, store state and
+//!   host imports, and [`runtime::Guarded`]: limits, faults, restarts;
+//! - [`transform`]: the `transform-plugin` world, chained by [`Plugins`];
+//! - [`auth`]: the `auth-plugin` world behind the broker's `Authenticator`.
+//!
+//! [`Plugins`] holds the running set and swaps it whole on reload: each
+//! message goes through the old set or the new one, never half of each; a
+//! plugin that fails to load keeps its previous version running.
+
+pub mod auth;
+pub mod runtime;
+pub mod transform;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use tracing::{error, info, warn};
+
+use self::auth::AuthPlugin;
+use self::runtime::{GuardSettings, Limits, PluginError};
+use self::transform::{OnError, Transform, TransformSettings};
+use crate::broker::auth::{
+    AclDecision, Action, AuthChain, Authenticator, ClientInfo, ConnectDecision,
+};
+use crate::config::{OnErrorConfig, PluginConfig, PluginKind};
+use crate::message::Message;
+
+/// Bindings of the `transform-plugin` world; they also hold the shared
+/// `types` and `host` interfaces every other world reuses.
+pub mod bindings {
+    wasmtime::component::bindgen!({
+        world: "transform-plugin",
+        path: "../wit",
+    });
+}
+
+/// Bindings of the `auth-plugin` world.
+pub mod auth_bindings {
+    wasmtime::component::bindgen!({
+        world: "auth-plugin",
+        path: "../wit",
+        with: {
+            "capteurs:plugins/types": super::bindings::capteurs::plugins::types,
+            "capteurs:plugins/host": super::bindings::capteurs::plugins::host,
+        },
+    });
+}
+
+/// Which world a component implements, by its exports.
+pub fn world_of(
+    component: &wasmtime::component::Component,
+    engine: &wasmtime::Engine,
+) -> Vec<String> {
+    component
+        .component_type()
+        .exports(engine)
+        .map(|(name, _)| name.to_string())
+        .collect()
+}
+
+/// One loaded plugin, with what it was loaded from (for reloads).
+enum Loaded {
+    Transform(Arc<Transform>),
+    Auth(Arc<AuthPlugin>),
+}
+
+struct Entry {
+    config: PluginConfig,
+    path: PathBuf,
+    modified: Option<SystemTime>,
+    plugin: Loaded,
+}
+
+/// The running plugin set.
+struct Set {
+    entries: Vec<Entry>,
+    transforms: Vec<Arc<Transform>>,
+    auth: Arc<AuthChain>,
+}
+
+/// All plugins of the configuration, reloadable. Implements the broker's
+/// [`crate::broker::Transform`] (the transform chain) and
+/// [`Authenticator`] (auth plugins, then the built-in one).
+pub struct Plugins {
+    configs: Vec<PluginConfig>,
+    base_dir: PathBuf,
+    cache_dir: Option<PathBuf>,
+    builtin: Arc<dyn Authenticator>,
+    builtin_first: bool,
+    set: RwLock<Arc<Set>>,
+}
+
+impl Plugins {
+    /// Loads every plugin (in `order`); any failure is an error naming the
+    /// plugin: at start a broken plugin stops the gateway with a clear
+    /// message instead of running without it.
+    pub fn load(
+        configs: Vec<PluginConfig>,
+        base_dir: &Path,
+        cache_dir: Option<PathBuf>,
+        builtin: Arc<dyn Authenticator>,
+        builtin_first: bool,
+    ) -> Result<Plugins, PluginError> {
+        let mut configs = configs;
+        configs.sort_by_key(|c| c.order);
+        let p = Plugins {
+            configs,
+            base_dir: base_dir.to_owned(),
+            cache_dir,
+            builtin,
+            builtin_first,
+            set: RwLock::new(Arc::new(Set {
+                entries: Vec::new(),
+                transforms: Vec::new(),
+                auth: Arc::new(AuthChain(Vec::new())),
+            })),
+        };
+        let mut entries = Vec::new();
+        for c in &p.configs {
+            entries.push(p.load_one(c)?);
+        }
+        let set = p.assemble(entries);
+        *p.set.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+        Ok(p)
+    }
+
+    fn load_one(&self, c: &PluginConfig) -> Result<Entry, PluginError> {
+        let engine = runtime::engine()?;
+        let path = resolve(&self.base_dir, &c.path);
+        let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
+        let component = runtime::load(&engine, &c.name, &path, self.cache_dir.as_deref())?;
+        let guard = GuardSettings {
+            name: c.name.clone(),
+            limits: Limits::new(c.memory_mb, Duration::from_millis(c.timeout_ms), c.fuel),
+            params: c.params(),
+            max_faults: c.max_faults,
+        };
+        let plugin = match c.kind {
+            PluginKind::Transform => Loaded::Transform(Arc::new(Transform::new(
+                &engine,
+                &component,
+                TransformSettings {
+                    topics: c.topics.clone(),
+                    on_error: match c.on_error {
+                        OnErrorConfig::Pass => OnError::Pass,
+                        OnErrorConfig::Drop => OnError::Drop,
+                        OnErrorConfig::DeadLetter => OnError::DeadLetter(
+                            c.dead_letter_topic
+                                .clone()
+                                .unwrap_or_else(|| format!("capteurs/dead-letter/{}", c.name)),
+                        ),
+                    },
+                    guard,
+                },
+            )?)),
+            PluginKind::Auth => Loaded::Auth(Arc::new(AuthPlugin::new(
+                &engine,
+                &component,
+                guard,
+                c.on_error == OnErrorConfig::Pass,
+                c.cache_decisions,
+            )?)),
+        };
+        info!(plugin = %c.name, kind = ?c.kind, path = %path.display(), "plugin loaded");
+        Ok(Entry {
+            config: c.clone(),
+            path,
+            modified,
+            plugin,
+        })
+    }
+
+    fn assemble(&self, entries: Vec<Entry>) -> Set {
+        let mut transforms = Vec::new();
+        let mut auths: Vec<Arc<dyn Authenticator>> = Vec::new();
+        if self.builtin_first {
+            auths.push(self.builtin.clone());
+        }
+        for e in &entries {
+            match &e.plugin {
+                Loaded::Transform(t) => transforms.push(t.clone()),
+                Loaded::Auth(a) => auths.push(a.clone()),
+            }
+        }
+        if !self.builtin_first {
+            auths.push(self.builtin.clone());
+        }
+        Set {
+            entries,
+            transforms,
+            auth: Arc::new(AuthChain(auths)),
+        }
+    }
+
+    /// Reloads every plugin (SIGHUP). One that fails to load keeps its
+    /// previous version, and the error says why. Returns how many failed.
+    pub fn reload(&self) -> usize {
+        self.reload_where(|_| true)
+    }
+
+    /// Reloads the plugins whose `.wasm` changed on disk since they were
+    /// loaded (the file watch).
+    pub fn reload_changed(&self) -> usize {
+        self.reload_where(|e| {
+            std::fs::metadata(&e.path).and_then(|m| m.modified()).ok() != e.modified
+        })
+    }
+
+    fn reload_where(&self, wanted: impl Fn(&Entry) -> bool) -> usize {
+        let current = self.set.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if !current.entries.iter().any(&wanted) {
+            return 0;
+        }
+        let mut failed = 0;
+        let mut entries = Vec::new();
+        for old in &current.entries {
+            if !wanted(old) {
+                entries.push(Entry {
+                    config: old.config.clone(),
+                    path: old.path.clone(),
+                    modified: old.modified,
+                    plugin: match &old.plugin {
+                        Loaded::Transform(t) => Loaded::Transform(t.clone()),
+                        Loaded::Auth(a) => Loaded::Auth(a.clone()),
+                    },
+                });
+                continue;
+            }
+            match self.load_one(&old.config) {
+                Ok(e) => entries.push(e),
+                Err(e) => {
+                    failed += 1;
+                    error!(error = %e, "plugin reload failed: the previous version keeps running");
+                    let modified = std::fs::metadata(&old.path).and_then(|m| m.modified()).ok();
+                    entries.push(Entry {
+                        config: old.config.clone(),
+                        path: old.path.clone(),
+                        // Not retried until the file changes again.
+                        modified,
+                        plugin: match &old.plugin {
+                            Loaded::Transform(t) => Loaded::Transform(t.clone()),
+                            Loaded::Auth(a) => Loaded::Auth(a.clone()),
+                        },
+                    });
+                }
+            }
+        }
+        let set = self.assemble(entries);
+        *self.set.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+        info!(failed, "plugins reloaded");
+        failed
+    }
+
+    /// Every plugin's counters by name, for `$SYS` and tests.
+    pub fn stats(&self) -> HashMap<String, Arc<runtime::PluginStats>> {
+        let set = self.set.read().unwrap_or_else(|e| e.into_inner()).clone();
+        set.entries
+            .iter()
+            .map(|e| {
+                let s = match &e.plugin {
+                    Loaded::Transform(t) => t.stats().clone(),
+                    Loaded::Auth(a) => a.stats().clone(),
+                };
+                (e.config.name.clone(), s)
+            })
+            .collect()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.configs.is_empty()
+    }
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_owned()
+    } else {
+        base.join(p)
+    }
+}
+
+impl crate::broker::Transform for Plugins {
+    fn apply(&self, message: Message) -> Vec<Message> {
+        let set = self.set.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut current = vec![message];
+        for t in &set.transforms {
+            if t.disabled() {
+                continue;
+            }
+            let mut next = Vec::with_capacity(current.len());
+            for m in current {
+                if !t.matches(&m.topic) {
+                    next.push(m);
+                    continue;
+                }
+                match t.process(&m) {
+                    Ok(out) => next.extend(out),
+                    Err(_) => match &t.on_error {
+                        OnError::Pass => next.push(m),
+                        OnError::Drop => {}
+                        OnError::DeadLetter(topic) => {
+                            let mut dead = m;
+                            dead.topic = topic.as_str().into();
+                            next.push(dead);
+                        }
+                    },
+                }
+            }
+            current = next;
+            if current.is_empty() {
+                break;
+            }
+        }
+        current
+    }
+}
+
+impl Authenticator for Plugins {
+    fn authenticate(&self, client: &ClientInfo, password: Option<&[u8]>) -> ConnectDecision {
+        let auth = self
+            .set
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .auth
+            .clone();
+        auth.authenticate(client, password)
+    }
+
+    fn authorize(&self, client: &ClientInfo, action: Action, topic: &str) -> AclDecision {
+        let auth = self
+            .set
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .auth
+            .clone();
+        auth.authorize(client, action, topic)
+    }
+}
+
+/// Watches the plugins' files and reloads those that change (every 2 s),
+/// until `shutdown`.
+pub async fn watch(plugins: Arc<Plugins>, shutdown: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                let p = plugins.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || p.reload_changed()).await {
+                    warn!(error = %e, "plugin watch failed");
+                }
+            }
+        }
+    }
+}

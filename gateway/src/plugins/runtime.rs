@@ -1,0 +1,526 @@
+//! What every plugin kind shares: the wasmtime engine (epoch ticker for
+//! deadlines), the on-disk cache of compiled components, and the store
+//! state with its host imports (`log`, clocks, `params`) and limits.
+
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use tracing::{debug, error, info, trace, warn};
+use wasmtime::component::{Component, ResourceTable};
+use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::capteurs::plugins::host::{self, Level};
+use super::bindings::capteurs::plugins::types::{self, Param};
+
+#[derive(Debug, Error)]
+pub enum PluginError {
+    #[error("plugin {name}: cannot read {path}: {source}")]
+    Read {
+        name: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("plugin {name}: {path} is not a valid component: {reason}")]
+    Compile {
+        name: String,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error("plugin {name}: {reason}")]
+    Link { name: String, reason: String },
+    #[error("plugin {name}: init failed: {reason}")]
+    Init { name: String, reason: String },
+    #[error("wasmtime engine: {0}")]
+    Engine(String),
+}
+
+/// One epoch tick: deadlines are counted in these.
+pub const TICK: Duration = Duration::from_millis(1);
+
+/// The engine every plugin runs on, created once: component model on,
+/// epoch interruption on (a thread ticks it every [`TICK`]), fuel metering
+/// on (a store without a budget gets an unlimited one).
+pub fn engine() -> Result<Engine, PluginError> {
+    static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            let mut c = Config::new();
+            c.wasm_component_model(true)
+                .epoch_interruption(true)
+                .consume_fuel(true);
+            let engine = Engine::new(&c).map_err(|e| e.to_string())?;
+            let ticker = engine.weak();
+            std::thread::Builder::new()
+                .name("wasm-epoch".into())
+                .spawn(move || loop {
+                    std::thread::sleep(TICK);
+                    match ticker.upgrade() {
+                        Some(e) => e.increment_epoch(),
+                        None => return,
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+            Ok(engine)
+        })
+        .clone()
+        .map_err(PluginError::Engine)
+}
+
+/// The compiled form of `path`, from the cache when the gateway compiled
+/// this very file (same SHA-256) with this very engine before; otherwise
+/// compiled now and cached. Only files the gateway wrote are deserialized.
+pub fn load(
+    engine: &Engine,
+    name: &str,
+    path: &Path,
+    cache: Option<&Path>,
+) -> Result<Component, PluginError> {
+    let bytes = std::fs::read(path).map_err(|source| PluginError::Read {
+        name: name.into(),
+        path: path.to_owned(),
+        source,
+    })?;
+    let compile_error = |e: wasmtime::Error| PluginError::Compile {
+        name: name.into(),
+        path: path.to_owned(),
+        reason: format!("{e:#}"),
+    };
+    let Some(cache) = cache else {
+        return Component::new(engine, &bytes).map_err(compile_error);
+    };
+    let mut compat = DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut compat);
+    let digest = Sha256::digest(&bytes);
+    let key: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let file = cache.join(format!("{key}-{:016x}.cwasm", compat.finish()));
+    if file.exists() {
+        let started = Instant::now();
+        // SAFETY: the file is in the gateway's own cache directory, written
+        // by `serialize` below for this engine configuration (the name
+        // carries the compatibility hash), never by anyone else.
+        match unsafe { Component::deserialize_file(engine, &file) } {
+            Ok(c) => {
+                debug!(
+                    plugin = name,
+                    took_us = started.elapsed().as_micros() as u64,
+                    "compiled plugin loaded from the cache"
+                );
+                return Ok(c);
+            }
+            Err(e) => {
+                warn!(plugin = name, file = %file.display(), error = %e, "cached plugin unusable; compiling again");
+                let _ = std::fs::remove_file(&file);
+            }
+        }
+    }
+    let started = Instant::now();
+    let component = Component::new(engine, &bytes).map_err(compile_error)?;
+    info!(
+        plugin = name,
+        took_ms = started.elapsed().as_millis() as u64,
+        "plugin compiled"
+    );
+    match component.serialize() {
+        Ok(compiled) => {
+            let tmp = file.with_extension("tmp");
+            let written = std::fs::create_dir_all(cache)
+                .and_then(|_| std::fs::write(&tmp, compiled))
+                .and_then(|_| std::fs::rename(&tmp, &file));
+            if let Err(e) = written {
+                warn!(plugin = name, dir = %cache.display(), error = %e, "cannot cache the compiled plugin");
+            }
+        }
+        Err(e) => warn!(plugin = name, error = %e, "cannot serialize the compiled plugin"),
+    }
+    Ok(component)
+}
+
+/// The WASI a plugin may use, and nothing more. A std guest imports a dozen
+/// WASI interfaces: random numbers (std's `HashMap` needs them), the wall
+/// clock, its (empty) environment and `exit` are given; everything else —
+/// files, sockets, stdio streams, polling — is linked as a function that
+/// traps, so a plugin that tries it faults (printing is `host.log`, time is
+/// `host.monotonic-ns`). wasmtime-wasi's synchronous stream and poll
+/// functions would also block on a Tokio runtime from inside the gateway's
+/// own, which panics: they must never be reachable.
+pub fn link_wasi(
+    linker: &mut wasmtime::component::Linker<HostState>,
+    component: &Component,
+) -> wasmtime::Result<()> {
+    use wasmtime_wasi::cli::WasiCli;
+    use wasmtime_wasi::clocks::WasiClocks;
+    use wasmtime_wasi::p2::bindings::{cli, clocks, random};
+    use wasmtime_wasi::random::WasiRandom;
+    use wasmtime_wasi::{cli::WasiCliView, clocks::WasiClocksView};
+    let l = linker;
+    clocks::wall_clock::add_to_linker::<HostState, WasiClocks>(l, HostState::clocks)?;
+    random::random::add_to_linker::<HostState, WasiRandom>(l, |t| t.wasi.random())?;
+    random::insecure::add_to_linker::<HostState, WasiRandom>(l, |t| t.wasi.random())?;
+    random::insecure_seed::add_to_linker::<HostState, WasiRandom>(l, |t| t.wasi.random())?;
+    cli::environment::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
+    cli::exit::add_to_linker::<HostState, WasiCli>(l, HostState::cli)?;
+    // Everything else the component imports: traps. (Linker's own
+    // define_unknown_imports_as_traps matches names exactly, so it would
+    // shadow the interfaces above when the guest's WASI version differs
+    // from wasmtime-wasi's by a patch level.)
+    const GIVEN: &[&str] = &[
+        "capteurs:plugins/",
+        "wasi:random/random@",
+        "wasi:random/insecure@",
+        "wasi:random/insecure-seed@",
+        "wasi:clocks/wall-clock@",
+        "wasi:cli/environment@",
+        "wasi:cli/exit@",
+    ];
+    let engine = l.engine().clone();
+    for (name, item) in component.component_type().imports(&engine) {
+        if GIVEN.iter().any(|g| name.starts_with(g)) {
+            continue;
+        }
+        let wasmtime::component::types::ComponentItem::ComponentInstance(instance) = item.ty else {
+            continue;
+        };
+        let mut inst = l.instance(name)?;
+        for (export, item) in instance.exports(&engine) {
+            match item.ty {
+                wasmtime::component::types::ComponentItem::ComponentFunc(_) => {
+                    let what = format!("{name}#{export}");
+                    inst.func_new(export, move |_, _, _, _| {
+                        Err(wasmtime::Error::msg(format!(
+                            "{what} is not available to plugins (use the host interface: log, monotonic-ns, wall-ms)"
+                        )))
+                    })?;
+                }
+                wasmtime::component::types::ComponentItem::Resource(_) => {
+                    inst.resource(
+                        export,
+                        wasmtime::component::ResourceType::host::<()>(),
+                        |_, _| Ok(()),
+                    )?;
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Limits of one plugin's store.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub memory_bytes: usize,
+    /// Epoch ticks a call may run (at least 2: a deadline of N fires
+    /// between N-1 and N ticks).
+    pub deadline_ticks: u64,
+    /// Fuel per call; `None`: unlimited.
+    pub fuel: Option<u64>,
+}
+
+impl Limits {
+    pub fn new(memory_mb: u64, timeout: Duration, fuel: u64) -> Self {
+        Limits {
+            memory_bytes: (memory_mb * 1024 * 1024) as usize,
+            deadline_ticks: (timeout.as_millis() as u64 / TICK.as_millis() as u64).max(1) + 1,
+            fuel: (fuel > 0).then_some(fuel),
+        }
+    }
+}
+
+/// A store's data: the plugin's name and parameters, its (empty) WASI
+/// context, its memory limiter.
+pub struct HostState {
+    pub name: Arc<str>,
+    pub params: Vec<(String, String)>,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub limits: StoreLimits,
+    started: Instant,
+}
+
+impl HostState {
+    pub fn new(name: Arc<str>, params: Vec<(String, String)>, limits: &Limits) -> Self {
+        HostState {
+            name,
+            params,
+            // Grants nothing: no preopened directory, no environment, no
+            // arguments, no network; stdio goes nowhere.
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(limits.memory_bytes)
+                .instances(16)
+                .tables(64)
+                .memories(4)
+                // A guest using try_reserve gets an error it can handle.
+                .trap_on_grow_failure(false)
+                .build(),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn wasm_params(&self) -> Vec<Param> {
+        self.params
+            .iter()
+            .map(|(key, value)| Param {
+                key: key.clone(),
+                value: value.clone(),
+            })
+            .collect()
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for HostState {}
+
+impl host::Host for HostState {
+    fn log(&mut self, level: Level, message: String) {
+        let plugin = &*self.name;
+        let message = if message.len() > 1024 {
+            format!("{}…", &message[..message.floor_char_boundary(1024)])
+        } else {
+            message
+        };
+        match level {
+            Level::Trace => trace!(plugin, "{message}"),
+            Level::Debug => debug!(plugin, "{message}"),
+            Level::Info => info!(plugin, "{message}"),
+            Level::Warn => warn!(plugin, "{message}"),
+            Level::Error => error!(plugin, "{message}"),
+        }
+    }
+
+    fn monotonic_ns(&mut self) -> u64 {
+        self.started.elapsed().as_nanos() as u64
+    }
+
+    fn wall_ms(&mut self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+
+    fn params(&mut self) -> Vec<Param> {
+        self.wasm_params()
+    }
+}
+
+/// Counters of one plugin.
+#[derive(Debug, Default)]
+pub struct PluginStats {
+    pub calls: AtomicU64,
+    pub messages_out: AtomicU64,
+    pub faults: AtomicU64,
+    pub restarts: AtomicU64,
+    pub disabled: AtomicBool,
+}
+
+impl PluginStats {
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "calls": self.calls.load(Ordering::Relaxed),
+            "messages_out": self.messages_out.load(Ordering::Relaxed),
+            "faults": self.faults.load(Ordering::Relaxed),
+            "restarts": self.restarts.load(Ordering::Relaxed),
+            "disabled": self.disabled.load(Ordering::Relaxed),
+        })
+    }
+}
+
+/// How one plugin instance is guarded.
+pub struct GuardSettings {
+    pub name: String,
+    pub limits: Limits,
+    pub params: Vec<(String, String)>,
+    /// Faults in a row before the plugin is disabled.
+    pub max_faults: u32,
+}
+
+/// Instantiates a plugin in a fresh store and calls its `init`.
+pub type Instantiate<P> = Box<dyn Fn(&mut Store<HostState>) -> Result<P, String> + Send + Sync>;
+
+/// One plugin instance, kept across calls (its memory is the plugin's
+/// state), each call under the memory limit, the epoch deadline and the
+/// fuel budget. After a trap the instance cannot be entered again: it is
+/// rebuilt (at most every 100 ms) from its pre-instantiated form, `init`
+/// included. After `max_faults` faults in a row the plugin is disabled
+/// until it is reloaded.
+pub struct Guarded<P> {
+    pub name: Arc<str>,
+    engine: Engine,
+    settings: GuardSettings,
+    instantiate: Instantiate<P>,
+    live: Mutex<Live<P>>,
+    pub stats: Arc<PluginStats>,
+}
+
+struct Live<P> {
+    instance: Option<(Store<HostState>, P)>,
+    consecutive: u32,
+    next_restart: Option<Instant>,
+    /// When the instance was last rebuilt (the last few times).
+    restarts: std::collections::VecDeque<Instant>,
+}
+
+/// After [`RESTART_BURST`] rebuilds within a second, the next waits this
+/// long (a plugin that traps on every call must not be rebuilt at message
+/// rate); until then a killed instance is rebuilt at once.
+const RESTART_EVERY: Duration = Duration::from_millis(100);
+const RESTART_BURST: usize = 3;
+
+impl<P> Guarded<P> {
+    /// Instantiates once now: a plugin that cannot start says why before it
+    /// takes any message.
+    pub fn new(
+        engine: &Engine,
+        settings: GuardSettings,
+        instantiate: Instantiate<P>,
+    ) -> Result<Self, PluginError> {
+        let g = Guarded {
+            name: Arc::from(settings.name.as_str()),
+            engine: engine.clone(),
+            settings,
+            instantiate,
+            live: Mutex::new(Live {
+                instance: None,
+                consecutive: 0,
+                next_restart: None,
+                restarts: std::collections::VecDeque::new(),
+            }),
+            stats: Arc::new(PluginStats::default()),
+        };
+        let first = g.fresh().map_err(|reason| PluginError::Init {
+            name: g.settings.name.clone(),
+            reason,
+        })?;
+        g.live.lock().unwrap_or_else(|e| e.into_inner()).instance = Some(first);
+        Ok(g)
+    }
+
+    pub fn disabled(&self) -> bool {
+        self.stats.disabled.load(Ordering::Relaxed)
+    }
+
+    fn fresh(&self) -> Result<(Store<HostState>, P), String> {
+        let mut store = Store::new(
+            &self.engine,
+            HostState::new(
+                self.name.clone(),
+                self.settings.params.clone(),
+                &self.settings.limits,
+            ),
+        );
+        store.limiter(|s| &mut s.limits);
+        self.arm(&mut store);
+        let p = (self.instantiate)(&mut store)?;
+        Ok((store, p))
+    }
+
+    fn arm(&self, store: &mut Store<HostState>) {
+        store.set_epoch_deadline(self.settings.limits.deadline_ticks);
+        let _ = store.set_fuel(self.settings.limits.fuel.unwrap_or(u64::MAX));
+    }
+
+    /// Calls into the instance (rebuilding it first if a trap killed it).
+    /// A trap is a fault; the call's own result is the caller's to judge
+    /// (then [`Guarded::succeeded`] or [`Guarded::failed`]).
+    pub fn call<R>(
+        &self,
+        f: impl FnOnce(&P, &mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<R, String> {
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if live.instance.is_none() {
+            if self.disabled() {
+                return Err("disabled after repeated faults".into());
+            }
+            if live.next_restart.is_some_and(|t| Instant::now() < t) {
+                return Err(
+                    self.fault(&mut live, "instance not restarted yet after a fault".into())
+                );
+            }
+            match self.fresh() {
+                Ok(i) => {
+                    self.stats.restarts.fetch_add(1, Ordering::Relaxed);
+                    live.instance = Some(i);
+                    let now = Instant::now();
+                    live.restarts.push_back(now);
+                    while live.restarts.len() > RESTART_BURST {
+                        live.restarts.pop_front();
+                    }
+                }
+                Err(e) => {
+                    live.next_restart = Some(Instant::now() + RESTART_EVERY);
+                    return Err(self.fault(&mut live, e));
+                }
+            }
+        }
+        let (store, plugin) = live.instance.as_mut().expect("instantiated above");
+        self.arm(store);
+        match f(plugin, store) {
+            Ok(r) => Ok(r),
+            Err(trap) => {
+                live.instance = None;
+                let burst = live.restarts.len() >= RESTART_BURST
+                    && live
+                        .restarts
+                        .front()
+                        .is_some_and(|t| t.elapsed() < Duration::from_secs(1));
+                live.next_restart = burst.then(|| Instant::now() + RESTART_EVERY);
+                let why = match trap.downcast_ref::<wasmtime::Trap>() {
+                    Some(wasmtime::Trap::Interrupt) => format!(
+                        "ran past its deadline ({} ms)",
+                        self.settings.limits.deadline_ticks.saturating_sub(1)
+                    ),
+                    Some(wasmtime::Trap::OutOfFuel) => "ran out of fuel".to_string(),
+                    _ => format!("trapped: {trap:#}"),
+                };
+                Err(self.fault(&mut live, why))
+            }
+        }
+    }
+
+    pub fn succeeded(&self, messages_out: usize) {
+        self.live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .consecutive = 0;
+        self.stats
+            .messages_out
+            .fetch_add(messages_out as u64, Ordering::Relaxed);
+    }
+
+    /// A call that returned but did wrong (an error, garbage): a fault.
+    pub fn failed(&self, why: String) -> String {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        self.fault(&mut live, why)
+    }
+
+    fn fault(&self, live: &mut Live<P>, why: String) -> String {
+        self.stats.faults.fetch_add(1, Ordering::Relaxed);
+        live.consecutive += 1;
+        if live.consecutive >= self.settings.max_faults && !self.disabled() {
+            self.stats.disabled.store(true, Ordering::Relaxed);
+            live.instance = None;
+            error!(plugin = %self.name, faults = live.consecutive, error = %why, "plugin disabled after repeated faults (a reload enables it again)");
+        } else {
+            warn!(plugin = %self.name, error = %why, "plugin fault");
+        }
+        why
+    }
+}

@@ -1,0 +1,360 @@
+//! WebAssembly plugins through the real host: the example plugins of
+//! `plugins/` and the misbehaving one of `tests/plugins/`, compiled for
+//! wasm32-wasip2, loaded by a gateway, driven over MQTT.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use capteurs_tests::*;
+
+fn plugin(name: &str, kind: &str, extra: &str) -> String {
+    format!(
+        "[[plugins]]\nname = \"{name}\"\nkind = \"{kind}\"\npath = \"{}\"\n{extra}\n",
+        plugin_wasm(name).display()
+    )
+}
+
+async fn sub(g: &TestGateway, filter: &str) -> RawClient {
+    let mut c = RawClient::connect(g.addr, &ConnectOpts::new("sub")).await;
+    c.subscribe(filter, QoS::AtMostOnce).await;
+    c
+}
+
+fn payload(m: &Received) -> String {
+    String::from_utf8(m.payload.clone()).unwrap()
+}
+
+/// Nothing arrives on `c` for a short while.
+async fn silent(c: &mut RawClient) {
+    match c.recv_within(QUIET).await {
+        Ok(None) | Err(_) => {}
+        Ok(Some(p)) => panic!("unexpected {p:?}"),
+    }
+}
+
+#[tokio::test]
+async fn deadband_then_celsius_json_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = plugin(
+        "deadband",
+        "transform",
+        "order = 1\ntopics = [\"capteurs/#\"]\n[plugins.params]\nthreshold = 0.5",
+    ) + &plugin(
+        "celsius-json",
+        "transform",
+        "order = 2\ntopics = [\"capteurs/#\"]",
+    );
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut s = sub(&g, "#").await;
+    let mut p = RawClient::connect(g.addr, &ConnectOpts::new("sonde")).await;
+    for v in ["20.0", "20.2", "21.0", "20.9"] {
+        p.publish(
+            "capteurs/temperature/fr/aubiere/r",
+            v.as_bytes(),
+            QoS::AtMostOnce,
+            false,
+        )
+        .await;
+    }
+    p.publish("autre/t", b"20.0", QoS::AtMostOnce, false).await;
+    let got: Vec<serde_json::Value> = [s.receive().await, s.receive().await]
+        .iter()
+        .map(|m| serde_json::from_str(&payload(m)).unwrap())
+        .collect();
+    assert_eq!(got[0]["value"], 20.0);
+    assert_eq!(got[1]["value"], 21.0);
+    assert_eq!(got[1]["unit"], "°C");
+    assert_eq!(got[1]["sensor"], "sonde");
+    assert!(got[1]["ts"].as_str().unwrap().ends_with('Z'));
+    // Outside the plugins' topics: untouched.
+    let m = s.receive().await;
+    assert_eq!(
+        (m.topic.as_str(), payload(&m).as_str()),
+        ("autre/t", "20.0")
+    );
+    let stats = g.plugins().stats();
+    assert_eq!(stats["deadband"].calls.load(Ordering::Relaxed), 4);
+    assert_eq!(stats["celsius-json"].calls.load(Ordering::Relaxed), 2);
+    // The compiled components were cached for the next start.
+    let cached = std::fs::read_dir(dir.path().join("plugins-cache"))
+        .unwrap()
+        .count();
+    assert_eq!(cached, 2);
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn outlier_filter_and_downsample() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = plugin(
+        "outlier-filter",
+        "transform",
+        "topics = [\"brut/#\"]\n[plugins.params]\nmax_jump = 3",
+    ) + &plugin(
+        "downsample",
+        "transform",
+        "topics = [\"moyen/#\"]\n[plugins.params]\nwindow_secs = 0.3",
+    );
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut s = sub(&g, "#").await;
+    let mut p = RawClient::connect(g.addr, &ConnectOpts::new("p")).await;
+    for v in ["20", "20.5", "21", "-500", "35", "21.5"] {
+        p.publish("brut/t", v.as_bytes(), QoS::AtMostOnce, false)
+            .await;
+    }
+    let kept: Vec<String> = [
+        s.receive().await,
+        s.receive().await,
+        s.receive().await,
+        s.receive().await,
+    ]
+    .iter()
+    .map(payload)
+    .collect();
+    assert_eq!(
+        kept,
+        ["20", "20.5", "21", "21.5"],
+        "-500 impossible, 35 a spike"
+    );
+    for v in ["10", "20", "30"] {
+        p.publish("moyen/t", v.as_bytes(), QoS::AtMostOnce, false)
+            .await;
+    }
+    silent(&mut s).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    p.publish("moyen/t", b"100", QoS::AtMostOnce, false).await;
+    let m = s.receive().await;
+    assert_eq!((m.topic.as_str(), payload(&m).as_str()), ("moyen/t", "20"));
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn misbehaving_plugin_is_contained_counted_and_disabled() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = plugin(
+        "misbehave",
+        "transform",
+        "topics = [\"bad/#\"]\ntimeout_ms = 50\nmemory_mb = 8\nmax_faults = 6\non_error = \"dead_letter\"\ndead_letter_topic = \"dead/letters\"",
+    );
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut s = sub(&g, "#").await;
+    let mut p = RawClient::connect(g.addr, &ConnectOpts::new("p")).await;
+    let mut other = RawClient::connect(g.addr, &ConnectOpts::new("other")).await;
+    for (i, what) in ["loop", "oom", "trap", "garbage", "error"]
+        .iter()
+        .enumerate()
+    {
+        let started = Instant::now();
+        p.publish("bad/x", what.as_bytes(), QoS::AtLeastOnce, false)
+            .await;
+        // Dead-lettered, unchanged.
+        let m = s.receive().await;
+        assert_eq!(
+            (m.topic.as_str(), payload(&m).as_str()),
+            ("dead/letters", *what)
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "{what} took {:?}",
+            started.elapsed()
+        );
+        // Other topics keep flowing meanwhile.
+        other
+            .publish("ok/t", format!("{i}").as_bytes(), QoS::AtMostOnce, false)
+            .await;
+        let m = s.receive().await;
+        assert_eq!(m.topic, "ok/t");
+    }
+    // A good message after faults: the instance was rebuilt.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    p.publish("bad/x", b"fine", QoS::AtLeastOnce, false).await;
+    let m = s.receive().await;
+    assert_eq!((m.topic.as_str(), payload(&m).as_str()), ("bad/x", "fine"));
+    let st = g.plugins().stats()["misbehave"].clone();
+    assert_eq!(st.faults.load(Ordering::Relaxed), 5);
+    assert!(
+        st.restarts.load(Ordering::Relaxed) >= 3,
+        "loop, oom and trap killed the instance"
+    );
+    assert!(!st.disabled.load(Ordering::Relaxed));
+    // Six faults in a row disable it; its messages then pass untouched.
+    for _ in 0..6 {
+        p.publish("bad/x", b"error", QoS::AtLeastOnce, false).await;
+        assert_eq!(s.receive().await.topic, "dead/letters");
+    }
+    assert!(st.disabled.load(Ordering::Relaxed));
+    p.publish("bad/x", b"loop", QoS::AtLeastOnce, false).await;
+    let m = s.receive().await;
+    assert_eq!((m.topic.as_str(), payload(&m).as_str()), ("bad/x", "loop"));
+    // A reload enables it again.
+    let plugins = g.plugins().clone();
+    assert_eq!(
+        tokio::task::spawn_blocking(move || plugins.reload())
+            .await
+            .unwrap(),
+        0
+    );
+    assert!(!g.plugins().stats()["misbehave"]
+        .disabled
+        .load(Ordering::Relaxed));
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn on_error_pass_and_drop() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = plugin(
+        "misbehave",
+        "transform",
+        "topics = [\"pass/#\"]\non_error = \"pass\"",
+    )
+    .replace("name = \"misbehave\"", "name = \"pass\"")
+        + &plugin(
+            "misbehave",
+            "transform",
+            "topics = [\"drop/#\"]\non_error = \"drop\"",
+        )
+        .replace("name = \"misbehave\"", "name = \"drop\"");
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut s = sub(&g, "#").await;
+    let mut p = RawClient::connect(g.addr, &ConnectOpts::new("p")).await;
+    p.publish("drop/x", b"error", QoS::AtMostOnce, false).await;
+    p.publish("pass/x", b"trap", QoS::AtMostOnce, false).await;
+    let m = s.receive().await;
+    assert_eq!((m.topic.as_str(), payload(&m).as_str()), ("pass/x", "trap"));
+    silent(&mut s).await;
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn hot_reload_under_load_loses_and_duplicates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    // A copy the test can replace on disk, as an operator would.
+    let wasm = dir.path().join("t.wasm");
+    std::fs::copy(plugin_wasm("celsius-json"), &wasm).unwrap();
+    let cfg = format!(
+        "[[plugins]]\nname = \"t\"\nkind = \"transform\"\npath = \"{}\"\ntopics = [\"capteurs/#\"]\n",
+        wasm.display()
+    );
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut s = RawClient::connect(g.addr, &ConnectOpts::new("sub")).await;
+    s.subscribe("capteurs/#", QoS::AtLeastOnce).await;
+    let addr = g.addr;
+    const N: usize = 2000;
+    let publisher = tokio::spawn(async move {
+        let mut p = RawClient::connect(addr, &ConnectOpts::new("p")).await;
+        for i in 0..N {
+            p.publish(
+                "capteurs/t",
+                format!("{i}").as_bytes(),
+                QoS::AtLeastOnce,
+                false,
+            )
+            .await;
+        }
+    });
+    // Swap the plugin five times while the stream runs (what SIGHUP does).
+    let plugins = g.plugins().clone();
+    let swapper = tokio::task::spawn_blocking(move || {
+        for _ in 0..5 {
+            std::thread::sleep(Duration::from_millis(20));
+            assert_eq!(plugins.reload(), 0);
+        }
+    });
+    let mut seen = HashSet::new();
+    while seen.len() < N {
+        let m = s.receive().await;
+        let j: serde_json::Value = serde_json::from_str(&payload(&m)).unwrap();
+        let v = j["value"].as_f64().unwrap() as usize;
+        assert!(seen.insert(v), "{v} twice");
+    }
+    publisher.await.unwrap();
+    swapper.await.unwrap();
+    silent(&mut s).await;
+    // A broken file does not replace the running version.
+    std::fs::write(&wasm, b"not wasm").unwrap();
+    let plugins = g.plugins().clone();
+    assert_eq!(
+        tokio::task::spawn_blocking(move || plugins.reload())
+            .await
+            .unwrap(),
+        1
+    );
+    let mut p = RawClient::connect(g.addr, &ConnectOpts::new("p2")).await;
+    p.publish("capteurs/t", b"7", QoS::AtLeastOnce, false).await;
+    let j: serde_json::Value = serde_json::from_str(&payload(&s.receive().await)).unwrap();
+    assert_eq!(j["value"], 7.0);
+    g.stop().await;
+}
+
+#[tokio::test]
+async fn the_classroom_through_acl_groups_with_paho() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = "allow_anonymous = false\n".to_owned() + &plugin("acl-groups", "auth", "");
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    // paho-mqtt 1.6, the course's API: G2 listens on isima/#; G1 with a
+    // wrong password, then G1 subscribing to '#' and publishing to G2's topic
+    // and its own.
+    let script = r##"
+import sys, time
+import paho.mqtt.client as mqtt
+port = int(sys.argv[1])
+def wait(c, cond):
+    for _ in range(100):
+        c.loop(0.05)
+        if cond(): return
+    sys.exit("timeout")
+bad = mqtt.Client("g1-bad")
+bad.username_pw_set("G1", "wrong")
+rc = []
+bad.on_connect = lambda c, u, f, r: rc.append(r)
+bad.connect("127.0.0.1", port)
+wait(bad, lambda: rc)
+print("wrong password:", rc[0], mqtt.connack_string(rc[0]), flush=True)
+g2 = mqtt.Client("g2")
+g2.username_pw_set("G2", "isimaG2")
+got = []
+g2.on_message = lambda c, u, m: got.append((m.topic, m.payload.decode()))
+g2.connect("127.0.0.1", port)
+g2.subscribe("isima/#")
+g1 = mqtt.Client("g1")
+g1.username_pw_set("G1", "isimaG1")
+granted = []
+g1.on_subscribe = lambda c, u, mid, q: granted.append(q)
+g1.connect("127.0.0.1", port)
+g1.subscribe("#")
+wait(g1, lambda: granted)
+print("subscribe #:", granted[0][0], flush=True)
+for _ in range(10): g2.loop(0.02)
+g1.publish("isima/G2", "intrus")
+g1.publish("isima/G1", "21.5")
+for _ in range(10): g1.loop(0.02)
+wait(g2, lambda: got)
+for _ in range(10): g2.loop(0.02)
+print("G2 received:", got, flush=True)
+"##;
+    let out = tokio::process::Command::new(python())
+        .args(["-u", "-c", script, &g.addr.port().to_string()])
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(30), out)
+        .await
+        .expect("the paho script finishes")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "wrong password: 4 Connection Refused: bad user name or password.",
+            "subscribe #: 128",
+            "G2 received: [('isima/G1', '21.5')]",
+        ]
+    );
+    g.stop().await;
+}
