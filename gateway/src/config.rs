@@ -351,6 +351,9 @@ pub struct SerialConfig {
     pub sensor: Option<String>,
     /// For `plain` lines: which quantity (default: the sensor's first).
     pub grandeur: Option<String>,
+    /// A decoder plugin (`[[plugins]]` kind = "decoder") that reads the
+    /// lines instead of `format`.
+    pub decoder: Option<String>,
     #[serde(default = "default_max_line")]
     pub max_line_bytes: usize,
     #[serde(default = "default_reopen_min")]
@@ -469,6 +472,7 @@ fn default_max_faults() -> u32 {
 pub enum PluginKind {
     Transform,
     Auth,
+    Decoder,
 }
 
 /// What happens to a message a transform failed on; for auth plugins,
@@ -493,6 +497,8 @@ pub struct BleConfig {
     /// Recorded adverts, one per line (a file, FIFO or pty), read as if
     /// they came from the radio.
     pub replay: Option<PathBuf>,
+    /// A decoder plugin for the adverts no built-in format claims.
+    pub decoder: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -752,6 +758,19 @@ impl GatewayConfig {
             };
             bad("sources", key, "must be at least 1".into());
         }
+        if let Some(d) = &self.ble.decoder {
+            if !self
+                .plugins
+                .iter()
+                .any(|x| &x.name == d && x.kind == PluginKind::Decoder)
+            {
+                bad(
+                    "ble",
+                    "decoder",
+                    format!("no [[plugins]] entry {d:?} with kind = \"decoder\""),
+                );
+            }
+        }
         if self.ble.scan && !cfg!(feature = "ble") {
             bad(
                 "ble",
@@ -883,7 +902,20 @@ impl GatewayConfig {
                 None if here.len() == 1 => Some(here[0]),
                 None => None,
             };
-            if p.format == crate::sources::serial::lines::LineFormat::Plain
+            if let Some(d) = &p.decoder {
+                if !self
+                    .plugins
+                    .iter()
+                    .any(|x| &x.name == d && x.kind == PluginKind::Decoder)
+                {
+                    bad(
+                        "decoder",
+                        format!("no [[plugins]] entry {d:?} with kind = \"decoder\""),
+                    );
+                }
+            }
+            if p.decoder.is_none()
+                && p.format == crate::sources::serial::lines::LineFormat::Plain
                 && default.is_none()
                 && p.sensor.is_none()
             {

@@ -170,14 +170,17 @@ pub async fn start(cfg: &GatewayConfig) -> Result<Gateway, Error> {
     let transform = plugins
         .clone()
         .map(|p| p as Arc<dyn crate::broker::Transform>);
-    let plugin_watch = plugins.as_ref().map(|p| {
-        let token = CancellationToken::new();
-        tokio::spawn(crate::plugins::watch(p.clone(), token.clone()));
-        token
-    });
+    let watch = |plugins: &Option<Arc<Plugins>>, publisher: Publisher| {
+        plugins.as_ref().map(|p| {
+            let token = CancellationToken::new();
+            tokio::spawn(crate::plugins::watch(p.clone(), publisher, token.clone()));
+            token
+        })
+    };
     if !cfg.upstream.enabled {
         let broker = Broker::start_with(settings, auth, None, transform).await?;
-        let sources = start_sources(cfg, broker.publisher())?;
+        let plugin_watch = watch(&plugins, broker.publisher());
+        let sources = start_sources(cfg, broker.publisher(), plugins.clone())?;
         return Ok(Gateway {
             broker,
             buffer: None,
@@ -195,8 +198,9 @@ pub async fn start(cfg: &GatewayConfig) -> Result<Gateway, Error> {
         .map_err(|e| Error::Upstream(e.to_string()))??;
     let outlet = Arc::new(Outlet::new(rules.clone(), buffer.clone()));
     let broker = Broker::start_with(settings, auth, Some(outlet), transform).await?;
+    let plugin_watch = watch(&plugins, broker.publisher());
     let upstream = upstream::start(up, rules, buffer.clone(), broker.publisher());
-    let sources = start_sources(cfg, broker.publisher())?;
+    let sources = start_sources(cfg, broker.publisher(), plugins.clone())?;
     Ok(Gateway {
         broker,
         buffer: Some(buffer),
@@ -233,6 +237,7 @@ pub async fn load_plugins(
 pub fn start_sources(
     cfg: &GatewayConfig,
     publisher: Publisher,
+    plugins: Option<Arc<Plugins>>,
 ) -> Result<Option<SourcesHandle>, Error> {
     if cfg.sensors.is_empty() && cfg.serial.is_empty() && cfg.ble.replay.is_none() && !cfg.ble.scan
     {
@@ -267,6 +272,7 @@ pub fn start_sources(
             checksum: p.checksum,
             default_sensor,
             default_grandeur,
+            decoder: p.decoder.clone(),
             max_line_bytes: p.max_line_bytes,
             reopen_min: Duration::from_millis(p.reopen_min_ms),
             reopen_max: Duration::from_millis(p.reopen_max_ms),
@@ -284,7 +290,8 @@ pub fn start_sources(
         registry,
         publisher,
         Duration::from_secs(cfg.sources.log_interval_secs),
-    );
+    )
+    .with_plugins(plugins, cfg.ble.decoder.clone());
     Ok(Some(sources::start(settings, s)))
 }
 

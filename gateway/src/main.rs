@@ -103,6 +103,27 @@ enum PluginCommand {
         #[arg(long)]
         action: Option<String>,
     },
+    /// Time a plugin: the median cost of one call (transform: process on
+    /// --payload; auth: authorize --action on --topic, cached and not).
+    Bench {
+        file: PathBuf,
+        #[arg(
+            long,
+            default_value = "capteurs/temperature/fr/aubiere/rue_de_la_chebarde"
+        )]
+        topic: String,
+        #[arg(long, default_value = "21.37")]
+        payload: String,
+        #[arg(long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
+        #[arg(long)]
+        username: Option<String>,
+        #[arg(long, default_value = "publish")]
+        action: String,
+        /// Calls per sample (the median of 21 samples is reported).
+        #[arg(long, default_value_t = 20_000)]
+        calls: u32,
+    },
 }
 
 fn main() -> ExitCode {
@@ -220,9 +241,9 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
     init_logging("info");
     let engine = runtime::engine()?;
     let (file, params) = match &command {
-        PluginCommand::Check { file, params } | PluginCommand::Run { file, params, .. } => {
-            (file.clone(), parse_params(params)?)
-        }
+        PluginCommand::Check { file, params }
+        | PluginCommand::Run { file, params, .. }
+        | PluginCommand::Bench { file, params, .. } => (file.clone(), parse_params(params)?),
     };
     let component = runtime::load(&engine, "plugin", &file, None)?;
     let exports = capteurs_gateway::plugins::world_of(&component, &engine);
@@ -282,7 +303,9 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
                 "auth" => {
                     AuthPlugin::new(&engine, &component, guard(), false, false)?;
                 }
-                _ => println!("(decoder plugins are not run by this gateway yet)"),
+                _ => {
+                    capteurs_gateway::plugins::decoder::Decoder::new(&engine, &component, guard())?;
+                }
             }
             println!("init with {} parameter(s): OK", params.len());
             Ok(())
@@ -361,6 +384,95 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
                 println!(
                     "authorize {action} {topic}: {:?}",
                     a.authorize(&client, act, &topic)
+                );
+            }
+            Ok(())
+        }
+        (
+            PluginCommand::Bench {
+                topic,
+                payload,
+                username,
+                action,
+                calls,
+                ..
+            },
+            kind,
+        ) => {
+            let median = |mut f: Box<dyn FnMut()>| {
+                let mut samples: Vec<f64> = (0..21)
+                    .map(|_| {
+                        let t = std::time::Instant::now();
+                        for _ in 0..calls {
+                            f();
+                        }
+                        t.elapsed().as_nanos() as f64 / f64::from(calls)
+                    })
+                    .collect();
+                samples.sort_by(f64::total_cmp);
+                samples[10]
+            };
+            match kind {
+                "transform" => {
+                    let t = transform::Transform::new(
+                        &engine,
+                        &component,
+                        transform::TransformSettings {
+                            topics: vec!["#".into()],
+                            on_error: transform::OnError::Pass,
+                            guard: guard(),
+                        },
+                    )?;
+                    let m = Message::new(
+                        topic,
+                        payload.into_bytes(),
+                        0,
+                        false,
+                        Origin::Sensor("bench".into()),
+                    );
+                    let ns = median(Box::new(move || {
+                        std::hint::black_box(t.process(&m).ok());
+                    }));
+                    println!("transform process: median {ns:.0} ns per call ({calls} calls x 21 samples)");
+                }
+                "auth" => {
+                    let act = if action == "subscribe" {
+                        Action::Subscribe
+                    } else {
+                        Action::Publish
+                    };
+                    let client = ClientInfo {
+                        client_id: "bench".into(),
+                        username,
+                        peer: ([127, 0, 0, 1], 0).into(),
+                    };
+                    for cached in [false, true] {
+                        let a = AuthPlugin::new(&engine, &component, guard(), false, cached)?;
+                        let (c, t) = (client.clone(), topic.clone());
+                        let ns = median(Box::new(move || {
+                            std::hint::black_box(a.authorize(&c, act, &t));
+                        }));
+                        println!(
+                            "auth authorize ({}): median {ns:.0} ns per call",
+                            if cached { "decision cache" } else { "no cache" }
+                        );
+                    }
+                }
+                other => bail!("plugin bench: {other} plugins are not benchmarked"),
+            }
+            Ok(())
+        }
+        (PluginCommand::Run { payload, .. }, "decoder") => {
+            let d = capteurs_gateway::plugins::decoder::Decoder::new(&engine, &component, guard())?;
+            let out = d
+                .decode("plugin-run", payload.as_bytes())
+                .map_err(|e| anyhow::anyhow!("the plugin failed: {e}"))?;
+            for r in out {
+                println!(
+                    "{} {} = {}",
+                    r.sensor.as_deref().unwrap_or("-"),
+                    r.grandeur,
+                    r.value
                 );
             }
             Ok(())

@@ -358,3 +358,42 @@ print("G2 received:", got, flush=True)
     );
     g.stop().await;
 }
+
+#[tokio::test]
+async fn a_decoder_plugin_reads_a_serial_port() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pty = Pty::open();
+    let cfg = plugin(
+        "csv-decoder",
+        "decoder",
+        "[plugins.params]\ncolumns = \"id,temperature,humidite\"",
+    ) + &format!(
+        "[[serial]]\nport = \"{}\"\ndecoder = \"csv-decoder\"\n[[sensors]]\nid = \"cuisine\"\nsource = \"serial:{}\"\npays = \"fr\"\nville = \"aubiere\"\nrue = \"chebarde\"\ngrandeurs = [\"temperature\", \"humidite\"]\n",
+        pty.path.display(),
+        pty.path.display()
+    );
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut s = sub(&g, "capteurs/+/fr/aubiere/chebarde").await;
+    pty.write(b"cuisine;21,5;40\ncuisine;chaud;40\n");
+    let a = s.receive().await;
+    let b = s.receive().await;
+    assert_eq!(
+        [
+            (a.topic.as_str(), payload(&a)),
+            (b.topic.as_str(), payload(&b))
+        ],
+        [
+            (
+                "capteurs/temperature/fr/aubiere/chebarde",
+                "21.5".to_string()
+            ),
+            ("capteurs/humidite/fr/aubiere/chebarde", "40".to_string())
+        ]
+    );
+    let st = g.sources().clone();
+    eventually("the bad line counted", || {
+        st.decoder_failed.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    g.stop().await;
+}

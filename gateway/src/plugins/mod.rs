@@ -12,6 +12,7 @@
 //! plugin that fails to load keeps its previous version running.
 
 pub mod auth;
+pub mod decoder;
 pub mod runtime;
 pub mod transform;
 
@@ -23,6 +24,7 @@ use std::time::{Duration, SystemTime};
 use tracing::{error, info, warn};
 
 use self::auth::AuthPlugin;
+use self::decoder::Decoder;
 use self::runtime::{GuardSettings, Limits, PluginError};
 use self::transform::{OnError, Transform, TransformSettings};
 use crate::broker::auth::{
@@ -52,6 +54,18 @@ pub mod auth_bindings {
     });
 }
 
+/// Bindings of the `decoder-plugin` world.
+pub mod decoder_bindings {
+    wasmtime::component::bindgen!({
+        world: "decoder-plugin",
+        path: "../wit",
+        with: {
+            "capteurs:plugins/types": super::bindings::capteurs::plugins::types,
+            "capteurs:plugins/host": super::bindings::capteurs::plugins::host,
+        },
+    });
+}
+
 /// Which world a component implements, by its exports.
 pub fn world_of(
     component: &wasmtime::component::Component,
@@ -65,9 +79,11 @@ pub fn world_of(
 }
 
 /// One loaded plugin, with what it was loaded from (for reloads).
+#[derive(Clone)]
 enum Loaded {
     Transform(Arc<Transform>),
     Auth(Arc<AuthPlugin>),
+    Decoder(Arc<Decoder>),
 }
 
 struct Entry {
@@ -166,6 +182,9 @@ impl Plugins {
                 c.on_error == OnErrorConfig::Pass,
                 c.cache_decisions,
             )?)),
+            PluginKind::Decoder => {
+                Loaded::Decoder(Arc::new(Decoder::new(&engine, &component, guard)?))
+            }
         };
         info!(plugin = %c.name, kind = ?c.kind, path = %path.display(), "plugin loaded");
         Ok(Entry {
@@ -186,6 +205,7 @@ impl Plugins {
             match &e.plugin {
                 Loaded::Transform(t) => transforms.push(t.clone()),
                 Loaded::Auth(a) => auths.push(a.clone()),
+                Loaded::Decoder(_) => {}
             }
         }
         if !self.builtin_first {
@@ -225,10 +245,7 @@ impl Plugins {
                     config: old.config.clone(),
                     path: old.path.clone(),
                     modified: old.modified,
-                    plugin: match &old.plugin {
-                        Loaded::Transform(t) => Loaded::Transform(t.clone()),
-                        Loaded::Auth(a) => Loaded::Auth(a.clone()),
-                    },
+                    plugin: old.plugin.clone(),
                 });
                 continue;
             }
@@ -243,10 +260,7 @@ impl Plugins {
                         path: old.path.clone(),
                         // Not retried until the file changes again.
                         modified,
-                        plugin: match &old.plugin {
-                            Loaded::Transform(t) => Loaded::Transform(t.clone()),
-                            Loaded::Auth(a) => Loaded::Auth(a.clone()),
-                        },
+                        plugin: old.plugin.clone(),
                     });
                 }
             }
@@ -266,10 +280,20 @@ impl Plugins {
                 let s = match &e.plugin {
                     Loaded::Transform(t) => t.stats().clone(),
                     Loaded::Auth(a) => a.stats().clone(),
+                    Loaded::Decoder(d) => d.stats().clone(),
                 };
                 (e.config.name.clone(), s)
             })
             .collect()
+    }
+
+    /// The decoder plugin called `name` (the current version).
+    pub fn decoder(&self, name: &str) -> Option<Arc<Decoder>> {
+        let set = self.set.read().unwrap_or_else(|e| e.into_inner()).clone();
+        set.entries.iter().find_map(|e| match &e.plugin {
+            Loaded::Decoder(d) if e.config.name == name => Some(d.clone()),
+            _ => None,
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -344,9 +368,15 @@ impl Authenticator for Plugins {
 }
 
 /// Watches the plugins' files and reloads those that change (every 2 s),
-/// until `shutdown`.
-pub async fn watch(plugins: Arc<Plugins>, shutdown: tokio_util::sync::CancellationToken) {
+/// and publishes every plugin's counters on `$SYS/capteurs/plugins`
+/// (retained JSON, every 10 s), until `shutdown`.
+pub async fn watch(
+    plugins: Arc<Plugins>,
+    publisher: crate::broker::Publisher,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
+    let mut n = 0u64;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -355,6 +385,21 @@ pub async fn watch(plugins: Arc<Plugins>, shutdown: tokio_util::sync::Cancellati
                 if let Err(e) = tokio::task::spawn_blocking(move || p.reload_changed()).await {
                     warn!(error = %e, "plugin watch failed");
                 }
+                if n.is_multiple_of(5) {
+                    let stats: serde_json::Map<String, serde_json::Value> = plugins
+                        .stats()
+                        .into_iter()
+                        .map(|(name, s)| (name, s.to_json()))
+                        .collect();
+                    publisher.publish(Message::new(
+                        "$SYS/capteurs/plugins",
+                        serde_json::Value::Object(stats).to_string(),
+                        0,
+                        true,
+                        crate::message::Origin::Broker,
+                    ));
+                }
+                n += 1;
             }
         }
     }

@@ -68,6 +68,8 @@ pub struct SourceStats {
     pub undecodable: AtomicU64,
     /// Encrypted adverts without a key, or that the key does not open.
     pub decrypt_failed: AtomicU64,
+    /// Lines or adverts a decoder plugin failed on (or is missing).
+    pub decoder_failed: AtomicU64,
     /// Times a serial port (or replay input) was opened.
     pub port_opens: AtomicU64,
     pub port_errors: AtomicU64,
@@ -100,6 +102,7 @@ impl SourceStats {
                 "collapsed": g(&self.collapsed),
                 "undecodable": g(&self.undecodable),
                 "decrypt_failed": g(&self.decrypt_failed),
+                "decoder_failed": g(&self.decoder_failed),
             },
             "port_opens": g(&self.port_opens),
             "port_errors": g(&self.port_errors),
@@ -162,6 +165,10 @@ pub struct Sources {
     publisher: Publisher,
     /// Unknown devices already reported (once each).
     reported: Mutex<HashSet<String>>,
+    /// Where decoder plugins are found (by name, current version).
+    plugins: Option<Arc<crate::plugins::Plugins>>,
+    /// `[ble] decoder`: the plugin for adverts no built-in format claims.
+    pub ble_decoder: Option<String>,
 }
 
 impl Sources {
@@ -172,7 +179,35 @@ impl Sources {
             log: RateLimitedLog::new(log_interval),
             publisher,
             reported: Mutex::new(HashSet::new()),
+            plugins: None,
+            ble_decoder: None,
         }
+    }
+
+    /// Decoder plugins come from here; `ble_decoder` reads unknown adverts.
+    pub fn with_plugins(
+        mut self,
+        plugins: Option<Arc<crate::plugins::Plugins>>,
+        ble_decoder: Option<String>,
+    ) -> Self {
+        self.plugins = plugins;
+        self.ble_decoder = ble_decoder;
+        self
+    }
+
+    /// Runs the decoder plugin `name` on `data`.
+    pub fn decode(
+        &self,
+        name: &str,
+        source: &str,
+        data: &[u8],
+    ) -> Result<Vec<crate::plugins::decoder::Decoded>, String> {
+        let decoder = self
+            .plugins
+            .as_ref()
+            .and_then(|p| p.decoder(name))
+            .ok_or_else(|| format!("no decoder plugin {name:?} loaded"))?;
+        decoder.decode(source, data)
     }
 
     /// A device the registry does not list: logged and published on the

@@ -234,7 +234,13 @@ pub fn advert(sources: &Sources, a: &Advert) {
     let key = known.and_then(|i| sources.registry.sensors[i].key.as_ref());
     let source = format!("ble:{}", format_mac(&a.mac));
     let d = match decode(a, key) {
-        None => return, // not a sensor format: phones, beacons...
+        None => {
+            // Not a built-in format: the decoder plugin may know it.
+            if let Some(name) = sources.ble_decoder.clone() {
+                plugin_advert(sources, &name, a, known);
+            }
+            return; // otherwise not a sensor: phones, beacons...
+        }
         Some(Ok(d)) => d,
         Some(Err(e @ (DecodeError::NoKey | DecodeError::Decrypt))) if known.is_some() => {
             sources.dropped(
@@ -302,6 +308,62 @@ pub fn advert(sources: &Sources, a: &Advert) {
                 value,
                 rssi: a.rssi,
                 battery: d.battery,
+                at,
+            },
+        );
+    }
+}
+
+/// An advert read by the decoder plugin: each service and manufacturer
+/// data block in turn, as `ble:<MAC>/svc:<UUID>` or `ble:<MAC>/mfr:<id>`.
+fn plugin_advert(sources: &Sources, name: &str, a: &Advert, known: Option<usize>) {
+    let mac = format_mac(&a.mac);
+    let blocks = a
+        .service_data
+        .iter()
+        .map(|(id, d)| (format!("ble:{mac}/svc:{id:04X}"), d))
+        .chain(
+            a.manufacturer_data
+                .iter()
+                .map(|(id, d)| (format!("ble:{mac}/mfr:{id:04X}"), d)),
+        );
+    let mut readings = Vec::new();
+    for (source, data) in blocks {
+        match sources.decode(name, &source, data) {
+            Ok(r) => readings.extend(r),
+            Err(e) => sources.dropped(&sources.stats.decoder_failed, &source, "decoder_failed", &e),
+        }
+    }
+    if readings.is_empty() {
+        return;
+    }
+    let Some(index) = known else {
+        sources.unknown(
+            "ble",
+            &mac,
+            serde_json::json!({ "decoder": name, "rssi": a.rssi }),
+        );
+        return;
+    };
+    let frame = Frame::Bytes(
+        a.service_data
+            .iter()
+            .chain(&a.manufacturer_data)
+            .flat_map(|(id, d)| id.to_be_bytes().into_iter().chain(d.iter().copied()))
+            .collect(),
+    );
+    if !sources.new_frame(index, frame) {
+        return;
+    }
+    let at = SystemTime::now();
+    for r in readings {
+        sources.reading(
+            index,
+            Reading {
+                grandeur: r.grandeur,
+                value: r.value,
+                rssi: a.rssi,
+                battery: None,
                 at,
             },
         );

@@ -37,6 +37,8 @@ pub struct PortSettings {
     pub default_sensor: Option<usize>,
     /// Quantity of `plain` lines.
     pub default_grandeur: Option<String>,
+    /// The decoder plugin that reads this port's lines, by name.
+    pub decoder: Option<String>,
     pub max_line_bytes: usize,
     pub reopen_min: Duration,
     pub reopen_max: Duration,
@@ -141,6 +143,10 @@ async fn read(
 fn line(raw: &[u8], at: SystemTime, p: &PortSettings, sources: &Sources, source: &str) {
     let stats = &sources.stats;
     SourceStats::add(&stats.lines);
+    if let Some(name) = &p.decoder {
+        plugin_line(name, raw, at, p, sources, source);
+        return;
+    }
     let parsed = match lines::parse(raw, p.format, p.checksum) {
         Ok(l) => l,
         Err(e) => {
@@ -185,6 +191,55 @@ fn line(raw: &[u8], at: SystemTime, p: &PortSettings, sources: &Sources, source:
                 grandeur,
                 value,
                 rssi: parsed.rssi,
+                battery: None,
+                at,
+            },
+        );
+    }
+}
+
+/// A line read by a decoder plugin.
+fn plugin_line(
+    name: &str,
+    raw: &[u8],
+    at: SystemTime,
+    p: &PortSettings,
+    sources: &Sources,
+    source: &str,
+) {
+    let readings = match sources.decode(name, source, raw) {
+        Ok(r) => r,
+        Err(e) => {
+            let text = lines::clip(&String::from_utf8_lossy(raw));
+            sources.dropped(
+                &sources.stats.decoder_failed,
+                source,
+                "decoder_failed",
+                &format!("{e}: {text:?}"),
+            );
+            return;
+        }
+    };
+    for r in readings {
+        let index = match &r.sensor {
+            Some(id) => sources.registry.serial(&p.port, id),
+            None => p.default_sensor,
+        };
+        let Some(index) = index else {
+            let id = r.sensor.clone().unwrap_or_else(|| source.to_owned());
+            sources.unknown(
+                "serial",
+                &id,
+                serde_json::json!({ "port": p.port.display().to_string(), "decoder": name }),
+            );
+            continue;
+        };
+        sources.reading(
+            index,
+            Reading {
+                grandeur: r.grandeur,
+                value: r.value,
+                rssi: None,
                 battery: None,
                 at,
             },
