@@ -25,18 +25,14 @@ import subprocess
 import tempfile
 import time
 
+from benchlib import free_port, wait_port, rss_kib
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GW = os.path.join(ROOT, "target/release/capteurs-gateway")
 SIM = os.path.join(ROOT, "target/release/capteurs-sim")
 WASM = os.path.join(ROOT, "plugins/target/wasm32-wasip2/release")
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
 def plugin(name, kind, extra=""):
@@ -52,15 +48,6 @@ def gateway(work, port, plugins):
     return conf
 
 
-def wait_port(port, timeout=20):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.001)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
 def per_call():

@@ -29,18 +29,13 @@ import threading
 import time
 import tty
 
-import mqttlite
+from benchlib import free_port, wait_port, rss_kib
+import benchlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GW = os.path.join(ROOT, "target/release/capteurs-gateway")
 
 
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 def cpu_ticks(pid):
@@ -51,7 +46,7 @@ def cpu_ticks(pid):
 
 class Subscriber:
     def __init__(self, port):
-        self.s = mqttlite.subscribe(port, "bench-sub", "capteurs/temperature/#", 0)
+        self.s = benchlib.subscribe(port, "bench-sub", "capteurs/temperature/#", 0)
         self.arrivals = []  # (time, topic, payload)
         self.stop = False
         self.ready = threading.Event()
@@ -69,12 +64,12 @@ class Subscriber:
             now = time.perf_counter()
             if not chunk:
                 return
-            pkts, buf = mqttlite.packets(buf + chunk)
+            pkts, buf = benchlib.packets(buf + chunk)
             for kind, body in pkts:
                 if kind >> 4 == 9:
                     self.ready.set()
                 elif kind >> 4 == 3:
-                    topic, _, payload = mqttlite.publish_parts(kind, body)
+                    topic, _, payload = benchlib.publish_parts(kind, body)
                     self.arrivals.append((now, topic, payload))
 
 

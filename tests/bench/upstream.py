@@ -35,7 +35,8 @@ import tempfile
 import threading
 import time
 
-import mqttlite
+from benchlib import free_port, wait_port, rss_kib
+import benchlib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GW = os.path.join(ROOT, "target/release/capteurs-gateway")
@@ -43,31 +44,10 @@ SIM = os.path.join(ROOT, "target/release/capteurs-sim")
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    p = s.getsockname()[1]
-    s.close()
-    return p
 
 
-def wait_port(port, timeout=10):
-    end = time.time() + timeout
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port}")
 
 
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
 
 
 class Mosquitto:
@@ -172,7 +152,7 @@ class Counter:
         self.thread.start()
 
     def _session(self):
-        s = mqttlite.subscribe(self.port, self.client_id, self.topic, 1, clean=False)
+        s = benchlib.subscribe(self.port, self.client_id, self.topic, 1, clean=False)
         s.settimeout(0.5)
         buf = b""
         while not self.stop:
@@ -182,10 +162,10 @@ class Counter:
                 continue
             if not chunk:
                 raise OSError("closed")
-            pkts, buf = mqttlite.packets(buf + chunk)
+            pkts, buf = benchlib.packets(buf + chunk)
             for kind, body in pkts:
                 if kind >> 4 == 3:
-                    _, pid, payload = mqttlite.publish_parts(kind, body)
+                    _, pid, payload = benchlib.publish_parts(kind, body)
                     if pid:
                         s.sendall(b"\x40\x02" + pid)
                     self.total += 1

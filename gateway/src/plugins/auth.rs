@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Engine, Store};
+use wasmtime::component::Component;
+use wasmtime::Engine;
 
 use super::auth_bindings::exports::capteurs::plugins::auth as wit;
 use super::auth_bindings::{AuthPlugin as World, AuthPluginPre};
@@ -38,32 +38,13 @@ impl AuthPlugin {
         fail_open: bool,
         cache: bool,
     ) -> Result<AuthPlugin, PluginError> {
-        let link = |e: wasmtime::Error| PluginError::Link {
-            name: guard.name.clone(),
-            reason: format!("{e:#}"),
-        };
-        let mut linker: Linker<HostState> = Linker::new(engine);
-        World::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(link)?;
-        super::runtime::link_wasi(&mut linker, component).map_err(link)?;
-        let pre = linker.instantiate_pre(component).map_err(link)?;
-        let pre = AuthPluginPre::new(pre).map_err(link)?;
-        let guarded = Guarded::new(
+        let guarded = super::runtime::guarded_world!(
             engine,
+            component,
             guard,
-            Box::new(move |store: &mut Store<HostState>| {
-                let plugin = pre
-                    .instantiate(&mut *store)
-                    .map_err(|e| format!("instantiate: {e:#}"))?;
-                let params = store.data().wasm_params();
-                match plugin
-                    .capteurs_plugins_auth()
-                    .call_init(&mut *store, &params)
-                {
-                    Ok(Ok(())) => Ok(plugin),
-                    Ok(Err(e)) => Err(format!("init returned an error: {e}")),
-                    Err(e) => Err(format!("init trapped: {e:#}")),
-                }
-            }),
+            World,
+            AuthPluginPre<HostState>,
+            capteurs_plugins_auth
         )?;
         Ok(AuthPlugin {
             name: guarded.name.clone(),

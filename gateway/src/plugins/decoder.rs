@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
-use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Engine, Store};
+use wasmtime::component::Component;
+use wasmtime::Engine;
 
 use super::decoder_bindings::{DecoderPlugin as World, DecoderPluginPre};
 use super::runtime::{GuardSettings, Guarded, HostState, PluginError, PluginStats};
@@ -30,32 +30,13 @@ impl Decoder {
         component: &Component,
         guard: GuardSettings,
     ) -> Result<Decoder, PluginError> {
-        let link = |e: wasmtime::Error| PluginError::Link {
-            name: guard.name.clone(),
-            reason: format!("{e:#}"),
-        };
-        let mut linker: Linker<HostState> = Linker::new(engine);
-        World::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s).map_err(link)?;
-        super::runtime::link_wasi(&mut linker, component).map_err(link)?;
-        let pre = linker.instantiate_pre(component).map_err(link)?;
-        let pre = DecoderPluginPre::new(pre).map_err(link)?;
-        let guarded = Guarded::new(
+        let guarded = super::runtime::guarded_world!(
             engine,
+            component,
             guard,
-            Box::new(move |store: &mut Store<HostState>| {
-                let plugin = pre
-                    .instantiate(&mut *store)
-                    .map_err(|e| format!("instantiate: {e:#}"))?;
-                let params = store.data().wasm_params();
-                match plugin
-                    .capteurs_plugins_decoder()
-                    .call_init(&mut *store, &params)
-                {
-                    Ok(Ok(())) => Ok(plugin),
-                    Ok(Err(e)) => Err(format!("init returned an error: {e}")),
-                    Err(e) => Err(format!("init trapped: {e:#}")),
-                }
-            }),
+            World,
+            DecoderPluginPre<HostState>,
+            capteurs_plugins_decoder
         )?;
         Ok(Decoder {
             name: guarded.name.clone(),

@@ -320,6 +320,45 @@ impl host::Host for HostState {
     }
 }
 
+/// Links a world's bindings (`$World`, `$Pre`) for `$component`, and
+/// returns it [`Guarded`]: every (re)instantiation calls the interface's
+/// `init` (`$iface`: the generated accessor) with the plugin's parameters.
+/// One macro for the three worlds, whose generated types share no trait.
+macro_rules! guarded_world {
+    ($engine:expr, $component:expr, $guard:expr, $World:ty, $Pre:ty, $iface:ident) => {{
+        let guard: $crate::plugins::runtime::GuardSettings = $guard;
+        let link = |e: wasmtime::Error| $crate::plugins::runtime::PluginError::Link {
+            name: guard.name.clone(),
+            reason: format!("{e:#}"),
+        };
+        let mut linker: wasmtime::component::Linker<$crate::plugins::runtime::HostState> =
+            wasmtime::component::Linker::new($engine);
+        <$World>::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
+            .map_err(link)?;
+        $crate::plugins::runtime::link_wasi(&mut linker, $component).map_err(link)?;
+        let pre = linker.instantiate_pre($component).map_err(link)?;
+        let pre = <$Pre>::new(pre).map_err(link)?;
+        $crate::plugins::runtime::Guarded::new(
+            $engine,
+            guard,
+            Box::new(
+                move |store: &mut wasmtime::Store<$crate::plugins::runtime::HostState>| {
+                    let plugin = pre
+                        .instantiate(&mut *store)
+                        .map_err(|e| format!("instantiate: {e:#}"))?;
+                    let params = store.data().wasm_params();
+                    match plugin.$iface().call_init(&mut *store, &params) {
+                        Ok(Ok(())) => Ok(plugin),
+                        Ok(Err(e)) => Err(format!("init returned an error: {e}")),
+                        Err(e) => Err(format!("init trapped: {e:#}")),
+                    }
+                },
+            ),
+        )
+    }};
+}
+pub(crate) use guarded_world;
+
 /// Counters of one plugin.
 #[derive(Debug, Default)]
 pub struct PluginStats {

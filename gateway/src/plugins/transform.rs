@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use bytestring::ByteString;
-use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Engine, Store};
+use wasmtime::component::Component;
+use wasmtime::Engine;
 
 use super::bindings::capteurs::plugins::types;
 use super::bindings::{TransformPlugin, TransformPluginPre};
@@ -41,16 +41,6 @@ pub struct TransformSettings {
     pub guard: GuardSettings,
 }
 
-pub fn linker(
-    engine: &Engine,
-    component: &Component,
-) -> Result<Linker<HostState>, wasmtime::Error> {
-    let mut linker = Linker::new(engine);
-    TransformPlugin::add_to_linker::<_, HasSelf<_>>(&mut linker, |s| s)?;
-    super::runtime::link_wasi(&mut linker, component)?;
-    Ok(linker)
-}
-
 impl Transform {
     /// Links and instantiates the component, and calls its `init`: a plugin
     /// that cannot start says why here, before it takes any message.
@@ -59,30 +49,13 @@ impl Transform {
         component: &Component,
         s: TransformSettings,
     ) -> Result<Transform, PluginError> {
-        let link = |e: wasmtime::Error| PluginError::Link {
-            name: s.guard.name.clone(),
-            reason: format!("{e:#}"),
-        };
-        let linker = linker(engine, component).map_err(link)?;
-        let pre = linker.instantiate_pre(component).map_err(link)?;
-        let pre = TransformPluginPre::new(pre).map_err(link)?;
-        let guarded = Guarded::new(
+        let guarded = super::runtime::guarded_world!(
             engine,
+            component,
             s.guard,
-            Box::new(move |store: &mut Store<HostState>| {
-                let plugin = pre
-                    .instantiate(&mut *store)
-                    .map_err(|e| format!("instantiate: {e:#}"))?;
-                let params = store.data().wasm_params();
-                match plugin
-                    .capteurs_plugins_transform()
-                    .call_init(&mut *store, &params)
-                {
-                    Ok(Ok(())) => Ok(plugin),
-                    Ok(Err(e)) => Err(format!("init returned an error: {e}")),
-                    Err(e) => Err(format!("init trapped: {e:#}")),
-                }
-            }),
+            TransformPlugin,
+            TransformPluginPre<HostState>,
+            capteurs_plugins_transform
         )?;
         Ok(Transform {
             name: guarded.name.clone(),

@@ -163,6 +163,16 @@ pub(crate) fn hex(s: &str) -> Vec<u8> {
 }
 
 impl Advert {
+    /// Every data block, ids included: what identifies an advert among its
+    /// repeats when its format has no counter.
+    pub fn data_bytes(&self) -> Vec<u8> {
+        self.service_data
+            .iter()
+            .chain(&self.manufacturer_data)
+            .flat_map(|(id, d)| id.to_be_bytes().into_iter().chain(d.iter().copied()))
+            .collect()
+    }
+
     /// Reads the replay line format:
     /// `A4:C1:38:02:83:F4 rssi=-60 svc=181A:A4C1380283F4… mfr=0499:0512FC…`
     /// (any number of `svc=` and `mfr=` fields, hex ids and data).
@@ -282,13 +292,7 @@ pub fn advert(sources: &Sources, a: &Advert) {
     };
     let frame = match d.counter {
         Some(c) => Frame::Counter(c),
-        None => Frame::Bytes(
-            a.service_data
-                .iter()
-                .chain(&a.manufacturer_data)
-                .flat_map(|(id, d)| id.to_be_bytes().into_iter().chain(d.iter().copied()))
-                .collect(),
-        ),
+        None => Frame::Bytes(a.data_bytes()),
     };
     if !sources.new_frame(index, frame) {
         return;
@@ -345,13 +349,7 @@ fn plugin_advert(sources: &Sources, name: &str, a: &Advert, known: Option<usize>
         );
         return;
     };
-    let frame = Frame::Bytes(
-        a.service_data
-            .iter()
-            .chain(&a.manufacturer_data)
-            .flat_map(|(id, d)| id.to_be_bytes().into_iter().chain(d.iter().copied()))
-            .collect(),
-    );
+    let frame = Frame::Bytes(a.data_bytes());
     if !sources.new_frame(index, frame) {
         return;
     }

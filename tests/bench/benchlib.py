@@ -1,7 +1,36 @@
-"""A minimal MQTT 3.1.1 subscriber for the benchmark scripts (standard
-library only, so the benchmarks need nothing installed)."""
+"""What the benchmark scripts share: free ports, waiting for a listener,
+RSS, and a minimal MQTT 3.1.1 subscriber (standard library only, so the
+benchmarks need nothing installed)."""
 import socket
 import struct
+import time
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    p = s.getsockname()[1]
+    s.close()
+    return p
+
+
+def wait_port(port, timeout=10):
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.001)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
 
 
 def enc_len(n):
