@@ -239,7 +239,7 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
     use capteurs_gateway::plugins::{auth::AuthPlugin, transform};
     use std::time::Duration;
     init_logging("info");
-    let engine = runtime::engine()?;
+    let engine = runtime::engine(false)?;
     let (file, params) = match &command {
         PluginCommand::Check { file, params }
         | PluginCommand::Run { file, params, .. }

@@ -147,7 +147,7 @@ impl Plugins {
     }
 
     fn load_one(&self, c: &PluginConfig) -> Result<Entry, PluginError> {
-        let engine = runtime::engine()?;
+        let engine = runtime::engine(c.fuel > 0)?;
         let path = resolve(&self.base_dir, &c.path);
         let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
         let component = runtime::load(&engine, &c.name, &path, self.cache_dir.as_deref())?;

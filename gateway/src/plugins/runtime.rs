@@ -44,33 +44,35 @@ pub enum PluginError {
 /// One epoch tick: deadlines are counted in these.
 pub const TICK: Duration = Duration::from_millis(1);
 
-/// The engine every plugin runs on, created once: component model on,
-/// epoch interruption on (a thread ticks it every [`TICK`]), fuel metering
-/// on (a store without a budget gets an unlimited one).
-pub fn engine() -> Result<Engine, PluginError> {
-    static ENGINE: OnceLock<Result<Engine, String>> = OnceLock::new();
-    ENGINE
-        .get_or_init(|| {
-            let mut c = Config::new();
-            c.wasm_component_model(true)
-                .epoch_interruption(true)
-                .consume_fuel(true);
-            let engine = Engine::new(&c).map_err(|e| e.to_string())?;
-            let ticker = engine.weak();
-            std::thread::Builder::new()
-                .name("wasm-epoch".into())
-                .spawn(move || loop {
-                    std::thread::sleep(TICK);
-                    match ticker.upgrade() {
-                        Some(e) => e.increment_epoch(),
-                        None => return,
-                    }
-                })
-                .map_err(|e| e.to_string())?;
-            Ok(engine)
-        })
-        .clone()
-        .map_err(PluginError::Engine)
+/// The engine plugins run on, created once per kind: component model on,
+/// epoch interruption on (a thread ticks every [`TICK`]). Fuel metering
+/// slows every instruction (~20 %), so only plugins that ask for a fuel
+/// budget run on the engine that meters it (`fuel = true`).
+pub fn engine(fuel: bool) -> Result<Engine, PluginError> {
+    static PLAIN: OnceLock<Result<Engine, String>> = OnceLock::new();
+    static FUELED: OnceLock<Result<Engine, String>> = OnceLock::new();
+    let cell = if fuel { &FUELED } else { &PLAIN };
+    cell.get_or_init(|| {
+        let mut c = Config::new();
+        c.wasm_component_model(true)
+            .epoch_interruption(true)
+            .consume_fuel(fuel);
+        let engine = Engine::new(&c).map_err(|e| e.to_string())?;
+        let ticker = engine.weak();
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || loop {
+                std::thread::sleep(TICK);
+                match ticker.upgrade() {
+                    Some(e) => e.increment_epoch(),
+                    None => return,
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        Ok(engine)
+    })
+    .clone()
+    .map_err(PluginError::Engine)
 }
 
 /// The compiled form of `path`, from the cache when the gateway compiled
@@ -472,7 +474,9 @@ impl<P> Guarded<P> {
 
     fn arm(&self, store: &mut Store<HostState>) {
         store.set_epoch_deadline(self.settings.limits.deadline_ticks);
-        let _ = store.set_fuel(self.settings.limits.fuel.unwrap_or(u64::MAX));
+        if let Some(fuel) = self.settings.limits.fuel {
+            let _ = store.set_fuel(fuel);
+        }
     }
 
     /// Calls into the instance (rebuilding it first if a trap killed it).
