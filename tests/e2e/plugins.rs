@@ -397,3 +397,28 @@ async fn a_decoder_plugin_reads_a_serial_port() {
     .await;
     g.stop().await;
 }
+
+#[tokio::test]
+async fn a_fuel_budget_stops_a_loop_long_before_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = plugin(
+        "misbehave",
+        "transform",
+        "topics = [\"bad/#\"]\ntimeout_ms = 60000\nfuel = 1000000\non_error = \"drop\"",
+    );
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut s = sub(&g, "#").await;
+    let mut p = RawClient::connect(g.addr, &ConnectOpts::new("p")).await;
+    let started = Instant::now();
+    p.publish("bad/x", b"loop", QoS::AtLeastOnce, false).await;
+    p.publish("bad/x", b"after", QoS::AtLeastOnce, false).await;
+    let m = s.receive().await;
+    assert_eq!((m.topic.as_str(), payload(&m).as_str()), ("bad/x", "after"));
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "fuel, not the 60 s deadline, stopped it"
+    );
+    let st = g.plugins().stats()["misbehave"].clone();
+    assert_eq!(st.faults.load(Ordering::Relaxed), 1);
+    g.stop().await;
+}
