@@ -281,6 +281,17 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
         params: params.clone(),
         max_faults: 1,
     };
+    let make_transform = || {
+        transform::Transform::new(
+            &engine,
+            &component,
+            transform::TransformSettings {
+                topics: vec!["#".into()],
+                on_error: transform::OnError::Pass,
+                guard: guard(),
+            },
+        )
+    };
     match (command, kind) {
         (PluginCommand::Check { .. }, _) => {
             println!(
@@ -290,15 +301,7 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             );
             match kind {
                 "transform" => {
-                    transform::Transform::new(
-                        &engine,
-                        &component,
-                        transform::TransformSettings {
-                            topics: vec!["#".into()],
-                            on_error: transform::OnError::Pass,
-                            guard: guard(),
-                        },
-                    )?;
+                    make_transform()?;
                 }
                 "auth" => {
                     AuthPlugin::new(&engine, &component, guard(), false, false)?;
@@ -321,15 +324,7 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             },
             "transform",
         ) => {
-            let t = transform::Transform::new(
-                &engine,
-                &component,
-                transform::TransformSettings {
-                    topics: vec!["#".into()],
-                    on_error: transform::OnError::Pass,
-                    guard: guard(),
-                },
-            )?;
+            let t = make_transform()?;
             let origin = match origin.split_once(':') {
                 Some(("client", id)) => Origin::Client(id.into()),
                 Some(("sensor", id)) => Origin::Sensor(id.into()),
@@ -414,15 +409,7 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             };
             match kind {
                 "transform" => {
-                    let t = transform::Transform::new(
-                        &engine,
-                        &component,
-                        transform::TransformSettings {
-                            topics: vec!["#".into()],
-                            on_error: transform::OnError::Pass,
-                            guard: guard(),
-                        },
-                    )?;
+                    let t = make_transform()?;
                     let m = Message::new(
                         topic,
                         payload.into_bytes(),

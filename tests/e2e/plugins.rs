@@ -422,3 +422,74 @@ async fn a_fuel_budget_stops_a_loop_long_before_its_deadline() {
     assert_eq!(st.faults.load(Ordering::Relaxed), 1);
     g.stop().await;
 }
+
+/// `capteurs-gateway plugin …`, as a plugin author uses it.
+fn cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(gateway_bin())
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("the gateway runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn plugin_check_and_run_without_a_broker() {
+    let celsius = plugin_wasm("celsius-json");
+    let c = celsius.to_str().unwrap();
+    let (ok, out) = cli(&["plugin", "check", c, "--param", "unit=F"]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("transform plugin") && out.contains("init with 1 parameter(s): OK"),
+        "{out}"
+    );
+    let (ok, out) = cli(&["plugin", "check", c, "--param", "unit=K"]);
+    assert!(!ok && out.contains("unit = \"K\""), "{out}");
+    let (ok, out) = cli(&[
+        "plugin",
+        "run",
+        c,
+        "--payload",
+        "100",
+        "--param",
+        "unit=F",
+        "--origin",
+        "sensor:four",
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(r#""value":212,"unit":"°F","sensor":"four""#),
+        "{out}"
+    );
+    let acl = plugin_wasm("acl-groups");
+    let (ok, out) = cli(&[
+        "plugin",
+        "run",
+        acl.to_str().unwrap(),
+        "--username",
+        "G1",
+        "--password",
+        "isimaG1",
+        "--action",
+        "publish",
+        "--topic",
+        "isima/G2",
+    ]);
+    assert!(
+        ok && out.contains("authenticate G1: Accept")
+            && out.contains("authorize publish isima/G2: Deny"),
+        "{out}"
+    );
+    let bad = plugin_wasm("misbehave");
+    let (ok, out) = cli(&["plugin", "run", bad.to_str().unwrap(), "--payload", "trap"]);
+    assert!(!ok && out.contains("the plugin failed: trapped"), "{out}");
+    let (ok, out) = cli(&[
+        "plugin",
+        "check",
+        workspace().join("Cargo.toml").to_str().unwrap(),
+    ]);
+    assert!(!ok && out.contains("is not a valid component"), "{out}");
+}
