@@ -5,7 +5,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -407,12 +407,13 @@ pub struct Guarded<P> {
     settings: GuardSettings,
     instantiate: Instantiate<P>,
     live: Mutex<Live<P>>,
+    /// Faults in a row (outside the lock: a success only resets it).
+    consecutive: AtomicU32,
     pub stats: Arc<PluginStats>,
 }
 
 struct Live<P> {
     instance: Option<(Store<HostState>, P)>,
-    consecutive: u32,
     next_restart: Option<Instant>,
     /// When the instance was last rebuilt (the last few times).
     restarts: std::collections::VecDeque<Instant>,
@@ -439,10 +440,10 @@ impl<P> Guarded<P> {
             instantiate,
             live: Mutex::new(Live {
                 instance: None,
-                consecutive: 0,
                 next_restart: None,
                 restarts: std::collections::VecDeque::new(),
             }),
+            consecutive: AtomicU32::new(0),
             stats: Arc::new(PluginStats::default()),
         };
         let first = g.fresh().map_err(|reason| PluginError::Init {
@@ -538,11 +539,10 @@ impl<P> Guarded<P> {
         }
     }
 
+    /// A call that did right: the fault streak ends (no lock taken: this is
+    /// every message's path).
     pub fn succeeded(&self, messages_out: usize) {
-        self.live
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .consecutive = 0;
+        self.consecutive.store(0, Ordering::Relaxed);
         self.stats
             .messages_out
             .fetch_add(messages_out as u64, Ordering::Relaxed);
@@ -556,11 +556,11 @@ impl<P> Guarded<P> {
 
     fn fault(&self, live: &mut Live<P>, why: String) -> String {
         self.stats.faults.fetch_add(1, Ordering::Relaxed);
-        live.consecutive += 1;
-        if live.consecutive >= self.settings.max_faults && !self.disabled() {
+        let consecutive = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
+        if consecutive >= self.settings.max_faults && !self.disabled() {
             self.stats.disabled.store(true, Ordering::Relaxed);
             live.instance = None;
-            error!(plugin = %self.name, faults = live.consecutive, error = %why, "plugin disabled after repeated faults (a reload enables it again)");
+            error!(plugin = %self.name, faults = consecutive, error = %why, "plugin disabled after repeated faults (a reload enables it again)");
         } else {
             warn!(plugin = %self.name, error = %why, "plugin fault");
         }
