@@ -571,16 +571,8 @@ impl GatewayConfig {
         Ok(cfg)
     }
 
-    /// Every semantic problem, each naming its key and (when the key is in
-    /// the file) its line.
-    pub fn validate(&self, text: &str) -> Vec<String> {
-        let mut problems = self.validate_plugins(text);
-        problems.extend(self.validate_rest(text));
-        problems
-    }
-
-    fn validate_plugins(&self, text: &str) -> Vec<String> {
-        let mut problems = Vec::new();
+    /// `[[plugins]]`: unique names, valid topics, limits in range.
+    fn validate_plugins(&self, text: &str, problems: &mut Vec<String>) {
         let mut names = std::collections::HashSet::new();
         for (i, p) in self.plugins.iter().enumerate() {
             let mut bad = |key: &str, what: String| {
@@ -617,10 +609,11 @@ impl GatewayConfig {
                 bad("max_faults", "must be at least 1".into());
             }
         }
-        problems
     }
 
-    fn validate_rest(&self, text: &str) -> Vec<String> {
+    /// Every semantic problem, each naming its key and (when the key is in
+    /// the file) its line.
+    pub fn validate(&self, text: &str) -> Vec<String> {
         let mut problems = Vec::new();
         let mut bad = |table: &str, key: &str, what: String| {
             let at = match key_line(text, table, key) {
@@ -693,6 +686,7 @@ impl GatewayConfig {
         }
         self.validate_upstream(text, &mut problems);
         self.validate_sources(text, &mut problems);
+        self.validate_plugins(text, &mut problems);
         problems
     }
 

@@ -228,7 +228,7 @@ pub async fn load_plugins(
         Plugins::load(configs, &base, Some(cache), builtin, builtin_first)
     })
     .await
-    .map_err(|e| Error::Sources(format!("plugin loader: {e}")))??;
+    .map_err(|e| Error::Plugin(PluginError::Engine(format!("plugin loader: {e}"))))??;
     Ok(Some(Arc::new(p)))
 }
 

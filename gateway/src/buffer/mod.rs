@@ -442,7 +442,7 @@ struct Db {
     conn: Connection,
     path: PathBuf,
     /// The `synchronous` mode set on the connection now.
-    sync: Option<SyncMode>,
+    sync: SyncMode,
 }
 
 const SCHEMA: &str = "
@@ -502,7 +502,7 @@ impl Db {
             Db {
                 conn,
                 path,
-                sync: Some(settings.sync),
+                sync: settings.sync,
             },
             next,
         ))
@@ -761,7 +761,7 @@ impl Writer {
         } else {
             SyncMode::Normal
         };
-        if self.db.sync != Some(want) {
+        if self.db.sync != want {
             let v = match want {
                 SyncMode::Full => "FULL",
                 SyncMode::Normal => "NORMAL",
@@ -770,7 +770,7 @@ impl Writer {
                 .conn
                 .pragma_update(None, "synchronous", v)
                 .map_err(err)?;
-            self.db.sync = Some(want);
+            self.db.sync = want;
         }
         let tx = self.db.conn.transaction().map_err(err)?;
         let mut depth = BufferStats::get(&self.stats.depth);

@@ -104,7 +104,6 @@ struct Set {
 /// [`crate::broker::Transform`] (the transform chain) and
 /// [`Authenticator`] (auth plugins, then the built-in one).
 pub struct Plugins {
-    configs: Vec<PluginConfig>,
     base_dir: PathBuf,
     cache_dir: Option<PathBuf>,
     builtin: Arc<dyn Authenticator>,
@@ -126,7 +125,6 @@ impl Plugins {
         let mut configs = configs;
         configs.sort_by_key(|c| c.order);
         let p = Plugins {
-            configs,
             base_dir: base_dir.to_owned(),
             cache_dir,
             builtin,
@@ -138,7 +136,7 @@ impl Plugins {
             })),
         };
         let mut entries = Vec::new();
-        for c in &p.configs {
+        for c in &configs {
             entries.push(p.load_one(c)?);
         }
         let set = p.assemble(entries);
@@ -294,10 +292,6 @@ impl Plugins {
             Loaded::Decoder(d) if e.config.name == name => Some(d.clone()),
             _ => None,
         })
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.configs.is_empty()
     }
 }
 

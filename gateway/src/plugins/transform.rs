@@ -3,7 +3,7 @@
 //! [`Guarded`]) costs that message its `on_error` treatment.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use bytestring::ByteString;
@@ -146,12 +146,4 @@ fn from_wasm(out: Vec<types::Message>, input: &Message) -> Result<Vec<Message>, 
             })
         })
         .collect()
-}
-
-/// For `plugin run`: the current wall time as the guests see it.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }

@@ -7,6 +7,7 @@
 pub mod lines;
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -81,8 +82,6 @@ pub async fn run(p: PortSettings, sources: Arc<Sources>, shutdown: CancellationT
         }
     }
 }
-
-use std::sync::atomic::Ordering;
 
 fn open(p: &PortSettings) -> Result<tokio_serial::SerialStream, tokio_serial::Error> {
     let data_bits = match p.data_bits {
