@@ -240,14 +240,9 @@ pub fn run(args: BleArgs) -> anyhow::Result<()> {
         if args.count > 0 && frames >= args.count {
             break;
         }
-        let Some(r) = g.next_reading() else { break };
-        let due = Duration::from_millis(r.at_ms);
-        if duration.is_some_and(|d| due >= d) {
+        let Some(r) = g.next_due(start, duration) else {
             break;
-        }
-        if let Some(wait) = due.checked_sub(start.elapsed()) {
-            std::thread::sleep(wait);
-        }
+        };
         let frame = Frame {
             mac: mac(r.sensor),
             temperature: r.value,

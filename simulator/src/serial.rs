@@ -131,14 +131,9 @@ pub fn run(args: SerialArgs) -> anyhow::Result<()> {
         if args.count > 0 && written >= args.count {
             break;
         }
-        let Some(r) = g.next_reading() else { break };
-        let due = Duration::from_millis(r.at_ms);
-        if duration.is_some_and(|d| due >= d) {
+        let Some(r) = g.next_due(start, duration) else {
             break;
-        }
-        if let Some(wait) = due.checked_sub(start.elapsed()) {
-            std::thread::sleep(wait);
-        }
+        };
         let spec = g.spec(r.sensor).clone();
         let group = &scenario.groups[spec.group];
         let line = line(args.line_format, &spec.id, &group.grandeur, &group.unit, &r);

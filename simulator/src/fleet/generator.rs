@@ -82,6 +82,25 @@ impl Generator {
         self.due.peek().map(|Reverse((t, _))| *t)
     }
 
+    /// The next reading in real time, for writers that pace themselves
+    /// (serial lines, BLE adverts): sleeps until it is due after `start`;
+    /// `None` once the fleet has no more or `duration` is over.
+    pub fn next_due(
+        &mut self,
+        start: std::time::Instant,
+        duration: Option<std::time::Duration>,
+    ) -> Option<Reading> {
+        let r = self.next_reading()?;
+        let due = std::time::Duration::from_millis(r.at_ms);
+        if duration.is_some_and(|d| due >= d) {
+            return None;
+        }
+        if let Some(wait) = due.checked_sub(start.elapsed()) {
+            std::thread::sleep(wait);
+        }
+        Some(r)
+    }
+
     /// The next reading in time order.
     pub fn next_reading(&mut self) -> Option<Reading> {
         let Reverse((at_ms, i)) = self.due.pop()?;
