@@ -430,6 +430,10 @@ pub struct PluginConfig {
     pub fuel: u64,
     #[serde(default = "default_max_faults")]
     pub max_faults: u32,
+    /// Transforms: instances run side by side (one per core lets every core
+    /// call the plugin at once); each message goes to the instance its
+    /// topic hashes to, so per-topic state and order hold.
+    pub instances: Option<u32>,
     /// Auth: remember authorize answers (the plugin's answer must depend
     /// only on client, user, action and topic).
     #[serde(default = "yes")]
@@ -607,6 +611,16 @@ impl GatewayConfig {
             }
             if p.max_faults == 0 {
                 bad("max_faults", "must be at least 1".into());
+            }
+            match p.instances {
+                Some(n) if p.kind != PluginKind::Transform => bad(
+                    "instances",
+                    format!("{n}: only transform plugins run several instances"),
+                ),
+                Some(n) if !(1..=64).contains(&n) => {
+                    bad("instances", format!("{n}: must be between 1 and 64"))
+                }
+                _ => {}
             }
         }
     }
@@ -1220,5 +1234,34 @@ qos = 3
             err.contains("serial[0].sensor: plain lines carry no id"),
             "{err}"
         );
+    }
+    #[test]
+    fn plugin_errors_name_key_and_line() {
+        let text = "\
+[[plugins]]
+name = \"acl\"
+kind = \"auth\"
+path = \"acl.wasm\"
+instances = 2
+
+[[plugins]]
+name = \"deadband\"
+kind = \"transform\"
+path = \"deadband.wasm\"
+topics = [\"a/#/b\"]
+instances = 0
+memory_mb = 0
+";
+        let err = GatewayConfig::parse(text, "t.toml", Path::new("."))
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "line 5: plugins[0].instances: 2: only transform plugins",
+            "line 11: plugins[1].topics",
+            "line 12: plugins[1].instances: 0: must be between 1 and 64",
+            "line 13: plugins[1].memory_mb",
+        ] {
+            assert!(err.contains(want), "{want:?} not in\n{err}");
+        }
     }
 }

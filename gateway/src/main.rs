@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 use capteurs_gateway::broker::auth::passwd;
 use capteurs_gateway::config::GatewayConfig;
+use capteurs_gateway::plugins::transform::Output;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
@@ -289,6 +290,7 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
                 topics: vec!["#".into()],
                 on_error: transform::OnError::Pass,
                 guard: guard(),
+                instances: 1,
             },
         )
     };
@@ -333,9 +335,16 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
                 _ => bail!("--origin {origin:?}: client:<id>, sensor:<id>, upstream or broker"),
             };
             let m = Message::new(topic, payload.into_bytes(), qos, retain, origin);
-            let out = t
+            let out = match t
                 .process(&m)
-                .map_err(|e| anyhow::anyhow!("the plugin failed: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("the plugin failed: {e}"))?
+            {
+                Output::Keep => {
+                    println!("(kept unchanged)");
+                    vec![m]
+                }
+                Output::Replace(out) => out,
+            };
             if out.is_empty() {
                 println!("(filtered out: no message)");
             }

@@ -84,6 +84,46 @@ async fn deadband_then_celsius_json_in_order() {
     g.stop().await;
 }
 
+/// With several instances, each topic's messages reach one instance: the
+/// deadband's per-topic memory holds (a message sent to another instance
+/// would pass as that instance's first).
+#[tokio::test]
+async fn several_instances_keep_per_topic_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = plugin(
+        "deadband",
+        "transform",
+        "instances = 4\ntopics = [\"capteurs/#\"]\n[plugins.params]\nthreshold = 0.5",
+    );
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut s = sub(&g, "#").await;
+    let mut p = RawClient::connect(g.addr, &ConnectOpts::new("sondes")).await;
+    let topics: Vec<String> = (0..8).map(|i| format!("capteurs/temperature/fr/v/r{i}")).collect();
+    for v in ["20.0", "20.1", "20.2", "21.0", "21.1", "20.9"] {
+        for t in &topics {
+            p.publish(t, v.as_bytes(), QoS::AtMostOnce, false).await;
+        }
+    }
+    p.publish("fin", b"", QoS::AtMostOnce, false).await;
+    let mut got: Vec<(String, String)> = Vec::new();
+    loop {
+        let m = s.receive().await;
+        if m.topic == "fin" {
+            break;
+        }
+        got.push((m.topic.clone(), payload(&m)));
+    }
+    let mut want = Vec::new();
+    for v in ["20.0", "21.0"] {
+        for t in &topics {
+            want.push((t.clone(), v.to_string()));
+        }
+    }
+    assert_eq!(got, want);
+    assert_eq!(g.plugins().stats()["deadband"].calls.load(Ordering::Relaxed), 48);
+    g.stop().await;
+}
+
 #[tokio::test]
 async fn outlier_filter_and_downsample() {
     let dir = tempfile::tempdir().unwrap();

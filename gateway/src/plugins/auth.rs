@@ -64,16 +64,17 @@ impl Authenticator for AuthPlugin {
         if self.guarded.disabled() {
             return self.on_fault_connect();
         }
+        let peer = client.peer.to_string();
         let info = wit::ConnectInfo {
-            client_id: client.client_id.clone(),
-            username: client.username.clone(),
-            password: password.map(<[u8]>::to_vec),
-            peer: client.peer.to_string(),
+            client_id: &client.client_id,
+            username: client.username.as_deref(),
+            password,
+            peer: &peer,
             cert_subject: None,
         };
         match self
             .guarded
-            .call(|p, s| p.capteurs_plugins_auth().call_authenticate(s, &info))
+            .call(|p, s| p.capteurs_plugins_auth().call_authenticate(s, info))
         {
             Ok(d) => {
                 self.guarded.succeeded(0);

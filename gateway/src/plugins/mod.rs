@@ -18,7 +18,9 @@ pub mod transform;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, SystemTime};
 
 use tracing::{error, info, warn};
@@ -26,7 +28,7 @@ use tracing::{error, info, warn};
 use self::auth::AuthPlugin;
 use self::decoder::Decoder;
 use self::runtime::{GuardSettings, Limits, PluginError};
-use self::transform::{OnError, Transform, TransformSettings};
+use self::transform::{OnError, Output, Transform, TransformSettings};
 use crate::broker::auth::{
     AclDecision, Action, AuthChain, Authenticator, ClientInfo, ConnectDecision,
 };
@@ -39,6 +41,11 @@ pub mod bindings {
     wasmtime::component::bindgen!({
         world: "transform-plugin",
         path: "../wit",
+        // The message goes in as borrowed topic and payload: no host-side
+        // copies before the guest's own (it is lowered straight from ours).
+        ownership: Borrowing {
+            duplicate_if_necessary: true
+        },
     });
 }
 
@@ -47,6 +54,9 @@ pub mod auth_bindings {
     wasmtime::component::bindgen!({
         world: "auth-plugin",
         path: "../wit",
+        ownership: Borrowing {
+            duplicate_if_necessary: true
+        },
         with: {
             "capteurs:plugins/types": super::bindings::capteurs::plugins::types,
             "capteurs:plugins/host": super::bindings::capteurs::plugins::host,
@@ -59,6 +69,9 @@ pub mod decoder_bindings {
     wasmtime::component::bindgen!({
         world: "decoder-plugin",
         path: "../wit",
+        ownership: Borrowing {
+            duplicate_if_necessary: true
+        },
         with: {
             "capteurs:plugins/types": super::bindings::capteurs::plugins::types,
             "capteurs:plugins/host": super::bindings::capteurs::plugins::host,
@@ -108,7 +121,8 @@ pub struct Plugins {
     cache_dir: Option<PathBuf>,
     builtin: Arc<dyn Authenticator>,
     builtin_first: bool,
-    set: RwLock<Arc<Set>>,
+    /// Swapped whole on reload; read on every message without a lock.
+    set: ArcSwap<Set>,
 }
 
 impl Plugins {
@@ -129,18 +143,18 @@ impl Plugins {
             cache_dir,
             builtin,
             builtin_first,
-            set: RwLock::new(Arc::new(Set {
+            set: ArcSwap::from_pointee(Set {
                 entries: Vec::new(),
                 transforms: Vec::new(),
                 auth: Arc::new(AuthChain(Vec::new())),
-            })),
+            }),
         };
         let mut entries = Vec::new();
         for c in &configs {
             entries.push(p.load_one(c)?);
         }
         let set = p.assemble(entries);
-        *p.set.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+        p.set.store(Arc::new(set));
         Ok(p)
     }
 
@@ -171,6 +185,7 @@ impl Plugins {
                         ),
                     },
                     guard,
+                    instances: c.instances.unwrap_or(1) as usize,
                 },
             )?)),
             PluginKind::Auth => Loaded::Auth(Arc::new(AuthPlugin::new(
@@ -231,7 +246,7 @@ impl Plugins {
     }
 
     fn reload_where(&self, wanted: impl Fn(&Entry) -> bool) -> usize {
-        let current = self.set.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let current = self.set.load_full();
         if !current.entries.iter().any(&wanted) {
             return 0;
         }
@@ -264,14 +279,14 @@ impl Plugins {
             }
         }
         let set = self.assemble(entries);
-        *self.set.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+        self.set.store(Arc::new(set));
         info!(failed, "plugins reloaded");
         failed
     }
 
     /// Every plugin's counters by name, for `$SYS` and tests.
     pub fn stats(&self) -> HashMap<String, Arc<runtime::PluginStats>> {
-        let set = self.set.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let set = self.set.load_full();
         set.entries
             .iter()
             .map(|e| {
@@ -287,7 +302,7 @@ impl Plugins {
 
     /// The decoder plugin called `name` (the current version).
     pub fn decoder(&self, name: &str) -> Option<Arc<Decoder>> {
-        let set = self.set.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let set = self.set.load_full();
         set.entries.iter().find_map(|e| match &e.plugin {
             Loaded::Decoder(d) if e.config.name == name => Some(d.clone()),
             _ => None,
@@ -305,7 +320,7 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
 
 impl crate::broker::Transform for Plugins {
     fn apply(&self, message: Message) -> Vec<Message> {
-        let set = self.set.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let set = self.set.load();
         let mut current = vec![message];
         for t in &set.transforms {
             if t.disabled() {
@@ -318,7 +333,8 @@ impl crate::broker::Transform for Plugins {
                     continue;
                 }
                 match t.process(&m) {
-                    Ok(out) => next.extend(out),
+                    Ok(Output::Keep) => next.push(m),
+                    Ok(Output::Replace(out)) => next.extend(out),
                     Err(_) => match &t.on_error {
                         OnError::Pass => next.push(m),
                         OnError::Drop => {}
@@ -341,23 +357,11 @@ impl crate::broker::Transform for Plugins {
 
 impl Authenticator for Plugins {
     fn authenticate(&self, client: &ClientInfo, password: Option<&[u8]>) -> ConnectDecision {
-        let auth = self
-            .set
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .auth
-            .clone();
-        auth.authenticate(client, password)
+        self.set.load().auth.authenticate(client, password)
     }
 
     fn authorize(&self, client: &ClientInfo, action: Action, topic: &str) -> AclDecision {
-        let auth = self
-            .set
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .auth
-            .clone();
-        auth.authorize(client, action, topic)
+        self.set.load().auth.authorize(client, action, topic)
     }
 }
 

@@ -17,7 +17,7 @@ use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::capteurs::plugins::host::{self, Level};
-use super::bindings::capteurs::plugins::types::{self, Param};
+use super::bindings::capteurs::plugins::types::{self, ParamParam, ParamResult};
 
 #[derive(Debug, Error)]
 pub enum PluginError {
@@ -267,13 +267,11 @@ impl HostState {
         }
     }
 
-    pub fn wasm_params(&self) -> Vec<Param> {
-        self.params
+    /// The parameters as `init` takes them (borrowed from `params`).
+    pub fn init_params(params: &[(String, String)]) -> Vec<ParamParam<'_>> {
+        params
             .iter()
-            .map(|(key, value)| Param {
-                key: key.clone(),
-                value: value.clone(),
-            })
+            .map(|(key, value)| ParamParam { key, value })
             .collect()
     }
 }
@@ -317,8 +315,14 @@ impl host::Host for HostState {
             .unwrap_or(0)
     }
 
-    fn params(&mut self) -> Vec<Param> {
-        self.wasm_params()
+    fn params(&mut self) -> Vec<ParamResult> {
+        self.params
+            .iter()
+            .map(|(key, value)| ParamResult {
+                key: key.clone(),
+                value: value.clone(),
+            })
+            .collect()
     }
 }
 
@@ -348,7 +352,8 @@ macro_rules! guarded_world {
                     let plugin = pre
                         .instantiate(&mut *store)
                         .map_err(|e| format!("instantiate: {e:#}"))?;
-                    let params = store.data().wasm_params();
+                    let owned = store.data().params.clone();
+                    let params = $crate::plugins::runtime::HostState::init_params(&owned);
                     match plugin.$iface().call_init(&mut *store, &params) {
                         Ok(Ok(())) => Ok(plugin),
                         Ok(Err(e)) => Err(format!("init returned an error: {e}")),
@@ -384,6 +389,7 @@ impl PluginStats {
 }
 
 /// How one plugin instance is guarded.
+#[derive(Clone)]
 pub struct GuardSettings {
     pub name: String,
     pub limits: Limits,

@@ -11,7 +11,7 @@ use std::cell::Cell;
 wit_bindgen::generate!({ world: "transform-plugin", path: "../../wit" });
 
 use capteurs::plugins::types::Origin;
-use exports::capteurs::plugins::transform::{Guest, Message, Param};
+use exports::capteurs::plugins::transform::{Guest, Message, Param, Verdict};
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Settings {
@@ -97,7 +97,7 @@ impl Guest for Plugin {
         Ok(())
     }
 
-    fn process(mut msg: Message) -> Result<Vec<Message>, String> {
+    fn process(mut msg: Message) -> Result<Verdict, String> {
         let sensor = match &msg.origin {
             Origin::Sensor(id) | Origin::Client(id) => id.clone(),
             Origin::Upstream => "upstream".into(),
@@ -109,8 +109,9 @@ impl Guest for Plugin {
                 .convert(&msg.payload, &sensor, msg.received_ms)
         {
             msg.payload = json.into_bytes();
+            return Ok(Verdict::Replace(vec![msg]));
         }
-        Ok(vec![msg])
+        Ok(Verdict::Keep)
     }
 }
 

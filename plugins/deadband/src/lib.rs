@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 wit_bindgen::generate!({ world: "transform-plugin", path: "../../wit" });
 
-use exports::capteurs::plugins::transform::{Guest, Message, Param};
+use exports::capteurs::plugins::transform::{Guest, Message, Param, Verdict};
 
 /// The filter itself, free of the plugin interface (tested natively).
 #[derive(Debug)]
@@ -96,9 +96,9 @@ impl Guest for Plugin {
         Ok(())
     }
 
-    fn process(msg: Message) -> Result<Vec<Message>, String> {
+    fn process(msg: Message) -> Result<Verdict, String> {
         let Some(value) = value_of(&msg.payload) else {
-            return Ok(vec![msg]);
+            return Ok(Verdict::Keep);
         };
         let now = capteurs::plugins::host::wall_ms();
         let keep = STATE.with(|s| {
@@ -106,7 +106,7 @@ impl Guest for Plugin {
                 .as_mut()
                 .map_or(true, |d| d.keep(&msg.topic, value, now))
         });
-        Ok(if keep { vec![msg] } else { Vec::new() })
+        Ok(if keep { Verdict::Keep } else { Verdict::Drop })
     }
 }
 

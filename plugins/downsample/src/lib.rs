@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 wit_bindgen::generate!({ world: "transform-plugin", path: "../../wit" });
 
-use exports::capteurs::plugins::transform::{Guest, Message, Param};
+use exports::capteurs::plugins::transform::{Guest, Message, Param, Verdict};
 
 #[derive(Debug)]
 pub struct Downsampler {
@@ -96,12 +96,12 @@ impl Guest for Plugin {
         Ok(())
     }
 
-    fn process(mut msg: Message) -> Result<Vec<Message>, String> {
+    fn process(mut msg: Message) -> Result<Verdict, String> {
         let Some(v) = std::str::from_utf8(&msg.payload)
             .ok()
             .and_then(|t| t.trim().parse::<f64>().ok())
         else {
-            return Ok(vec![msg]);
+            return Ok(Verdict::Keep);
         };
         let now = capteurs::plugins::host::wall_ms();
         let avg = STATE.with(|s| {
@@ -112,9 +112,9 @@ impl Guest for Plugin {
         Ok(match avg {
             Some(a) => {
                 msg.payload = format!("{a}").into_bytes();
-                vec![msg]
+                Verdict::Replace(vec![msg])
             }
-            None => Vec::new(),
+            None => Verdict::Drop,
         })
     }
 }

@@ -12,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 
 wit_bindgen::generate!({ world: "transform-plugin", path: "../../wit" });
 
-use exports::capteurs::plugins::transform::{Guest, Message, Param};
+use exports::capteurs::plugins::transform::{Guest, Message, Param, Verdict as Outcome};
 
 #[derive(Debug)]
 pub struct Filter {
@@ -97,12 +97,12 @@ impl Guest for Plugin {
         Ok(())
     }
 
-    fn process(msg: Message) -> Result<Vec<Message>, String> {
+    fn process(msg: Message) -> Result<Outcome, String> {
         let Some(v) = std::str::from_utf8(&msg.payload)
             .ok()
             .and_then(|t| t.trim().parse::<f64>().ok())
         else {
-            return Ok(vec![msg]);
+            return Ok(Outcome::Keep);
         };
         let verdict = FILTER.with(|f| {
             f.borrow_mut()
@@ -110,9 +110,9 @@ impl Guest for Plugin {
                 .map_or(Verdict::Keep, |f| f.check(&msg.topic, v))
         });
         Ok(if verdict == Verdict::Keep {
-            vec![msg]
+            Outcome::Keep
         } else {
-            Vec::new()
+            Outcome::Drop
         })
     }
 }

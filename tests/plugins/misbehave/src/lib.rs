@@ -6,7 +6,7 @@
 
 wit_bindgen::generate!({ world: "transform-plugin", path: "../../../wit" });
 
-use exports::capteurs::plugins::transform::{Guest, Message, Param};
+use exports::capteurs::plugins::transform::{Guest, Message, Param, Verdict};
 
 struct Plugin;
 
@@ -15,7 +15,7 @@ impl Guest for Plugin {
         Ok(())
     }
 
-    fn process(mut msg: Message) -> Result<Vec<Message>, String> {
+    fn process(mut msg: Message) -> Result<Verdict, String> {
         let what = String::from_utf8_lossy(&msg.payload).into_owned();
         match what.as_str() {
             "loop" => {
@@ -39,16 +39,16 @@ impl Guest for Plugin {
             }
             "garbage" => {
                 msg.topic = "a/#/b".into();
-                Ok(vec![msg])
+                Ok(Verdict::Replace(vec![msg]))
             }
             "error" => Err("asked to fail".into()),
             w if w.starts_with("slow:") => {
                 let ms: u64 = w[5..].parse().unwrap_or(1);
                 let start = capteurs::plugins::host::monotonic_ns();
                 while capteurs::plugins::host::monotonic_ns() - start < ms * 1_000_000 {}
-                Ok(vec![msg])
+                Ok(Verdict::Keep)
             }
-            _ => Ok(vec![msg]),
+            _ => Ok(Verdict::Keep),
         }
     }
 }
