@@ -19,6 +19,7 @@ use crate::buffer::{Buffer, BufferError, BufferSettings};
 use crate::config::GatewayConfig;
 use crate::plugins::runtime::PluginError;
 use crate::plugins::Plugins;
+use crate::systemd;
 use crate::sources::{self, Registry, Sources, SourcesHandle, SourcesSettings};
 use crate::upstream::{self, Outlet, Rules, ServerUrl, UpstreamHandle, UpstreamSettings};
 use tokio_util::sync::CancellationToken;
@@ -39,6 +40,8 @@ pub enum Error {
     Sources(String),
     #[error(transparent)]
     Plugin(#[from] PluginError),
+    #[error("installing the SIGHUP handler: {0}")]
+    Signal(std::io::Error),
 }
 
 /// Broker settings from the configuration.
@@ -297,22 +300,47 @@ pub fn start_sources(
 
 /// Runs the gateway until `shutdown` resolves, then stops cleanly.
 pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+    // SIGHUP (`systemctl reload`) reloads the plugins; a plugin that fails
+    // to load keeps its previous version running. Installed before start so
+    // an early SIGHUP cannot kill the process (its default action).
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(Error::Signal)?;
     let gateway = start(&cfg).await?;
-    // SIGHUP reloads the plugins (a plugin that fails to load keeps its
-    // previous version running).
-    if let Some(p) = gateway.plugins.clone() {
-        if let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            tokio::spawn(async move {
-                while hup.recv().await.is_some() {
-                    tracing::info!("SIGHUP: reloading plugins");
+    let plugins = gateway.plugins.clone();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            let _ = systemd::reloading();
+            match &plugins {
+                Some(p) => {
+                    tracing::info!("SIGHUP: reloading plugins (other settings take effect on restart)");
                     let p = p.clone();
                     let _ = tokio::task::spawn_blocking(move || p.reload()).await;
                 }
-            });
+                None => tracing::info!("SIGHUP: no plugins to reload (other settings take effect on restart)"),
+            }
+            let _ = systemd::notify("READY=1");
         }
+    });
+    // Ready: the broker listens, the buffer is open, upstream and sources
+    // run. Under systemd (Type=notify) this ends `systemctl start`.
+    if let Err(e) = systemd::notify(&format!(
+        "READY=1\nSTATUS=listening on {}",
+        gateway.broker.local_addr()
+    )) {
+        tracing::warn!(error = %e, "cannot notify systemd of readiness");
+    }
+    if let Some(every) = systemd::watchdog_interval() {
+        tracing::info!(interval_ms = every.as_millis() as u64, "systemd watchdog on");
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every / 2);
+            loop {
+                tick.tick().await;
+                let _ = systemd::notify("WATCHDOG=1");
+            }
+        });
     }
     shutdown.await;
+    let _ = systemd::notify("STOPPING=1");
     tracing::info!("shutting down");
     gateway.shutdown().await;
     Ok(())

@@ -23,9 +23,11 @@ pub mod broker;
 pub mod buffer;
 pub mod config;
 pub mod gateway;
+pub mod logging;
 pub mod message;
 pub mod plugins;
 pub mod sources;
+pub mod systemd;
 pub mod upstream;
 
 pub use config::GatewayConfig;

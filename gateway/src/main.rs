@@ -1,7 +1,7 @@
 //! `capteurs-gateway`: runs the gateway, checks configurations, manages the
 //! password file.
 
-use std::io::{BufRead, IsTerminal};
+use std::io::BufRead;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +11,6 @@ use capteurs_gateway::broker::auth::passwd;
 use capteurs_gateway::config::GatewayConfig;
 use capteurs_gateway::plugins::transform::Output;
 use clap::{Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
 #[command(
@@ -185,7 +184,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             if let Some(dir) = cli.data_dir {
                 cfg.gateway.data_dir = std::env::current_dir()?.join(dir);
             }
-            init_logging(&cfg.log.level);
+            capteurs_gateway::logging::init(&cfg.log.level);
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
             runtime.block_on(async move {
                 let shutdown = shutdown_signal()?;
@@ -194,18 +193,6 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             })
         }
     }
-}
-
-/// Structured logs to stderr; `RUST_LOG` overrides the configured level.
-/// (journald comes with packaging.)
-fn init_logging(level: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let ansi = std::io::stderr().is_terminal();
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .init();
 }
 
 /// Installs the SIGINT/SIGTERM handlers now (before the broker announces
@@ -239,7 +226,7 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
     use capteurs_gateway::plugins::runtime::{self, GuardSettings, Limits};
     use capteurs_gateway::plugins::{auth::AuthPlugin, transform};
     use std::time::Duration;
-    init_logging("info");
+    capteurs_gateway::logging::init("info");
     let engine = runtime::engine(false)?;
     let (file, params) = match &command {
         PluginCommand::Check { file, params }

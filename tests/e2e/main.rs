@@ -7,4 +7,5 @@ mod interop;
 mod persistence;
 mod plugins;
 mod sensors;
+mod service;
 mod upstream;
