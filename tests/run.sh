@@ -43,3 +43,8 @@ cargo build --release --target wasm32-wasip2 --manifest-path plugins/Cargo.toml
 cargo test --manifest-path plugins/Cargo.toml
 echo "== testing"
 cargo test --workspace --no-fail-fast "${features[@]}"
+# The .deb packages, amd64 and arm64 (release builds: the longest step):
+# lintian, install/upgrade/remove/purge in a debootstrapped Debian 12 root,
+# systemd-analyze, the arm64 binaries under qemu. Needs root (chroot, apt).
+echo "== packages"
+as_root packaging/test-deb.sh amd64 arm64

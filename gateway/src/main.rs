@@ -41,8 +41,8 @@ enum Command {
     Run,
     /// Check a configuration file and report every problem with its key and line.
     CheckConfig {
-        /// The file to check.
-        file: PathBuf,
+        /// The file to check (default: the --config file).
+        file: Option<PathBuf>,
     },
     /// Set (or delete) a user's password in a mosquitto-compatible password file.
     Passwd {
@@ -140,6 +140,9 @@ fn main() -> ExitCode {
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::CheckConfig { file }) => {
+            let Some(file) = file.or(cli.config) else {
+                bail!("check-config needs a file: check-config FILE, or --config FILE check-config");
+            };
             GatewayConfig::load(&file)?;
             println!("{}: OK", file.display());
             Ok(())

@@ -199,6 +199,28 @@ fn check_config_reports_key_and_line() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // The systemd unit's form: the file the daemon would run with.
+    let packaged = Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/package.toml");
+    let out = Command::new(BIN)
+        .arg("--config")
+        .arg(&packaged)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(BIN)
+        .args(["--config"])
+        .arg(&typo)
+        .arg("check-config")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("allow_anonymus"));
 }
 
 #[test]

@@ -92,3 +92,118 @@ fn ready_after_listening_watchdog_reload_and_stop() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
 }
+
+/// One journal datagram (systemd's native protocol) as fields: `NAME=value`
+/// lines, or `NAME`, a 64-bit little-endian length and the raw value.
+fn journal_fields(mut d: &[u8]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    while !d.is_empty() {
+        let nl = d.iter().position(|&b| b == b'\n').expect("a field ends");
+        let line = &d[..nl];
+        if let Some(eq) = line.iter().position(|&b| b == b'=') {
+            out.push((
+                String::from_utf8_lossy(&line[..eq]).into_owned(),
+                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+            ));
+            d = &d[nl + 1..];
+        } else {
+            let len = u64::from_le_bytes(d[nl + 1..nl + 9].try_into().unwrap()) as usize;
+            let value = &d[nl + 9..nl + 9 + len];
+            out.push((
+                String::from_utf8_lossy(line).into_owned(),
+                String::from_utf8_lossy(value).into_owned(),
+            ));
+            d = &d[nl + 9 + len + 1..];
+        }
+    }
+    out
+}
+
+/// Under systemd (stderr is the journal's stream, `JOURNAL_STREAM` says so)
+/// events go to journald with their fields as journal fields, nothing to
+/// stderr. journald's socket is a fixed path: the gateway runs in a private
+/// mount namespace where this test's socket is mounted there.
+#[test]
+fn logs_go_to_the_journal_with_fields_under_systemd() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let journal_dir = dir.path().join("journal");
+    std::fs::create_dir(&journal_dir).unwrap();
+    let journal = UnixDatagram::bind(journal_dir.join("socket")).unwrap();
+    journal
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let stderr_path = dir.path().join("stderr");
+    let stderr = std::fs::File::create(&stderr_path).unwrap();
+    let meta = stderr.metadata().unwrap();
+    let conf = dir.path().join("gw.toml");
+    std::fs::write(
+        &conf,
+        format!(
+            "[gateway]\ndata_dir = {:?}\n[broker]\nlisten = \"127.0.0.1:0\"\n",
+            dir.path().join("data").display().to_string()
+        ),
+    )
+    .unwrap();
+    let script = format!(
+        "mount -t tmpfs tmpfs /run/systemd && mkdir /run/systemd/journal && \
+         mount --bind {:?} /run/systemd/journal && exec {:?} --config {:?}",
+        journal_dir.display().to_string(),
+        gateway_bin().display().to_string(),
+        conf.display().to_string()
+    );
+    let mut child = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut buf = vec![0u8; 65536];
+    let mut next = |what: &str| -> Vec<(String, String)> {
+        let n = journal
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("{what}: no journal datagram ({e})"));
+        journal_fields(&buf[..n])
+    };
+    let get = |f: &[(String, String)], k: &str| {
+        f.iter()
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| v.clone())
+    };
+    // The broker's announcement: its text, its address as a field.
+    let addr = loop {
+        let f = next("the listening line");
+        if get(&f, "MESSAGE").is_some_and(|m| m.starts_with("MQTT broker listening")) {
+            assert_eq!(get(&f, "PRIORITY").as_deref(), Some("6"), "{f:?}");
+            assert_eq!(
+                get(&f, "SYSLOG_IDENTIFIER").as_deref(),
+                Some("capteurs-gateway")
+            );
+            break get(&f, "ADDR").unwrap_or_else(|| panic!("no ADDR field: {f:?}"));
+        }
+    };
+    // A client's connection: its id is a field of its own.
+    let mut c = std::net::TcpStream::connect(&addr).unwrap();
+    use std::io::Write;
+    // CONNECT, MQTT 3.1.1, clean session, keep-alive 60, id "journal-probe".
+    let id = b"journal-probe";
+    let mut pkt = vec![0x10, (10 + 2 + id.len()) as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, id.len() as u8];
+    pkt.extend_from_slice(id);
+    c.write_all(&pkt).unwrap();
+    loop {
+        let f = next("the client's connection");
+        if get(&f, "CLIENT_ID").as_deref() == Some("journal-probe") {
+            assert!(get(&f, "MESSAGE").unwrap().contains("client_id=journal-probe"), "{f:?}");
+            break;
+        }
+    }
+    drop(c);
+    let ok = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    assert!(child.wait().unwrap().success());
+    let err = std::fs::read_to_string(&stderr_path).unwrap();
+    assert!(err.is_empty(), "logs went to stderr too:\n{err}");
+}
