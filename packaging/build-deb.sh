@@ -1,7 +1,7 @@
 #!/bin/bash
 # Builds the .deb packages: packaging/build-deb.sh [amd64] [arm64] [armhf]
-# (default: amd64). Output: target/debian/*.deb (amd64) and
-# target/<rust-target>/debian/*.deb (cross builds); their paths are printed.
+# (default: amd64). Output: target/debian/capteurs-gateway_<version>_<arch>.deb;
+# their paths are printed.
 #
 # Installs what it needs when missing (Debian, as root): cargo-deb, help2man,
 # the rustup targets, Debian's cross compilers and the target's libdbus (BLE

@@ -203,16 +203,19 @@ EOF
 test_arm64() {
     packaging/build-deb.sh arm64
     local deb
-    deb=$(ls -t target/aarch64-unknown-linux-gnu/debian/capteurs-gateway_*_arm64.deb | head -1)
+    deb=$(ls -t target/debian/capteurs-gateway_*_arm64.deb | head -1)
     run_lintian "$deb"
     local x
     x=$(mktemp -d /tmp/capteurs-arm64.XXXXXX)
     dpkg-deb -x "$deb" "$x"
     file "$x/usr/bin/capteurs-gateway" 2>/dev/null | grep -q aarch64 ||
         dpkg-deb -I "$deb" | grep -q 'Architecture: arm64' || fail "not an arm64 package"
-    # The target's C library from Debian's cross packages; libdbus from the
-    # arm64 architecture the build installed.
-    local qemu=(qemu-aarch64-static -L /usr/aarch64-linux-gnu)
+    # The arm64 C library and libdbus from Debian's arm64 architecture (the
+    # build added it): qemu finds them at their usual paths. (With `-L
+    # /usr/aarch64-linux-gnu`, the cross toolchain's copy, threads hang in
+    # qemu 7.2.)
+    apt_install libc6:arm64 libdbus-1-3:arm64
+    local qemu=(qemu-aarch64-static)
     "${qemu[@]}" "$x/usr/bin/capteurs-gateway" --version | grep -q '^capteurs-gateway ' ||
         fail "arm64 capteurs-gateway --version under qemu"
     "${qemu[@]}" "$x/usr/bin/capteurs-sim" --version | grep -q '^capteurs-sim ' ||
@@ -225,6 +228,9 @@ name = "celsius-json"
 kind = "transform"
 path = "$x/usr/share/capteurs/plugins/celsius_json.wasm"
 topics = ["capteurs/#"]
+# Emulated, every instruction costs tens of native ones: a real Pi keeps the
+# default deadline (20 ms).
+timeout_ms = 5000
 EOF
     "${qemu[@]}" "$x/usr/bin/capteurs-gateway" --config "$x/gateway.toml" check-config >/dev/null ||
         fail "arm64 check-config under qemu"
