@@ -63,11 +63,7 @@ impl<S: Subscriber> Layer<S> for JournalLayer {
         for (k, v) in &fields.pairs {
             let _ = write!(text, " {k}={v}");
         }
-        let kvs: Vec<(&str, &str)> = fields
-            .pairs
-            .iter()
-            .map(|(k, v)| (*k, v.as_str()))
-            .collect();
+        let kvs: Vec<(&str, &str)> = fields.pairs.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let _ = self.0.journal_send(
             &log::Record::builder()
                 .level(level)

@@ -98,7 +98,9 @@ async fn several_instances_keep_per_topic_state() {
     let mut g = TestGateway::start(dir.path(), &cfg).await;
     let mut s = sub(&g, "#").await;
     let mut p = RawClient::connect(g.addr, &ConnectOpts::new("sondes")).await;
-    let topics: Vec<String> = (0..8).map(|i| format!("capteurs/temperature/fr/v/r{i}")).collect();
+    let topics: Vec<String> = (0..8)
+        .map(|i| format!("capteurs/temperature/fr/v/r{i}"))
+        .collect();
     for v in ["20.0", "20.1", "20.2", "21.0", "21.1", "20.9"] {
         for t in &topics {
             p.publish(t, v.as_bytes(), QoS::AtMostOnce, false).await;
@@ -120,7 +122,12 @@ async fn several_instances_keep_per_topic_state() {
         }
     }
     assert_eq!(got, want);
-    assert_eq!(g.plugins().stats()["deadband"].calls.load(Ordering::Relaxed), 48);
+    assert_eq!(
+        g.plugins().stats()["deadband"]
+            .calls
+            .load(Ordering::Relaxed),
+        48
+    );
     g.stop().await;
 }
 

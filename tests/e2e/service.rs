@@ -28,7 +28,8 @@ fn ready_after_listening_watchdog_reload_and_stop() {
     let dir = tempfile::tempdir().unwrap();
     let sock_path = dir.path().join("notify");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    sock.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let conf = dir.path().join("gw.toml");
     std::fs::write(
         &conf,
@@ -166,9 +167,7 @@ fn logs_go_to_the_journal_with_fields_under_systemd() {
         journal_fields(&buf[..n])
     };
     let get = |f: &[(String, String)], k: &str| {
-        f.iter()
-            .find(|(name, _)| name == k)
-            .map(|(_, v)| v.clone())
+        f.iter().find(|(name, _)| name == k).map(|(_, v)| v.clone())
     };
     // The broker's announcement: its text, its address as a field.
     let addr = loop {
@@ -187,13 +186,33 @@ fn logs_go_to_the_journal_with_fields_under_systemd() {
     use std::io::Write;
     // CONNECT, MQTT 3.1.1, clean session, keep-alive 60, id "journal-probe".
     let id = b"journal-probe";
-    let mut pkt = vec![0x10, (10 + 2 + id.len()) as u8, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, id.len() as u8];
+    let mut pkt = vec![
+        0x10,
+        (10 + 2 + id.len()) as u8,
+        0,
+        4,
+        b'M',
+        b'Q',
+        b'T',
+        b'T',
+        4,
+        2,
+        0,
+        60,
+        0,
+        id.len() as u8,
+    ];
     pkt.extend_from_slice(id);
     c.write_all(&pkt).unwrap();
     loop {
         let f = next("the client's connection");
         if get(&f, "CLIENT_ID").as_deref() == Some("journal-probe") {
-            assert!(get(&f, "MESSAGE").unwrap().contains("client_id=journal-probe"), "{f:?}");
+            assert!(
+                get(&f, "MESSAGE")
+                    .unwrap()
+                    .contains("client_id=journal-probe"),
+                "{f:?}"
+            );
             break;
         }
     }
