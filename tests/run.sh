@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs the whole test suite, installing what the tests need when it is missing:
 # Debian's mosquitto + mosquitto-clients (the cloud stand-in and interop
-# clients), Python paho-mqtt 1.6.1 in ./.venv (the API the course is written
-# in), and the wasm32-wasip2 target (rust-toolchain.toml lists it).
+# clients), chromium (the status page, headless), Python paho-mqtt 1.6.1 in
+# ./.venv (the API the course is written in), and the wasm32-wasip2 target
+# (rust-toolchain.toml lists it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,9 +15,21 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ] || ! c
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null
 fi
 
+# The status page is checked in a real browser (headless).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "== installing chromium (status page test)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
+
 if ! .venv/bin/python3 -c 'import paho.mqtt, sys; sys.exit(0 if paho.mqtt.__version__.startswith("1.6") else 1)' 2>/dev/null; then
   echo "== creating .venv with paho-mqtt 1.6.1"
   rm -rf .venv
+  # Debian's python3 needs python3-venv for `-m venv`.
+  if ! python3 -c 'import ensurepip' 2>/dev/null; then
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+  fi
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check paho-mqtt==1.6.1
 fi

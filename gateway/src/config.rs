@@ -43,6 +43,8 @@ pub struct GatewayConfig {
     pub serial: Vec<SerialConfig>,
     pub ble: BleConfig,
     pub plugins: Vec<PluginConfig>,
+    pub http: HttpConfig,
+    pub homeassistant: HomeAssistantConfig,
     pub log: LogConfig,
     /// Directory the file was read from: relative paths inside it are
     /// resolved against it. Not a key.
@@ -62,6 +64,8 @@ impl Default for GatewayConfig {
             serial: Vec::new(),
             ble: BleConfig::default(),
             plugins: Vec::new(),
+            http: HttpConfig::default(),
+            homeassistant: HomeAssistantConfig::default(),
             log: LogConfig::default(),
             base_dir: PathBuf::from("."),
         }
@@ -520,6 +524,32 @@ pub enum SyncMode {
     Normal,
 }
 
+/// `[http]`: Prometheus metrics, the status page and its JSON.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// `address:port` to listen on; empty: no HTTP listener.
+    pub listen: String,
+}
+
+/// `[homeassistant]`: MQTT discovery of the registered sensors.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HomeAssistantConfig {
+    pub discovery: bool,
+    /// Home Assistant's discovery prefix.
+    pub prefix: String,
+}
+
+impl Default for HomeAssistantConfig {
+    fn default() -> Self {
+        HomeAssistantConfig {
+            discovery: false,
+            prefix: "homeassistant".into(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -636,6 +666,24 @@ impl GatewayConfig {
             };
             problems.push(format!("{at}{table}.{key}: {what}"));
         };
+        let h = &self.http;
+        if !h.listen.is_empty() {
+            if let Err(e) = h.listen.parse::<SocketAddr>() {
+                bad(
+                    "http",
+                    "listen",
+                    format!("{:?} is not an address:port ({e})", h.listen),
+                );
+            }
+        }
+        let ha = &self.homeassistant;
+        if ha.prefix.is_empty() || crate::broker::topic::validate_name(&ha.prefix).is_err() {
+            bad(
+                "homeassistant",
+                "prefix",
+                format!("{:?} is not a topic name", ha.prefix),
+            );
+        }
         let b = &self.broker;
         if let Err(e) = b.listen.parse::<SocketAddr>() {
             bad(

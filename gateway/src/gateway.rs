@@ -17,10 +17,14 @@ use crate::broker::Publisher;
 use crate::broker::{Broker, BrokerError, BrokerHandle, BrokerSettings};
 use crate::buffer::{Buffer, BufferError, BufferSettings};
 use crate::config::GatewayConfig;
+use crate::health::{self, Health};
+use crate::ops::discovery;
+use crate::ops::http::HttpHandle;
+use crate::ops::Ops;
 use crate::plugins::runtime::PluginError;
 use crate::plugins::Plugins;
-use crate::systemd;
 use crate::sources::{self, Registry, Sources, SourcesHandle, SourcesSettings};
+use crate::systemd;
 use crate::upstream::{self, Outlet, Rules, ServerUrl, UpstreamHandle, UpstreamSettings};
 use tokio_util::sync::CancellationToken;
 
@@ -30,8 +34,8 @@ pub enum Error {
     Broker(#[from] BrokerError),
     #[error(transparent)]
     Auth(#[from] AuthError),
-    #[error("invalid broker.listen address {0:?}")]
-    Listen(String),
+    #[error("invalid {0} address {1:?}")]
+    Listen(&'static str, String),
     #[error(transparent)]
     Buffer(#[from] BufferError),
     #[error("upstream: {0}")]
@@ -42,6 +46,8 @@ pub enum Error {
     Plugin(#[from] PluginError),
     #[error("installing the SIGHUP handler: {0}")]
     Signal(std::io::Error),
+    #[error(transparent)]
+    Http(#[from] crate::ops::http::HttpError),
 }
 
 /// Broker settings from the configuration.
@@ -50,7 +56,7 @@ pub fn broker_settings(cfg: &GatewayConfig) -> Result<BrokerSettings, Error> {
     let listen: SocketAddr = b
         .listen
         .parse()
-        .map_err(|_| Error::Listen(b.listen.clone()))?;
+        .map_err(|_| Error::Listen("broker.listen", b.listen.clone()))?;
     Ok(BrokerSettings {
         listen,
         max_packet_size: b.max_packet_size,
@@ -139,12 +145,22 @@ pub struct Gateway {
     pub upstream: Option<UpstreamHandle>,
     pub sources: Option<SourcesHandle>,
     pub plugins: Option<Arc<Plugins>>,
+    /// The stages the watchdog watches.
+    pub health: Health,
+    /// The operations listener (`[http] listen`), when on.
+    pub http: Option<HttpHandle>,
+    /// `<status_prefix>/gateways/<id>/status`, kept retained locally.
+    pub status_topic: String,
     plugin_watch: Option<CancellationToken>,
 }
 
 impl Gateway {
-    /// Stops the stages in order: sources, upstream, broker, buffer.
+    /// Stops the stages in order: operations, sources, upstream, broker,
+    /// buffer.
     pub async fn shutdown(self) {
+        if let Some(h) = self.http {
+            h.shutdown().await;
+        }
         if let Some(w) = self.plugin_watch {
             w.cancel();
         }
@@ -154,6 +170,7 @@ impl Gateway {
         if let Some(u) = self.upstream {
             u.shutdown().await;
         }
+        discovery::status(&self.broker.publisher(), &self.status_topic, "offline");
         self.broker.shutdown().await;
         if let Some(b) = self.buffer {
             tokio::task::spawn_blocking(move || b.close()).await.ok();
@@ -173,43 +190,90 @@ pub async fn start(cfg: &GatewayConfig) -> Result<Gateway, Error> {
     let transform = plugins
         .clone()
         .map(|p| p as Arc<dyn crate::broker::Transform>);
-    let watch = |plugins: &Option<Arc<Plugins>>, publisher: Publisher| {
-        plugins.as_ref().map(|p| {
-            let token = CancellationToken::new();
-            tokio::spawn(crate::plugins::watch(p.clone(), publisher, token.clone()));
-            token
-        })
-    };
-    if !cfg.upstream.enabled {
+    let status_topic = format!(
+        "{}/gateways/{}/status",
+        cfg.upstream.status_prefix, cfg.gateway.id
+    );
+    let (broker, buffer, upstream) = if cfg.upstream.enabled {
+        let up = upstream_settings(cfg)?;
+        let rules = Arc::new(Rules::new(cfg.upstream.rules.clone()));
+        let bs = buffer_settings(cfg);
+        let buffer = tokio::task::spawn_blocking(move || Buffer::open(bs))
+            .await
+            .map_err(|e| Error::Upstream(e.to_string()))??;
+        let outlet = Arc::new(Outlet::new(
+            rules.clone(),
+            buffer.clone(),
+            status_topic.clone(),
+        ));
+        let broker = Broker::start_with(settings, auth, Some(outlet), transform).await?;
+        let upstream = upstream::start(up, rules, buffer.clone(), broker.publisher());
+        (broker, Some(buffer), Some(upstream))
+    } else {
         let broker = Broker::start_with(settings, auth, None, transform).await?;
-        let plugin_watch = watch(&plugins, broker.publisher());
-        let sources = start_sources(cfg, broker.publisher(), plugins.clone())?;
-        return Ok(Gateway {
-            broker,
-            buffer: None,
-            upstream: None,
-            sources,
-            plugins,
-            plugin_watch,
-        });
-    }
-    let up = upstream_settings(cfg)?;
-    let rules = Arc::new(Rules::new(cfg.upstream.rules.clone()));
-    let bs = buffer_settings(cfg);
-    let buffer = tokio::task::spawn_blocking(move || Buffer::open(bs))
-        .await
-        .map_err(|e| Error::Upstream(e.to_string()))??;
-    let outlet = Arc::new(Outlet::new(rules.clone(), buffer.clone()));
-    let broker = Broker::start_with(settings, auth, Some(outlet), transform).await?;
-    let plugin_watch = watch(&plugins, broker.publisher());
-    let upstream = upstream::start(up, rules, buffer.clone(), broker.publisher());
+        (broker, None, None)
+    };
+    let plugin_watch = plugins.as_ref().map(|p| {
+        let token = CancellationToken::new();
+        tokio::spawn(crate::plugins::watch(
+            p.clone(),
+            broker.publisher(),
+            token.clone(),
+        ));
+        token
+    });
     let sources = start_sources(cfg, broker.publisher(), plugins.clone())?;
+
+    let mut health = Health::default();
+    health.watch(broker.view().heartbeat().clone());
+    if let Some(b) = &buffer {
+        health.watch(b.heartbeat().clone());
+    }
+    if let Some(u) = &upstream {
+        health.watch(u.heartbeat().clone());
+    }
+    discovery::status(&broker.publisher(), &status_topic, "online");
+    if cfg.homeassistant.discovery {
+        if let Some(s) = &sources {
+            discovery::announce(
+                &broker.publisher(),
+                &s.sources.registry,
+                &cfg.homeassistant.prefix,
+                &cfg.gateway.id,
+                &status_topic,
+            );
+        }
+    }
+    let http = if cfg.http.listen.is_empty() {
+        None
+    } else {
+        let addr: SocketAddr = cfg
+            .http
+            .listen
+            .parse()
+            .map_err(|_| Error::Listen("http.listen", cfg.http.listen.clone()))?;
+        let ops = Ops::new(
+            cfg.gateway.id.clone(),
+            broker.view(),
+            buffer.clone(),
+            cfg.buffer.max_bytes,
+            upstream.as_ref().map(|u| u.stats().clone()),
+            sources.as_ref().map(|s| s.sources.clone()),
+            plugins.clone(),
+            health.clone(),
+            health::stale_after(systemd::watchdog_interval().unwrap_or(Duration::from_secs(30))),
+        );
+        Some(crate::ops::http::start(addr, Arc::new(ops)).await?)
+    };
     Ok(Gateway {
         broker,
-        buffer: Some(buffer),
-        upstream: Some(upstream),
+        buffer,
+        upstream,
         sources,
         plugins,
+        health,
+        http,
+        status_topic,
         plugin_watch,
     })
 }
@@ -312,11 +376,15 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
             let _ = systemd::reloading();
             match &plugins {
                 Some(p) => {
-                    tracing::info!("SIGHUP: reloading plugins (other settings take effect on restart)");
+                    tracing::info!(
+                        "SIGHUP: reloading plugins (other settings take effect on restart)"
+                    );
                     let p = p.clone();
                     let _ = tokio::task::spawn_blocking(move || p.reload()).await;
                 }
-                None => tracing::info!("SIGHUP: no plugins to reload (other settings take effect on restart)"),
+                None => tracing::info!(
+                    "SIGHUP: no plugins to reload (other settings take effect on restart)"
+                ),
             }
             let _ = systemd::notify("READY=1");
         }
@@ -330,14 +398,11 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         tracing::warn!(error = %e, "cannot notify systemd of readiness");
     }
     if let Some(every) = systemd::watchdog_interval() {
-        tracing::info!(interval_ms = every.as_millis() as u64, "systemd watchdog on");
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every / 2);
-            loop {
-                tick.tick().await;
-                let _ = systemd::notify("WATCHDOG=1");
-            }
-        });
+        tracing::info!(
+            interval_ms = every.as_millis() as u64,
+            "systemd watchdog on"
+        );
+        tokio::spawn(health::feed_watchdog(gateway.health.clone(), every));
     }
     shutdown.await;
     let _ = systemd::notify("STOPPING=1");

@@ -57,6 +57,18 @@ enum Command {
         #[arg(long, short = 'D')]
         delete: bool,
     },
+    /// Print the running gateway's summary (from its [http] listener):
+    /// health, broker, cloud link, buffer, sensors, plugins. Exit 1 when a
+    /// stage is stuck.
+    Status {
+        /// The gateway's HTTP listener (host:port or http://host:port).
+        /// Default: [http] listen of the --config file.
+        #[arg(long)]
+        url: Option<String>,
+        /// Print the JSON summary as it comes instead.
+        #[arg(long)]
+        json: bool,
+    },
     /// Try a WebAssembly plugin without a broker.
     Plugin {
         #[command(subcommand)]
@@ -141,7 +153,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Some(Command::CheckConfig { file }) => {
             let Some(file) = file.or(cli.config) else {
-                bail!("check-config needs a file: check-config FILE, or --config FILE check-config");
+                bail!(
+                    "check-config needs a file: check-config FILE, or --config FILE check-config"
+                );
             };
             GatewayConfig::load(&file)?;
             println!("{}: OK", file.display());
@@ -176,6 +190,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Some(Command::Plugin { command }) => plugin_command(command),
+        Some(Command::Status { url, json }) => status_command(cli.config.as_deref(), url, json),
         Some(Command::Run) | None => {
             let mut cfg = match &cli.config {
                 Some(path) => GatewayConfig::load(path)?,
@@ -210,6 +225,176 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()>> {
             _ = term.recv() => tracing::info!("SIGTERM received"),
         }
     })
+}
+
+/// `capteurs-gateway status`.
+fn status_command(
+    config: Option<&std::path::Path>,
+    url: Option<String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    use capteurs_gateway::ops::Status;
+    let addr = match url {
+        Some(u) => u,
+        None => {
+            let cfg = match config {
+                Some(path) => GatewayConfig::load(path)?,
+                None => GatewayConfig::embedded_default()?,
+            };
+            if cfg.http.listen.is_empty() {
+                bail!(
+                    "the gateway's HTTP listener is off in {} ([http] listen is empty): set it, or pass --url HOST:PORT",
+                    config.map_or("the embedded default configuration".to_owned(), |p| p.display().to_string())
+                );
+            }
+            cfg.http.listen
+        }
+    };
+    let host = addr.trim_start_matches("http://").trim_end_matches('/');
+    let sock: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(host)
+        .with_context(|| format!("{host:?} is not host:port"))?
+        .next()
+        .with_context(|| format!("{host:?} resolves to no address"))?;
+    let (code, body) = capteurs_gateway::ops::http::get(sock, "/status.json")
+        .context("is the gateway running with its [http] listener on?")?;
+    if code != 200 {
+        bail!("http://{sock}/status.json answered {code}: {body}");
+    }
+    if json {
+        println!("{body}");
+    }
+    let s: Status = serde_json::from_str(&body).context("reading /status.json")?;
+    if !json {
+        print!("{}", status_text(&s));
+    }
+    if !s.healthy {
+        bail!("a stage is stuck");
+    }
+    Ok(())
+}
+
+/// The terminal form of the status page.
+fn status_text(s: &capteurs_gateway::ops::Status) -> String {
+    use capteurs_gateway::ops::page::{age, bytes, value};
+    use std::fmt::Write;
+    let mut o = String::new();
+    let health = if s.healthy {
+        "healthy".to_owned()
+    } else {
+        let what: Vec<String> = s
+            .stuck
+            .iter()
+            .map(|(n, a)| format!("{n} silent for {a:.1} s"))
+            .collect();
+        format!("STUCK: {}", what.join(", "))
+    };
+    let _ = writeln!(
+        o,
+        "capteurs-gateway {} \"{}\", up {}: {health}",
+        s.version,
+        s.gateway,
+        age(s.uptime_secs as f64)
+    );
+    let b = &s.broker;
+    let _ = writeln!(
+        o,
+        "broker    {}: {} clients, {} sessions, {} subscriptions, {} retained; {} received, {} sent, {} dropped",
+        b.listen, b.clients.len(), b.sessions, b.subscriptions, b.retained, b.messages_received, b.messages_sent, b.dropped
+    );
+    match &s.upstream {
+        Some(u) if u.connected => {
+            let _ = writeln!(
+                o,
+                "upstream  connected: {} forwarded, {} in flight, {:.1} msg/s, {} connects",
+                u.acknowledged, u.inflight, u.drain_rate, u.connects
+            );
+        }
+        Some(u) => {
+            let _ = writeln!(
+                o,
+                "upstream  DISCONNECTED ({}), {} failed attempts",
+                u.last_error.as_deref().unwrap_or("not connected yet"),
+                u.connect_failures
+            );
+        }
+        None => {
+            let _ = writeln!(o, "upstream  off");
+        }
+    }
+    if let Some(buf) = &s.buffer {
+        let dropped: Vec<String> = buf
+            .dropped
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        let _ = writeln!(
+            o,
+            "buffer    {} messages, {} of {}, oldest {}, dropped: {}",
+            buf.messages,
+            bytes(buf.bytes),
+            bytes(buf.max_bytes),
+            buf.oldest_age_secs.map_or("-".to_owned(), age),
+            if dropped.is_empty() {
+                "none".to_owned()
+            } else {
+                dropped.join(", ")
+            }
+        );
+    }
+    let _ = writeln!(o, "sensors   {}", s.sensors.len());
+    for sensor in &s.sensors {
+        for r in &sensor.readings {
+            let v = r
+                .value
+                .map_or("-".to_owned(), |v| format!("{} {}", value(v), r.unit));
+            let a = r
+                .age_secs
+                .map_or("never".to_owned(), |a| format!("{} ago", age(a)));
+            let _ = writeln!(
+                o,
+                "  {:<16} {:<12} {:>12}  {:<10} {}{}",
+                sensor.id,
+                r.grandeur,
+                v,
+                a,
+                r.topic,
+                if sensor.silent { "  (silent)" } else { "" }
+            );
+        }
+    }
+    let dropped: Vec<String> = s
+        .dropped_input
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    if !dropped.is_empty() {
+        let _ = writeln!(o, "  input dropped: {}", dropped.join(", "));
+    }
+    let _ = writeln!(o, "plugins   {}", s.plugins.len());
+    for p in &s.plugins {
+        let _ = writeln!(
+            o,
+            "  {:<16} {:<9} {} calls, {} faults, {} restarts{}",
+            p.name,
+            p.kind,
+            p.calls,
+            p.faults,
+            p.restarts,
+            if p.disabled { ", DISABLED" } else { "" }
+        );
+    }
+    let _ = writeln!(
+        o,
+        "clients   {}",
+        if b.clients.is_empty() {
+            "none".to_owned()
+        } else {
+            b.clients.join(" ")
+        }
+    );
+    o
 }
 
 fn parse_params(params: &[String]) -> anyhow::Result<Vec<(String, String)>> {

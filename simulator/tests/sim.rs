@@ -2,7 +2,7 @@
 //! Debian's mosquitto over loopback, and against a real pseudo-terminal.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
@@ -164,7 +164,10 @@ async fn course_publisher(addr: SocketAddr, login: &[&str], watcher: ConnectOpts
             assert_eq!(retained, ["isima/G1", "isima/G2", "isima/G3", "isima/G4"]);
             break w;
         }
-        assert!(attempts < 5, "no retained copies after {attempts} subscriptions");
+        assert!(
+            attempts < 5,
+            "no retained copies after {attempts} subscriptions"
+        );
         w.disconnect().await;
     };
 
@@ -580,30 +583,7 @@ async fn bench_counts_messages_the_broker_really_dropped() {
 
 /// Starts `capteurs-sim <args> --pty` and returns it with its pty path.
 fn sim_pty(args: &[&str]) -> (std::process::Child, String) {
-    let mut child = std::process::Command::new(SIM)
-        .args(args)
-        .arg("--pty")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
-    let path = first
-        .trim()
-        .strip_prefix("pty: ")
-        .unwrap_or_else(|| panic!("first line {first:?}"))
-        .to_owned();
-    (child, path)
-}
-
-fn numbers(s: &str) -> Vec<u64> {
-    s.split(|c: char| !c.is_ascii_digit())
-        .filter(|s| !s.is_empty())
-        .map(|s| s.parse().unwrap())
-        .collect()
+    capteurs_tests::sim_pty(std::path::Path::new(SIM), args)
 }
 
 fn sensor_entry(id: &str, source: &str, grandeurs: &str, extra: &str) -> String {

@@ -4,6 +4,7 @@
 mod broker;
 mod course;
 mod interop;
+mod ops;
 mod persistence;
 mod plugins;
 mod sensors;

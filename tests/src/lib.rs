@@ -570,6 +570,48 @@ pub fn gateway_bin() -> PathBuf {
     bin
 }
 
+/// The `capteurs-sim` binary next to the test executable.
+pub fn sim_bin() -> PathBuf {
+    let bin = gateway_bin().with_file_name("capteurs-sim");
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo build -p capteurs-sim` (tests/run.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+/// `capteurs-sim ARGS --pty`, and the path of the pseudo-terminal it made
+/// (its first line of output).
+pub fn sim_pty(sim: &Path, args: &[&str]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(sim)
+        .args(args)
+        .arg("--pty")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let path = first
+        .trim()
+        .strip_prefix("pty: ")
+        .unwrap_or_else(|| panic!("first line {first:?}"))
+        .to_owned();
+    (child, path)
+}
+
+/// The numbers in `s`, in order.
+pub fn numbers(s: &str) -> Vec<u64> {
+    s.split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().unwrap())
+        .collect()
+}
+
 /// A whole gateway in-process (broker, buffer, upstream) from TOML: the
 /// given text plus a loopback port 0 listener and `data_dir`.
 pub struct TestGateway {

@@ -442,6 +442,7 @@ fn pump(conn: &mut Conn, session: &Session) -> bool {
     let mut st = session.lock();
     let len_before = st.queue.len();
     let mut sent = 0u64;
+    let mut sent_by_qos = [0u64; 3];
     let mut persistent_change = false;
     let more = loop {
         let Some(front) = st.queue.front() else {
@@ -456,6 +457,7 @@ fn pump(conn: &mut Conn, session: &Session) -> bool {
         let Some(d) = st.queue.pop_front() else {
             break false;
         };
+        sent_by_qos[usize::from(d.qos.min(2))] += 1;
         if d.qos == 0 {
             encode_publish(&mut conn.wbuf, &d, None, false);
         } else {
@@ -481,7 +483,13 @@ fn pump(conn: &mut Conn, session: &Session) -> bool {
     let clean = st.clean;
     drop(st);
     if sent > 0 {
-        Metrics::add(&conn.shared.router.metrics.messages_sent, sent);
+        let m = &conn.shared.router.metrics;
+        Metrics::add(&m.messages_sent, sent);
+        for (counter, n) in m.sent_by_qos.iter().zip(sent_by_qos) {
+            if n > 0 {
+                Metrics::add(counter, n);
+            }
+        }
     }
     if persistent_change && !clean {
         conn.shared.router.session_changed(session);
@@ -591,6 +599,7 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
             }
             Metrics::inc(&metrics.messages_received);
             let qos = p.qos.value();
+            Metrics::inc(&metrics.received_by_qos[usize::from(qos.min(2))]);
             let packet_id = p.packet_id.map(|id| id.get());
             let allowed = publish_allowed(&shared, &client.info, &p.topic);
             if !allowed {

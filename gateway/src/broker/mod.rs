@@ -99,6 +99,8 @@ pub(crate) struct Shared {
     pub settings: BrokerSettings,
     pub shutdown: CancellationToken,
     pub started: Instant,
+    /// Beaten by the housekeeping loop through the router's locks.
+    pub heartbeat: Arc<crate::health::Heartbeat>,
 }
 
 pub struct Broker;
@@ -132,6 +134,33 @@ pub trait Outbox: Send + Sync {
 /// zero, one or many messages out for one in.
 pub trait Transform: Send + Sync {
     fn apply(&self, message: Message) -> Vec<Message>;
+}
+
+/// What the operations side reads from a running broker; clones share it.
+#[derive(Clone)]
+pub struct BrokerView {
+    shared: Arc<Shared>,
+    local_addr: SocketAddr,
+}
+
+impl BrokerView {
+    /// Sessions, subscriptions, retained messages and the counters.
+    pub fn router(&self) -> &Router {
+        &self.shared.router
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn started(&self) -> Instant {
+        self.shared.started
+    }
+
+    /// The broker's liveness, for the watchdog.
+    pub fn heartbeat(&self) -> &Arc<crate::health::Heartbeat> {
+        &self.shared.heartbeat
+    }
 }
 
 /// A running broker.
@@ -218,6 +247,7 @@ impl Broker {
             settings,
             shutdown: CancellationToken::new(),
             started: Instant::now(),
+            heartbeat: crate::health::Heartbeat::new("broker"),
         });
         let tracker = TaskTracker::new();
         tracker.spawn(accept_loop(listener, shared.clone(), tracker.clone()));
@@ -242,6 +272,14 @@ impl BrokerHandle {
 
     pub fn metrics(&self) -> &Metrics {
         &self.shared.router.metrics
+    }
+
+    /// A read-only view for the operations side (metrics, status page).
+    pub fn view(&self) -> BrokerView {
+        BrokerView {
+            shared: self.shared.clone(),
+            local_addr: self.local_addr,
+        }
     }
 
     /// Publishes a message as the broker (sources and tests use this).

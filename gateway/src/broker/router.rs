@@ -20,6 +20,10 @@ use crate::message::{Message, QoS};
 pub struct Metrics {
     pub messages_received: AtomicU64,
     pub messages_sent: AtomicU64,
+    /// The same two, by the QoS of the PUBLISH (received as published,
+    /// sent as delivered).
+    pub received_by_qos: [AtomicU64; 3],
+    pub sent_by_qos: [AtomicU64; 3],
     pub bytes_received: AtomicU64,
     pub bytes_sent: AtomicU64,
     pub publish_denied: AtomicU64,
@@ -393,6 +397,24 @@ impl Router {
             .unwrap_or_else(|e| e.into_inner())
             .get(client_id)
             .cloned()
+    }
+
+    /// Client ids of the sessions a connection is attached to now.
+    pub fn connected_clients(&self) -> Vec<Arc<str>> {
+        let sessions: Vec<Arc<Session>> = self
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut ids: Vec<Arc<str>> = sessions
+            .into_iter()
+            .filter(|s| s.lock().attached.is_some())
+            .map(|s| s.client_id.clone())
+            .collect();
+        ids.sort();
+        ids
     }
 
     pub fn session_count(&self) -> usize {

@@ -25,10 +25,16 @@ fn put(shared: &Shared, topic: &str, value: String) {
 pub(crate) async fn run(shared: Arc<Shared>) {
     put(&shared, "$SYS/broker/version", VERSION.to_owned());
     let mut tick = tokio::time::interval(shared.settings.sys_interval);
+    let mut beat = tokio::time::interval(crate::health::BEAT_EVERY);
     loop {
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             _ = tick.tick() => publish_all(&shared),
+            // Through the sessions lock: a deadlocked router stops the beat.
+            _ = beat.tick() => {
+                let _ = shared.router.session_count();
+                shared.heartbeat.beat();
+            }
         }
     }
 }

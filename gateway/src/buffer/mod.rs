@@ -26,6 +26,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
 use crate::config::{SyncMode, WhenFull};
+use crate::health::Heartbeat;
 
 #[derive(Debug, Error)]
 pub enum BufferError {
@@ -169,6 +170,7 @@ struct Inner {
     settled: watch::Receiver<u64>,
     stats: Arc<BufferStats>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+    heartbeat: Arc<Heartbeat>,
 }
 
 impl Buffer {
@@ -206,7 +208,9 @@ impl Buffer {
         info!(path = %settings.path.display(), messages = depth, bytes, next_seq, "buffer opened");
         let (tx, rx) = mpsc::channel();
         let (settled_tx, settled) = watch::channel(next_seq - 1);
+        let heartbeat = Heartbeat::new("buffer writer");
         let writer = Writer {
+            heartbeat: heartbeat.clone(),
             db,
             settings,
             stats: stats.clone(),
@@ -231,6 +235,7 @@ impl Buffer {
                 settled,
                 stats,
                 thread: Mutex::new(Some(thread)),
+                heartbeat,
             }),
         })
     }
@@ -313,6 +318,11 @@ impl Buffer {
 
     pub fn stats(&self) -> &Arc<BufferStats> {
         &self.inner.stats
+    }
+
+    /// The writer thread's liveness, for the watchdog.
+    pub fn heartbeat(&self) -> &Arc<Heartbeat> {
+        &self.inner.heartbeat
     }
 
     /// Writes what is pending and stops the writer thread.
@@ -530,6 +540,7 @@ impl Db {
 const MAX_PENDING_QOS0: usize = 10_000;
 
 struct Writer {
+    heartbeat: Arc<Heartbeat>,
     db: Db,
     settings: BufferSettings,
     stats: Arc<BufferStats>,
@@ -560,6 +571,9 @@ impl Writer {
     fn run(mut self, rx: mpsc::Receiver<Cmd>) {
         let mut retry: Option<Batch> = None;
         loop {
+            // At least every second (the idle wait below), unless a call
+            // into SQLite hangs.
+            self.heartbeat.beat();
             let mut batch = retry.take().unwrap_or_default();
             let first = if batch.appends.is_empty() && batch.acks.is_empty() {
                 match rx.recv_timeout(Duration::from_secs(1)) {

@@ -284,8 +284,9 @@ impl Plugins {
         failed
     }
 
-    /// Every plugin's counters by name, for `$SYS` and tests.
-    pub fn stats(&self) -> HashMap<String, Arc<runtime::PluginStats>> {
+    /// Every plugin in load order: name, kind and counters (metrics and
+    /// the status page).
+    pub fn summary(&self) -> Vec<(String, PluginKind, Arc<runtime::PluginStats>)> {
         let set = self.set.load_full();
         set.entries
             .iter()
@@ -295,12 +296,19 @@ impl Plugins {
                     Loaded::Auth(a) => a.stats().clone(),
                     Loaded::Decoder(d) => d.stats().clone(),
                 };
-                (e.config.name.clone(), s)
+                (e.config.name.clone(), e.config.kind, s)
             })
             .collect()
     }
 
-    /// The decoder plugin called `name` (the current version).
+    /// Every plugin's counters by name, for `$SYS` and tests.
+    pub fn stats(&self) -> HashMap<String, Arc<runtime::PluginStats>> {
+        self.summary()
+            .into_iter()
+            .map(|(name, _, s)| (name, s))
+            .collect()
+    }
+
     pub fn decoder(&self, name: &str) -> Option<Arc<Decoder>> {
         let set = self.set.load_full();
         set.entries.iter().find_map(|e| match &e.plugin {

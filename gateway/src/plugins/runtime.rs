@@ -374,6 +374,8 @@ pub struct PluginStats {
     pub faults: AtomicU64,
     pub restarts: AtomicU64,
     pub disabled: AtomicBool,
+    /// Time spent inside the plugin, all calls together (ns).
+    pub busy_ns: AtomicU64,
 }
 
 impl PluginStats {
@@ -384,6 +386,7 @@ impl PluginStats {
             "faults": self.faults.load(Ordering::Relaxed),
             "restarts": self.restarts.load(Ordering::Relaxed),
             "disabled": self.disabled.load(Ordering::Relaxed),
+            "busy_ns": self.busy_ns.load(Ordering::Relaxed),
         })
     }
 }
@@ -522,7 +525,12 @@ impl<P> Guarded<P> {
         }
         let (store, plugin) = live.instance.as_mut().expect("instantiated above");
         self.arm(store);
-        match f(plugin, store) {
+        let started = Instant::now();
+        let result = f(plugin, store);
+        self.stats
+            .busy_ns
+            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        match result {
             Ok(r) => Ok(r),
             Err(trap) => {
                 live.instance = None;

@@ -295,6 +295,13 @@ impl Sources {
                 return;
             }
             st.last.insert(r.grandeur.clone(), (r.value, now));
+            st.record(&r.grandeur, r.value, now);
+            if r.rssi.is_some() {
+                st.rssi = r.rssi;
+            }
+            if r.battery.is_some() {
+                st.battery = r.battery;
+            }
             std::mem::take(&mut st.silent)
         };
         if back_online {

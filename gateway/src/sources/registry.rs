@@ -1,7 +1,7 @@
 //! The sensor registry (`[[sensors]]`): which device is which sensor, where
 //! it is (its topic), what it measures, and how its messages look.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::Mutex;
@@ -57,6 +57,8 @@ pub struct Quantity {
 pub struct Sensor {
     pub id: String,
     pub source: SourceKey,
+    /// Where it is, as the configuration writes it (`pays`, `ville`, `rue`).
+    pub place: [String; 3],
     pub quantities: Vec<Quantity>,
     pub payload: Payload,
     pub qos: u8,
@@ -75,6 +77,34 @@ pub struct SensorState {
     pub last_frame: Option<(super::Frame, Instant)>,
     pub last_seen: Instant,
     pub silent: bool,
+    /// Published values of the last hour per grandeur, one point per
+    /// [`HISTORY_STEP`] at most (the status page draws them).
+    pub history: HashMap<String, VecDeque<(Instant, f64)>>,
+    /// The radio's last word on the device, where it says (BLE).
+    pub rssi: Option<i16>,
+    pub battery: Option<f64>,
+}
+
+/// How far back [`SensorState::history`] goes, and its resolution.
+pub const HISTORY_SPAN: Duration = Duration::from_secs(3600);
+pub const HISTORY_STEP: Duration = Duration::from_secs(10);
+
+impl SensorState {
+    /// Records a published value: a new point once per [`HISTORY_STEP`],
+    /// otherwise the latest point takes the newer value.
+    pub fn record(&mut self, grandeur: &str, value: f64, at: Instant) {
+        let h = self.history.entry(grandeur.to_owned()).or_default();
+        match h.back_mut() {
+            Some((t, v)) if at.duration_since(*t) < HISTORY_STEP => *v = value,
+            _ => h.push_back((at, value)),
+        }
+        while h
+            .front()
+            .is_some_and(|(t, _)| at.duration_since(*t) > HISTORY_SPAN)
+        {
+            h.pop_front();
+        }
+    }
 }
 
 impl Sensor {
@@ -214,6 +244,7 @@ impl Registry {
             reg.sensors.push(Sensor {
                 id: s.id.clone(),
                 source,
+                place: [s.pays.clone(), s.ville.clone(), s.rue.clone()],
                 quantities,
                 payload: s.payload,
                 qos: s.qos,
@@ -228,6 +259,9 @@ impl Registry {
                     last_frame: None,
                     last_seen: now,
                     silent: false,
+                    history: HashMap::new(),
+                    rssi: None,
+                    battery: None,
                 }),
             });
         }

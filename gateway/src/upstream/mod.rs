@@ -36,6 +36,7 @@ pub use rules::Rules;
 
 use crate::broker::{Outbox, Publisher};
 use crate::buffer::{Buffer, BufferStats, Row};
+use crate::health::{Heartbeat, BEAT_EVERY};
 use crate::message::{Message, Origin};
 
 /// `mqtt://host[:port]` or `mqtts://host[:port]`.
@@ -122,11 +123,18 @@ impl UpstreamSettings {
 pub struct Outlet {
     rules: Arc<Rules>,
     buffer: Buffer,
+    /// The gateway's status topic: the forwarder publishes it upstream
+    /// itself (birth, will); the local copy must not follow it out late.
+    status_topic: String,
 }
 
 impl Outlet {
-    pub fn new(rules: Arc<Rules>, buffer: Buffer) -> Outlet {
-        Outlet { rules, buffer }
+    pub fn new(rules: Arc<Rules>, buffer: Buffer, status_topic: String) -> Outlet {
+        Outlet {
+            rules,
+            buffer,
+            status_topic,
+        }
     }
 }
 
@@ -134,6 +142,9 @@ impl Outbox for Outlet {
     fn offer(&self, m: &Arc<Message>, publisher_waits: bool) -> Option<u64> {
         if m.origin == Origin::Upstream {
             return None; // came from the cloud: never sent back (no loops)
+        }
+        if m.origin == Origin::Broker && m.topic == self.status_topic {
+            return None;
         }
         let (remote, qos) = self.rules.outbound(&m.topic)?;
         Some(self.buffer.append(
@@ -163,6 +174,8 @@ pub struct UpstreamStats {
     pub acknowledged: AtomicU64,
     /// Messages from the cloud published locally (`in` rules).
     pub received: AtomicU64,
+    /// Buffered messages handed to the cloud and not yet acknowledged.
+    pub inflight: AtomicU64,
     /// Why the last connection failed or ended (for operators and tests).
     pub last_error: std::sync::Mutex<Option<String>>,
 }
@@ -172,11 +185,17 @@ pub struct UpstreamHandle {
     task: JoinHandle<()>,
     shutdown: CancellationToken,
     stats: Arc<UpstreamStats>,
+    heartbeat: Arc<Heartbeat>,
 }
 
 impl UpstreamHandle {
     pub fn stats(&self) -> &Arc<UpstreamStats> {
         &self.stats
+    }
+
+    /// The forwarder task's liveness, for the watchdog.
+    pub fn heartbeat(&self) -> &Arc<Heartbeat> {
+        &self.heartbeat
     }
 
     /// Publishes `offline`, disconnects cleanly (no will) and returns.
@@ -195,6 +214,7 @@ pub fn start(
 ) -> UpstreamHandle {
     let shutdown = CancellationToken::new();
     let stats = Arc::new(UpstreamStats::default());
+    let heartbeat = Heartbeat::new("upstream");
     let f = Forwarder {
         settings,
         rules,
@@ -202,11 +222,13 @@ pub fn start(
         local,
         shutdown: shutdown.clone(),
         stats: stats.clone(),
+        heartbeat: heartbeat.clone(),
     };
     UpstreamHandle {
         task: tokio::spawn(f.run()),
         shutdown,
         stats,
+        heartbeat,
     }
 }
 
@@ -217,6 +239,8 @@ struct Forwarder {
     local: Publisher,
     shutdown: CancellationToken,
     stats: Arc<UpstreamStats>,
+    /// Beaten by every wait of the task, at least every second.
+    heartbeat: Arc<Heartbeat>,
 }
 
 /// How a connection ended.
@@ -320,9 +344,15 @@ impl Forwarder {
             }
             let delay = backoff(s.reconnect_min, s.reconnect_max, failures);
             debug!(delay_ms = delay.as_millis() as u64, "upstream reconnect in");
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
+            let until = tokio::time::Instant::now() + delay;
+            let mut beat = tokio::time::interval(BEAT_EVERY);
+            loop {
+                self.heartbeat.beat();
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return,
+                    _ = tokio::time::sleep_until(until) => break,
+                    _ = beat.tick() => {}
+                }
             }
         }
     }
@@ -368,9 +398,18 @@ impl Forwarder {
         net.set_tcp_nodelay(true);
         net.set_connection_timeout(s.connect_timeout.as_secs().max(1));
         events.set_network_options(net);
-        let connack = tokio::select! {
-            _ = self.shutdown.cancelled() => return End::Shutdown,
-            r = tokio::time::timeout(s.connect_timeout, first_connack(&mut events)) => r,
+        let connack = {
+            let wait = tokio::time::timeout(s.connect_timeout, first_connack(&mut events));
+            tokio::pin!(wait);
+            let mut beat = tokio::time::interval(BEAT_EVERY);
+            loop {
+                self.heartbeat.beat();
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return End::Shutdown,
+                    r = &mut wait => break r,
+                    _ = beat.tick() => {}
+                }
+            }
         };
         let session_present = match connack {
             Err(_) => {
@@ -416,8 +455,13 @@ impl Forwarder {
         let mut settled = self.buffer.settled();
         let mut pace = Pace::new(s.max_rate);
         let mut stats_tick = tokio::time::interval(s.stats_interval);
+        let mut beat = tokio::time::interval(BEAT_EVERY);
         let window = usize::from(s.max_inflight);
         loop {
+            self.heartbeat.beat();
+            self.stats
+                .inflight
+                .store((handed.len() + inflight.len()) as u64, Ordering::Relaxed);
             // Read ahead from the buffer in batches (one round trip to the
             // writer thread per half window, not per acknowledgement) ...
             if !exhausted && ready.len() < window.div_ceil(2) {
@@ -488,6 +532,7 @@ impl Forwarder {
                 },
                 _ = settled.changed(), if exhausted => exhausted = false,
                 _ = tokio::time::sleep_until(pace.next()), if paced => {}
+                _ = beat.tick() => {}
                 _ = stats_tick.tick() => {
                     let body = self.stats_json().await;
                     if client.try_publish(s.stats_topic(), QoS::AtMostOnce, true, body).is_ok() {
