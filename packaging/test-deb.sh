@@ -152,9 +152,17 @@ EOF
     "${in[@]}" capteurs-gateway --config /etc/capteurs/gateway.toml check-config >/dev/null 2>"$log" ||
         { cat "$log" >&2; fail "check-config after the edit"; }
     "${in[@]}" setpriv --reuid=capteurs --regid=capteurs --init-groups \
-        capteurs-gateway --config /etc/capteurs/gateway.toml --listen "127.0.0.1:$port" 2>"$log" &
+        capteurs-gateway --config /etc/capteurs/gateway.toml --listen "127.0.0.1:$port" \
+        --http-listen 127.0.0.1:0 2>"$log" &
     gw_pid=$!
     wait_line "$log" "MQTT broker listening" >/dev/null
+    # The operations listener of the packaged config (another port here).
+    local http
+    http=$(wait_line "$log" 'HTTP listener.*addr=[0-9.:]+' | sed 's/.*addr=//')
+    "${in[@]}" capteurs-gateway status --url "$http" | grep -q '^capteurs-gateway .*: healthy$' ||
+        fail "capteurs-gateway status against the installed gateway"
+    python3 -c 'import sys, urllib.request; sys.exit(0 if b"capteurs_build_info" in urllib.request.urlopen("http://" + sys.argv[1] + "/metrics").read() else 1)' "$http" ||
+        fail "no metrics from the installed gateway"
     mosquitto_pub -h 127.0.0.1 -p "$port" -q 1 -t capteurs/temperature/fr/aubiere/rue_chebarde -m 21.5 ||
         fail "publish to the installed gateway"
     kill "$gw_pid"
@@ -237,7 +245,8 @@ EOF
     local port log sub
     port=$(free_port)
     log=$x/gateway.log
-    "${qemu[@]}" "$x/usr/bin/capteurs-gateway" --config "$x/gateway.toml" --listen "127.0.0.1:$port" 2>"$log" &
+    "${qemu[@]}" "$x/usr/bin/capteurs-gateway" --config "$x/gateway.toml" --listen "127.0.0.1:$port" \
+        --http-listen 127.0.0.1:0 2>"$log" &
     local pid=$!
     # Compiling the plugin with Cranelift under qemu takes a while.
     for _ in $(seq 600); do
@@ -247,7 +256,7 @@ EOF
     done
     grep -q "MQTT broker listening" "$log" || { cat "$log" >&2; kill "$pid"; fail "arm64 gateway not listening"; }
     sub=$x/sub.out
-    mosquitto_sub -h 127.0.0.1 -p "$port" -t 'capteurs/#' -C 1 -W 30 >"$sub" &
+    mosquitto_sub -h 127.0.0.1 -p "$port" -t 'capteurs/temperature/#' -C 1 -W 30 >"$sub" &
     local sub_pid=$!
     # The subscriber is in once a retained probe comes back.
     for _ in $(seq 50); do

@@ -1026,6 +1026,16 @@ impl GatewayConfig {
                 "client_cert and client_key go together".into(),
             );
         }
+        // rumqttc takes a client certificate only with an explicit CA: with
+        // the system's roots it would connect without it, and the cloud
+        // would refuse us for no visible reason.
+        if u.client_cert.is_some() && u.ca_file.is_none() {
+            bad(
+                "upstream",
+                "client_cert",
+                "mutual TLS needs upstream.ca_file too (the cloud's CA, e.g. AWS IoT's AmazonRootCA1.pem)".into(),
+            );
+        }
         for (key, file) in [
             ("ca_file", &u.ca_file),
             ("client_cert", &u.client_cert),
@@ -1231,6 +1241,37 @@ mod tests {
         );
         assert!(
             problems[1].starts_with("line 4: broker.max_inflight"),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn ops_and_tls_errors_name_key_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("gw.crt");
+        std::fs::write(&cert, "x").unwrap();
+        let text = format!(
+            "[http]\nlisten = \"localhost\"\n[homeassistant]\nprefix = \"ha/#\"\n\
+             [upstream]\nclient_cert = {:?}\nclient_key = {:?}\n",
+            cert.display().to_string(),
+            cert.display().to_string()
+        );
+        let err = GatewayConfig::parse(&text, "t.toml", dir.path()).unwrap_err();
+        let ConfigError::Invalid { problems, .. } = err else {
+            panic!("{err}")
+        };
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(
+            problems[0].starts_with("line 2: http.listen"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].starts_with("line 4: homeassistant.prefix"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[2]
+                .starts_with("line 6: upstream.client_cert: mutual TLS needs upstream.ca_file"),
             "{problems:?}"
         );
     }

@@ -16,7 +16,7 @@ use crate::broker::auth::{AuthError, FileAuth};
 use crate::broker::Publisher;
 use crate::broker::{Broker, BrokerError, BrokerHandle, BrokerSettings};
 use crate::buffer::{Buffer, BufferError, BufferSettings};
-use crate::config::GatewayConfig;
+use crate::config::{GatewayConfig, PluginKind};
 use crate::health::{self, Health};
 use crate::ops::discovery;
 use crate::ops::http::HttpHandle;
@@ -149,8 +149,9 @@ pub struct Gateway {
     pub health: Health,
     /// The operations listener (`[http] listen`), when on.
     pub http: Option<HttpHandle>,
-    /// `<status_prefix>/gateways/<id>/status`, kept retained locally.
-    pub status_topic: String,
+    /// `<status_prefix>/gateways/<id>/status`, kept retained locally while
+    /// Home Assistant discovery is on (its availability topic).
+    pub local_status: Option<String>,
     plugin_watch: Option<CancellationToken>,
 }
 
@@ -170,7 +171,9 @@ impl Gateway {
         if let Some(u) = self.upstream {
             u.shutdown().await;
         }
-        discovery::status(&self.broker.publisher(), &self.status_topic, "offline");
+        if let Some(topic) = &self.local_status {
+            discovery::status(&self.broker.publisher(), topic, "offline");
+        }
         self.broker.shutdown().await;
         if let Some(b) = self.buffer {
             tokio::task::spawn_blocking(move || b.close()).await.ok();
@@ -181,7 +184,12 @@ impl Gateway {
 /// Starts every stage.
 pub async fn start(cfg: &GatewayConfig) -> Result<Gateway, Error> {
     let settings = broker_settings(cfg)?;
-    let builtin: Arc<dyn Authenticator> = Arc::new(authenticator(cfg)?);
+    let mut builtin = authenticator(cfg)?;
+    let auth_plugins = cfg.plugins.iter().any(|p| p.kind == PluginKind::Auth);
+    if cfg.broker.builtin_auth_first && auth_plugins {
+        builtin = builtin.deferring();
+    }
+    let builtin: Arc<dyn Authenticator> = Arc::new(builtin);
     let plugins = load_plugins(cfg, builtin.clone()).await?;
     let auth: Arc<dyn Authenticator> = match &plugins {
         Some(p) => p.clone(),
@@ -232,8 +240,11 @@ pub async fn start(cfg: &GatewayConfig) -> Result<Gateway, Error> {
     if let Some(u) = &upstream {
         health.watch(u.heartbeat().clone());
     }
-    discovery::status(&broker.publisher(), &status_topic, "online");
-    if cfg.homeassistant.discovery {
+    // Home Assistant's availability topic: the same as the upstream's, kept
+    // on the local broker too (not otherwise: `capteurs/#` subscribers of
+    // the course would get it among their readings).
+    let local_status = cfg.homeassistant.discovery.then(|| {
+        discovery::status(&broker.publisher(), &status_topic, "online");
         if let Some(s) = &sources {
             discovery::announce(
                 &broker.publisher(),
@@ -243,7 +254,8 @@ pub async fn start(cfg: &GatewayConfig) -> Result<Gateway, Error> {
                 &status_topic,
             );
         }
-    }
+        status_topic.clone()
+    });
     let http = if cfg.http.listen.is_empty() {
         None
     } else {
@@ -273,7 +285,7 @@ pub async fn start(cfg: &GatewayConfig) -> Result<Gateway, Error> {
         plugins,
         health,
         http,
-        status_topic,
+        local_status,
         plugin_watch,
     })
 }

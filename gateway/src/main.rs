@@ -31,6 +31,9 @@ struct Cli {
     /// Override gateway.data_dir.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// Override http.listen (127.0.0.1:0 for a free port, "" for none).
+    #[arg(long, value_name = "ADDR")]
+    http_listen: Option<String>,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -201,6 +204,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(dir) = cli.data_dir {
                 cfg.gateway.data_dir = std::env::current_dir()?.join(dir);
+            }
+            if let Some(http) = cli.http_listen {
+                if !http.is_empty() {
+                    http.parse::<SocketAddr>().with_context(|| {
+                        format!("--http-listen {http:?}: expected address:port")
+                    })?;
+                }
+                cfg.http.listen = http;
             }
             capteurs_gateway::logging::init(&cfg.log.level);
             let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;

@@ -606,15 +606,17 @@ async fn keep_alive_timeout_fires_will_and_zero_disables_it() {
     let mut silent = RawClient::connect(
         b.addr,
         &ConnectOpts::new("silent")
-            .keep_alive(1)
+            .keep_alive(2)
             .will("ka", "timeout", QoS::AtMostOnce, false),
     )
     .await;
     assert_eq!(w.receive().await.payload, b"timeout");
+    // 1.5 x 2 s = 3 s: not before, and well before 2 x (4 s).
     let waited = started.elapsed();
     assert!(
-        waited >= std::time::Duration::from_millis(1400),
-        "closed after {waited:?}, before 1.5 × keep-alive"
+        waited >= std::time::Duration::from_millis(2900)
+            && waited < std::time::Duration::from_millis(3800),
+        "closed after {waited:?}: expected 1.5 x keep-alive (3 s)"
     );
     silent.expect_closed().await;
     assert_eq!(Metrics::get(&b.handle().metrics().keepalive_timeouts), 1);

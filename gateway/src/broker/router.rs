@@ -126,8 +126,11 @@ impl Router {
         congested: &mut Vec<Arc<Session>>,
         publisher_waits: bool,
     ) -> Option<u64> {
-        let Some(t) = &self.transform else {
-            return self.route(message, publisher, congested, publisher_waits);
+        // The broker's own messages ($SYS, the gateway's status, Home
+        // Assistant discovery) are the gateway's word: no plugin rewrites them.
+        let t = match &self.transform {
+            Some(t) if message.origin != crate::message::Origin::Broker => t,
+            _ => return self.route(message, publisher, congested, publisher_waits),
         };
         // What the transforms make of it: zero, one or many messages; the
         // publisher waits for the last one to be settled upstream.

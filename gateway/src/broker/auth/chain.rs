@@ -63,4 +63,80 @@ mod tests {
             AclDecision::Allow
         );
     }
+
+    /// A plugin that knows one user and one topic.
+    struct Plugin;
+    impl Authenticator for Plugin {
+        fn authenticate(&self, c: &ClientInfo, _: Option<&[u8]>) -> ConnectDecision {
+            match c.username.as_deref() {
+                Some("G1") => ConnectDecision::Accept,
+                _ => ConnectDecision::Refuse(ConnectRefusal::BadCredentials),
+            }
+        }
+        fn authorize(&self, _: &ClientInfo, _: Action, topic: &str) -> AclDecision {
+            if topic == "isima/G1" {
+                AclDecision::Allow
+            } else {
+                AclDecision::Deny
+            }
+        }
+    }
+
+    /// builtin_auth_first: the password file and ACL answer for what they
+    /// list and leave the rest to the plugin behind them.
+    #[test]
+    fn a_deferring_builtin_leaves_the_unknown_to_the_plugins() {
+        use crate::broker::auth::{passwd::hash_password, Acl, PasswordFile};
+        let passwords =
+            PasswordFile::parse(&format!("prof:{}\n", hash_password("isimaProf")), "t").unwrap();
+        let acl = Acl::parse("user prof\ntopic readwrite isima/#\n", "t").unwrap();
+        let builtin = FileAuth::from_parts(false, Some(passwords), Some(acl)).deferring();
+        let chain = AuthChain(vec![Arc::new(builtin), Arc::new(Plugin)]);
+        let who = |user: &str| ClientInfo {
+            client_id: "c".into(),
+            username: Some(user.into()),
+            peer: ([127, 0, 0, 1], 1).into(),
+        };
+        // Listed: the file decides, both ways.
+        assert_eq!(
+            chain.authenticate(&who("prof"), Some(b"isimaProf")),
+            ConnectDecision::Accept
+        );
+        assert_eq!(
+            chain.authenticate(&who("prof"), Some(b"wrong")),
+            ConnectDecision::Refuse(ConnectRefusal::BadCredentials)
+        );
+        // Not listed: the plugin decides.
+        assert_eq!(
+            chain.authenticate(&who("G1"), Some(b"x")),
+            ConnectDecision::Accept
+        );
+        assert_eq!(
+            chain.authenticate(&who("G2"), Some(b"x")),
+            ConnectDecision::Refuse(ConnectRefusal::BadCredentials)
+        );
+        // The ACL grants what it lists; the plugin has the last word on the rest.
+        assert_eq!(
+            chain.authorize(&who("prof"), Action::Publish, "isima/G7"),
+            AclDecision::Allow
+        );
+        assert_eq!(
+            chain.authorize(&who("G1"), Action::Publish, "isima/G1"),
+            AclDecision::Allow
+        );
+        assert_eq!(
+            chain.authorize(&who("G1"), Action::Publish, "isima/G2"),
+            AclDecision::Deny
+        );
+        // Last in the chain (the default) it never defers.
+        let alone = FileAuth::from_parts(false, None, Some(Acl::parse("", "t").unwrap()));
+        assert_eq!(
+            alone.authenticate(&who("G1"), Some(b"x")),
+            ConnectDecision::Refuse(ConnectRefusal::NotAuthorized)
+        );
+        assert_eq!(
+            alone.authorize(&who("G1"), Action::Publish, "t"),
+            AclDecision::Deny
+        );
+    }
 }

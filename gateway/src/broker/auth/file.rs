@@ -1,5 +1,8 @@
 //! The built-in authenticator: `allow_anonymous`, the password file and the
-//! ACL file from `[broker]`. Always gives a definite answer, so it ends a chain.
+//! ACL file from `[broker]`. Last in a chain (the default) it always gives a
+//! definite answer. Asked first (`builtin_auth_first`), it *defers*: it
+//! answers for what its files know (a listed user, a rule that grants) and
+//! leaves the rest to the auth plugins behind it.
 
 use std::path::Path;
 
@@ -21,6 +24,8 @@ pub struct FileAuth {
     allow_anonymous: bool,
     passwords: Option<PasswordFile>,
     acl: Option<Acl>,
+    /// Abstain instead of refusing what the files do not cover.
+    defer: bool,
 }
 
 impl FileAuth {
@@ -33,6 +38,7 @@ impl FileAuth {
             allow_anonymous,
             passwords: password_file.map(PasswordFile::load).transpose()?,
             acl: acl_file.map(Acl::load).transpose()?,
+            defer: false,
         })
     }
 
@@ -45,6 +51,23 @@ impl FileAuth {
             allow_anonymous,
             passwords,
             acl,
+            defer: false,
+        }
+    }
+
+    /// In front of other authenticators: an unknown user, an anonymous
+    /// client not allowed here, or a topic no rule grants is left to them
+    /// (a listed user with a wrong password is still refused).
+    pub fn deferring(mut self) -> Self {
+        self.defer = true;
+        self
+    }
+
+    fn refuse(&self, why: ConnectRefusal) -> ConnectDecision {
+        if self.defer {
+            ConnectDecision::Abstain
+        } else {
+            ConnectDecision::Refuse(why)
         }
     }
 }
@@ -55,23 +78,26 @@ impl Authenticator for FileAuth {
             return if self.allow_anonymous {
                 ConnectDecision::Accept
             } else {
-                ConnectDecision::Refuse(ConnectRefusal::NotAuthorized)
+                self.refuse(ConnectRefusal::NotAuthorized)
             };
         };
         match &self.passwords {
             Some(file) => match (file.verify(user, password.unwrap_or_default()), password) {
                 (Some(true), Some(_)) => ConnectDecision::Accept,
+                (None, _) => self.refuse(ConnectRefusal::BadCredentials),
                 _ => ConnectDecision::Refuse(ConnectRefusal::BadCredentials),
             },
             None if self.allow_anonymous => ConnectDecision::Accept,
-            None => ConnectDecision::Refuse(ConnectRefusal::NotAuthorized),
+            None => self.refuse(ConnectRefusal::NotAuthorized),
         }
     }
 
     fn authorize(&self, client: &ClientInfo, action: Action, topic: &str) -> AclDecision {
         match &self.acl {
+            None if self.defer => AclDecision::Abstain,
             None => AclDecision::Allow,
             Some(acl) if acl.check(client, action, topic) => AclDecision::Allow,
+            Some(_) if self.defer => AclDecision::Abstain,
             Some(_) => AclDecision::Deny,
         }
     }
