@@ -722,3 +722,41 @@ async fn sim_ble_adverts_in_every_format_decode_in_the_gateway() {
         g.stop().await;
     }
 }
+
+/// The course's publisher clears the groups' retained messages when it
+/// starts (empty retained publishes), as `prof_ISIMA`.
+#[tokio::test]
+async fn course_clears_the_retained_messages_first_as_prof_isima() {
+    let b = TestBroker::open().await;
+    let mut old = RawClient::connect(b.addr, &ConnectOpts::new("yesterday")).await;
+    for g in 1..=4 {
+        old.publish(&format!("isima/G{g}"), b"99", QoS::AtLeastOnce, true)
+            .await;
+    }
+    let mut w = RawClient::connect(b.addr, &ConnectOpts::new("watch")).await;
+    w.subscribe("isima/#", QoS::AtMostOnce).await;
+    for _ in 1..=4 {
+        let m = w.receive().await;
+        assert!(m.retain && m.payload == b"99", "{m:?}");
+    }
+    // A long period: only the clearing happens within the test.
+    let p = port(b.addr);
+    let mut sim = Sim::spawn(&["course", "--port", &p, "--period", "60"]);
+    let mut cleared = Vec::new();
+    for _ in 1..=4 {
+        let m = w.receive().await;
+        assert!(m.payload.is_empty(), "{m:?}");
+        cleared.push(m.topic);
+    }
+    cleared.sort();
+    assert_eq!(cleared, ["isima/G1", "isima/G2", "isima/G3", "isima/G4"]);
+    let clients = b.handle().view().router().connected_clients();
+    assert!(clients.iter().any(|c| &**c == "prof_ISIMA"), "{clients:?}");
+    // Nothing retained is left for a newcomer.
+    let mut late = RawClient::connect(b.addr, &ConnectOpts::new("late")).await;
+    late.subscribe("isima/#", QoS::AtMostOnce).await;
+    late.expect_nothing().await;
+    sim.signal("-INT");
+    let (code, err) = sim.exit_code().await;
+    assert_eq!(code, 0, "{err}");
+}

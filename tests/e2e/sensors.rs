@@ -337,3 +337,35 @@ c.loop_forever()
     );
     g.stop().await;
 }
+
+/// `min_interval_ms` and `change_threshold`: a reading is published when the
+/// interval has passed or the value moved by the threshold, and collapsed
+/// (counted) otherwise.
+#[tokio::test]
+async fn readings_within_the_interval_publish_only_past_the_change_threshold() {
+    let mut pty = Pty::open();
+    let src = format!("serial:{}", pty.path.display());
+    let cfg = serial(&pty.path, "format = \"plain\"")
+        + &sensor(
+            "cave",
+            &src,
+            "\"temperature\"",
+            "min_interval_ms = 600000\nchange_threshold = 1.0",
+        );
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut sub = subscriber(&g, "capteurs/temperature/#").await;
+    // The first always goes; then within the 10 minutes only a change of 1.0
+    // or more does, measured from the last published value.
+    pty.write(b"20.0\n20.4\n20.9\n21.0\n21.5\n19.9\n");
+    let topic = format!("capteurs/temperature/{CHEBARDE}");
+    for want in ["20", "21", "19.9"] {
+        let m = sub.receive().await;
+        assert_eq!(text(&m), (topic.as_str(), want));
+    }
+    let s = g.sources().clone();
+    eventually("three collapsed", || count(&s.collapsed) == 3).await;
+    assert_eq!(count(&s.published), 3);
+    sub.expect_nothing().await;
+    g.stop().await;
+}

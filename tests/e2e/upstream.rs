@@ -347,6 +347,70 @@ async fn status_online_stats_and_offline_on_a_clean_stop() {
     }
 }
 
+/// Killed (no clean stop), the gateway's Last Will says `offline` on the
+/// cloud, retained; before that its stats message counts what it forwarded.
+#[tokio::test]
+async fn a_killed_gateway_is_offline_by_its_will_and_stats_count_what_went() {
+    let cloud = Mosquitto::start().await;
+    let mut sub = RawClient::connect(cloud.addr, &ConnectOpts::new("ops")).await;
+    sub.subscribe("ops/gateways/#", QoS::AtLeastOnce).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\ndata_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:0\"\n{}\
+             [[upstream.rules]]\npattern = \"capteurs/#\"\ndirection = \"out\"\nqos = 1\n",
+            upstream(&[cloud.addr.port()], "keep_alive_secs = 5")
+        ),
+    )
+    .unwrap();
+    let mut gw = GatewayProcess::start(&config);
+    let m = sub.receive().await;
+    assert_eq!(
+        (m.topic.as_str(), &m.payload[..]),
+        ("ops/gateways/capteurs/status", &b"online"[..])
+    );
+    let mut c = RawClient::connect(gw.addr, &ConnectOpts::new("sensor")).await;
+    publish_all(
+        &mut c,
+        "capteurs/temperature/fr/aubiere/rue",
+        numbered(0..3),
+    )
+    .await;
+    // The stats message (every second) comes to count the three.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stats never counted 3 forwarded"
+        );
+        let m = sub.receive().await;
+        if m.topic == "ops/gateways/capteurs/stats" {
+            let stats: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+            if stats["forwarded"] == 3 {
+                assert_eq!(stats["buffer"]["messages"], 0, "{stats}");
+                assert_eq!(stats["connects"], 1, "{stats}");
+                break;
+            }
+        }
+    }
+    gw.kill();
+    loop {
+        let m = sub.receive().await;
+        if m.topic == "ops/gateways/capteurs/status" {
+            assert_eq!(&m.payload[..], b"offline", "the will");
+            break;
+        }
+    }
+    // Retained, for whoever looks later.
+    let mut late = RawClient::connect(cloud.addr, &ConnectOpts::new("late")).await;
+    late.subscribe("ops/gateways/capteurs/status", QoS::AtLeastOnce)
+        .await;
+    let m = late.receive().await;
+    assert_eq!((&m.payload[..], m.retain), (&b"offline"[..], true));
+}
+
 #[tokio::test]
 async fn envelope_carries_gateway_and_sequence_for_deduplication() {
     let cloud = Mosquitto::start().await;

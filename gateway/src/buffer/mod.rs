@@ -1174,6 +1174,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn messages_older_than_max_age_expire_and_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = settings(dir.path(), 1 << 20, WhenFull::DropOldest);
+        cfg.max_age = Some(Duration::from_secs(3600));
+        let b = Buffer::open(cfg).unwrap();
+        let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
+        for i in 0..3 {
+            b.append(
+                "t".into(),
+                Bytes::from(format!("old-{i}")),
+                1,
+                false,
+                two_hours_ago,
+                true,
+            );
+        }
+        append(&b, "t", "fresh");
+        settled(&b, 4).await;
+        // Expiry runs at most once a second, in the writer's next commit.
+        let s = b.stats().clone();
+        for _ in 0..300 {
+            if BufferStats::get(&s.expired) > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(BufferStats::get(&s.expired), 3);
+        assert_eq!(BufferStats::get(&s.depth), 1);
+        assert_eq!(s.dropped(), 3);
+        assert_eq!(on_disk(dir.path()), [4]);
+        let rows = b.fetch(0, 10).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(&rows[0].payload[..], b"fresh");
+        b.close();
+    }
+
+    #[tokio::test]
     async fn appended_rows_are_read_in_order_and_deleted_on_ack() {
         let dir = tempfile::tempdir().unwrap();
         let b = Buffer::open(settings(dir.path(), 1 << 20, WhenFull::DropOldest)).unwrap();
