@@ -741,7 +741,7 @@ async fn course_clears_the_retained_messages_first_as_prof_isima() {
     }
     // A long period: only the clearing happens within the test.
     let p = port(b.addr);
-    let mut sim = Sim::spawn(&["course", "--port", &p, "--period", "60"]);
+    let sim = Sim::spawn(&["course", "--port", &p, "--period", "60"]);
     let mut cleared = Vec::new();
     for _ in 1..=4 {
         let m = w.receive().await;
