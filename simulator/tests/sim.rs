@@ -398,6 +398,46 @@ async fn fleet_drop_fault_fires_the_will_then_resumes() {
     assert_eq!(Metrics::get(&b.handle().metrics().wills_published), 1);
 }
 
+/// `burst` sends a sensor's readings at once, `silence` keeps one quiet:
+/// a subscriber counts both.
+#[tokio::test]
+async fn fleet_burst_and_silence_faults_do_what_they_say() {
+    let b = TestBroker::open().await;
+    let mut w = RawClient::connect(b.addr, &ConnectOpts::new("watch")).await;
+    w.subscribe("capteurs/temperature/#", QoS::AtMostOnce).await;
+    let dir = tempfile::tempdir().unwrap();
+    let scenario = dir.path().join("faults.toml");
+    std::fs::write(
+        &scenario,
+        format!(
+            "seed = 1\nduration_secs = 2.0\n[mqtt]\nport = {}\n\
+             [[sensors]]\ncount = 2\nperiod_ms = 200\n\
+             [[faults]]\nkind = \"silence\"\ntarget = 0\nat_secs = 0.0\nduration_secs = 10.0\n\
+             [[faults]]\nkind = \"burst\"\ntarget = 1\nat_secs = 0.5\ncount = 30\n",
+            b.addr.port()
+        ),
+    )
+    .unwrap();
+    let sim = Sim::spawn(&["fleet", "--scenario", scenario.to_str().unwrap(), "-q"]);
+    let (code, err) = sim.exit_code().await;
+    assert_eq!(code, 0, "{err}");
+    let mut per_topic: HashMap<String, usize> = HashMap::new();
+    while let Ok(Some(Packet::Publish(p))) = w.recv_within(QUIET).await {
+        *per_topic.entry(p.topic.to_string()).or_default() += 1;
+    }
+    let silent = per_topic
+        .get("capteurs/temperature/france/clermont/rue_1")
+        .copied()
+        .unwrap_or(0);
+    let bursting = per_topic
+        .get("capteurs/temperature/france/clermont/rue_2")
+        .copied()
+        .unwrap_or(0);
+    assert_eq!(silent, 0, "{per_topic:?}");
+    // About 10 in 2 s at 200 ms, plus the 30 of the burst.
+    assert!((35..=45).contains(&bursting), "{per_topic:?}");
+}
+
 #[test]
 fn fleet_scenario_errors_name_key_and_line() {
     let dir = tempfile::tempdir().unwrap();
