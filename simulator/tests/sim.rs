@@ -650,45 +650,13 @@ async fn sim_serial_into_the_gateway_counts_match_what_was_injected() {
         let mut sub = RawClient::connect(g.addr, &ConnectOpts::new("sub")).await;
         sub.subscribe("capteurs/temperature/fr/clermont/#", QoS::AtMostOnce)
             .await;
-        let (mut child, path) = sim_pty(&[
-            "serial",
-            "--quiet",
-            "--line-format",
-            format,
-            "--sensors",
-            "1",
-            "--period-ms",
-            "2",
-            "--count",
-            "300",
-            "--corrupt-rate",
-            "0.2",
-            "--corrupt",
-            "garbage,overlong",
-            "--seed",
-            "5",
-        ]);
-        std::os::unix::fs::symlink(&path, &link).unwrap();
         let mut got = 0u64;
         let stats = g.sources().clone();
-        let status = tokio::task::spawn_blocking(move || {
-            let mut err = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut err)
-                .unwrap();
-            (child.wait().unwrap(), err)
-        });
-        // "lines written 300: good G, garbage A, cut 0, overlong C"
-        let (st, err) = status.await.unwrap();
-        assert!(st.success(), "{err}");
-        let [written, good, garbage, cut, overlong] = numbers(&err)[..] else {
-            panic!("{err}")
-        };
-        assert_eq!((written, cut), (300, 0));
-        assert!(garbage > 0 && overlong > 0, "{err}");
+        let Injected {
+            good,
+            garbage,
+            overlong,
+        } = sim_corrupt_serial(std::path::Path::new(SIM), format, &link).await;
         while got < good {
             let m = sub.receive().await;
             assert!(m.payload.iter().all(|b| b.is_ascii()), "{format}");

@@ -4,7 +4,7 @@
 //! the systemd watchdog withheld while a stage is stuck.
 
 use std::collections::HashMap;
-use std::io::{BufRead, Read};
+use std::io::BufRead;
 use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::process::Stdio;
@@ -135,47 +135,11 @@ async fn metrics_move_by_exactly_what_was_sent_and_dropped() {
             .await;
     }
     // The serial port: 300 lines, a fifth of them garbage or over-long.
-    let (mut child, path) = sim_pty(
-        &sim_bin(),
-        &[
-            "serial",
-            "--quiet",
-            "--line-format",
-            "kv",
-            "--sensors",
-            "1",
-            "--period-ms",
-            "2",
-            "--count",
-            "300",
-            "--corrupt-rate",
-            "0.2",
-            "--corrupt",
-            "garbage,overlong",
-            "--seed",
-            "5",
-        ],
-    );
-    std::os::unix::fs::symlink(&path, &link).unwrap();
-    let (status, err) = tokio::task::spawn_blocking(move || {
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut err)
-            .unwrap();
-        (child.wait().unwrap(), err)
-    })
-    .await
-    .unwrap();
-    assert!(status.success(), "{err}");
-    // "lines written 300: good G, garbage A, cut 0, overlong C"
-    let [written, good, garbage, cut, overlong] = numbers(&err)[..] else {
-        panic!("{err}")
-    };
-    assert_eq!((written, cut), (300, 0));
-    assert!(garbage > 0 && overlong > 0, "{err}");
+    let Injected {
+        good,
+        garbage,
+        overlong,
+    } = sim_corrupt_serial(&sim_bin(), "kv", &link).await;
 
     let after = scrape_until(
         http,

@@ -604,6 +604,66 @@ pub fn sim_pty(sim: &Path, args: &[&str]) -> (std::process::Child, String) {
     (child, path)
 }
 
+/// What `capteurs-sim serial` says it wrote: good lines and each kind of
+/// corruption.
+#[derive(Debug, Clone, Copy)]
+pub struct Injected {
+    pub good: u64,
+    pub garbage: u64,
+    pub overlong: u64,
+}
+
+/// One sensor's 300 `format` lines from `capteurs-sim serial`, a fifth of
+/// them garbage or over-long (seed 5), written to a pty that appears at
+/// `link`; returns what the simulator says it injected once it is done.
+pub async fn sim_corrupt_serial(sim: &Path, format: &str, link: &Path) -> Injected {
+    use std::io::Read;
+    let args = [
+        "serial",
+        "--quiet",
+        "--line-format",
+        format,
+        "--sensors",
+        "1",
+        "--period-ms",
+        "2",
+        "--count",
+        "300",
+        "--corrupt-rate",
+        "0.2",
+        "--corrupt",
+        "garbage,overlong",
+        "--seed",
+        "5",
+    ];
+    let (mut child, path) = sim_pty(sim, &args);
+    std::os::unix::fs::symlink(&path, link).unwrap();
+    let (status, err) = tokio::task::spawn_blocking(move || {
+        let mut err = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut err)
+            .unwrap();
+        (child.wait().unwrap(), err)
+    })
+    .await
+    .unwrap();
+    assert!(status.success(), "{err}");
+    // "lines written 300: good G, garbage A, cut 0, overlong C"
+    let [written, good, garbage, cut, overlong] = numbers(&err)[..] else {
+        panic!("{err}")
+    };
+    assert_eq!((written, cut), (300, 0));
+    assert!(garbage > 0 && overlong > 0, "{err}");
+    Injected {
+        good,
+        garbage,
+        overlong,
+    }
+}
+
 /// The numbers in `s`, in order.
 pub fn numbers(s: &str) -> Vec<u64> {
     s.split(|c: char| !c.is_ascii_digit())
