@@ -198,10 +198,7 @@ pub async fn start(cfg: &GatewayConfig) -> Result<Gateway, Error> {
     let transform = plugins
         .clone()
         .map(|p| p as Arc<dyn crate::broker::Transform>);
-    let status_topic = format!(
-        "{}/gateways/{}/status",
-        cfg.upstream.status_prefix, cfg.gateway.id
-    );
+    let status_topic = upstream::status_topic(&cfg.upstream.status_prefix, &cfg.gateway.id);
     let (broker, buffer, upstream) = if cfg.upstream.enabled {
         let up = upstream_settings(cfg)?;
         let rules = Arc::new(Rules::new(cfg.upstream.rules.clone()));

@@ -109,9 +109,14 @@ pub struct UpstreamSettings {
     pub envelope: bool,
 }
 
+/// `<prefix>/gateways/<id>/status`: the gateway's `online` / `offline`.
+pub fn status_topic(prefix: &str, gateway_id: &str) -> String {
+    format!("{prefix}/gateways/{gateway_id}/status")
+}
+
 impl UpstreamSettings {
     pub fn status_topic(&self) -> String {
-        format!("{}/gateways/{}/status", self.status_prefix, self.gateway_id)
+        status_topic(&self.status_prefix, &self.gateway_id)
     }
     pub fn stats_topic(&self) -> String {
         format!("{}/gateways/{}/stats", self.status_prefix, self.gateway_id)
