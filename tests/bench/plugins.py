@@ -54,7 +54,8 @@ def per_call():
     out = {}
     text = subprocess.run([GW, "plugin", "bench", os.path.join(WASM, "misbehave.wasm"), "--payload", "21.37"],
                           check=True, capture_output=True, text=True).stdout
-    out["transform_process_ns"] = float(re.search(r"median (\d+) ns", text).group(1))
+    out["transform_process_ns"] = float(re.search(r"median (\d+) ns per call", text).group(1))
+    out["transform_batch_ns_per_message"] = float(re.search(r"process-batch of \d+: median (\d+) ns", text).group(1))
     text = subprocess.run([GW, "plugin", "bench", os.path.join(WASM, "acl_groups.wasm"), "--username", "G1",
                            "--action", "publish", "--topic", "isima/G1"],
                           check=True, capture_output=True, text=True).stdout

@@ -34,6 +34,17 @@ static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 /// Flush the write buffer once it holds this much, even mid-batch.
 const WRITE_HIGH_WATER: usize = 64 * 1024;
 
+/// QoS 0 messages of one read routed together (so that a transform plugin
+/// taking batches is entered once for them), at most this many / bytes.
+const BATCH_MESSAGES: usize = 64;
+const BATCH_BYTES: usize = 64 * 1024;
+
+/// Socket reads start this large and double, up to `READ_MAX`, while they
+/// come back full (a busy publisher: fewer reads, longer batches); an idle
+/// connection keeps the small buffer.
+const READ_MIN: usize = 1024;
+const READ_MAX: usize = 16 * 1024;
+
 /// Why a connection ended; decides whether the will is published.
 #[derive(Debug)]
 enum End {
@@ -60,6 +71,8 @@ struct Conn {
     reader: OwnedReadHalf,
     writer: OwnedWriteHalf,
     rbuf: BytesMut,
+    /// How much the next read asks for (READ_MIN..=READ_MAX).
+    read_chunk: usize,
     wbuf: BytesMut,
     codec: MqttCodec,
     shared: Arc<Shared>,
@@ -76,6 +89,10 @@ struct Conn {
     /// what is settled.
     durable_needed: u64,
     durable: tokio::sync::watch::Receiver<u64>,
+    /// QoS 0 messages decoded but not routed yet ([`flush_batch`]), and
+    /// their bytes.
+    batch: Vec<Message>,
+    batch_bytes: usize,
 }
 
 impl Conn {
@@ -155,7 +172,8 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     let mut conn = Conn {
         reader,
         writer,
-        rbuf: BytesMut::with_capacity(1024),
+        rbuf: BytesMut::with_capacity(READ_MIN),
+        read_chunk: READ_MIN,
         wbuf: BytesMut::with_capacity(1024),
         codec: MqttCodec::new(shared.settings.max_packet_size),
         shared: shared.clone(),
@@ -168,6 +186,8 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
             Some(o) => o.settled(),
             None => tokio::sync::watch::channel(u64::MAX).1,
         },
+        batch: Vec::new(),
+        batch_bytes: 0,
     };
     let metrics = &shared.router.metrics;
     let first = tokio::select! {
@@ -511,17 +531,27 @@ async fn run(
     tokio::pin!(deadline);
     loop {
         // Packets already buffered (pipelined after CONNECT, or several per read).
+        // QoS 0 PUBLISHes in a row are routed together; anything else
+        // routes them first, so the client's order holds.
         while !conn.pause_reading {
             match conn.codec.decode(&mut conn.rbuf) {
                 Ok(Some(packet)) => {
+                    if !matches!(&packet, Packet::Publish(p) if p.qos.value() == 0) {
+                        flush_batch(conn, session);
+                    }
                     if let Some(end) = handle(conn, session, client, packet) {
+                        flush_batch(conn, session);
                         return end;
                     }
                 }
                 Ok(None) => break,
-                Err(e) => return End::Protocol(e.to_string()),
+                Err(e) => {
+                    flush_batch(conn, session);
+                    return End::Protocol(e.to_string());
+                }
             }
         }
+        flush_batch(conn, session);
         let more = pump(conn, session);
         if let Err(e) = conn.flush().await {
             return End::Io(e);
@@ -548,6 +578,11 @@ async fn run(
             Metrics::inc(&shared.router.metrics.publishers_throttled);
         }
         let throttled = conn.congested_since.is_some();
+        let spare = conn.rbuf.capacity() - conn.rbuf.len();
+        if spare < conn.read_chunk / 2 {
+            conn.rbuf.reserve(conn.read_chunk);
+        }
+        let spare = conn.rbuf.capacity() - conn.rbuf.len();
         let give_up = conn.congested_since.map_or(Instant::now(), |t| {
             t + shared.settings.slow_subscriber_timeout
         });
@@ -566,6 +601,14 @@ async fn run(
                 Ok(0) => return End::Eof,
                 Ok(n) => {
                     Metrics::add(&shared.router.metrics.bytes_received, n as u64);
+                    if n >= spare && conn.read_chunk < READ_MAX {
+                        conn.read_chunk *= 2;
+                    } else if n < conn.read_chunk / 8 && conn.read_chunk > READ_MIN {
+                        conn.read_chunk /= 2;
+                        if conn.rbuf.is_empty() && conn.rbuf.capacity() > 2 * conn.read_chunk {
+                            conn.rbuf = BytesMut::with_capacity(conn.read_chunk);
+                        }
+                    }
                     if let Some(ka) = keep_alive {
                         deadline.as_mut().reset(Instant::now() + ka);
                     }
@@ -575,6 +618,26 @@ async fn run(
             _ = session.notify.notified() => {}
             _ = &mut deadline, if keep_alive.is_some() && !conn.pause_reading => return End::KeepAlive,
         }
+    }
+}
+
+/// Routes the QoS 0 messages decoded since the last flush; a subscriber
+/// they filled stops reading this client (flow control).
+fn flush_batch(conn: &mut Conn, session: &Arc<Session>) {
+    if conn.batch.is_empty() {
+        return;
+    }
+    let batch = std::mem::take(&mut conn.batch);
+    conn.batch_bytes = 0;
+    let router = &conn.shared.router;
+    if batch.len() == 1 {
+        let m = batch.into_iter().next().expect("one message");
+        router.publish_from(m, Some(session), &mut conn.congested, false);
+    } else {
+        router.publish_batch_from(batch, Some(session), &mut conn.congested);
+    }
+    if !conn.congested.is_empty() {
+        conn.pause_reading = true;
     }
 }
 
@@ -617,9 +680,10 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
             match (qos, packet_id) {
                 (0, _) => {
                     if allowed {
-                        router.publish_from(message(), Some(session), &mut conn.congested, false);
-                        if !conn.congested.is_empty() {
-                            conn.pause_reading = true;
+                        conn.batch_bytes += p.topic.len() + p.payload.len();
+                        conn.batch.push(message());
+                        if conn.batch.len() >= BATCH_MESSAGES || conn.batch_bytes >= BATCH_BYTES {
+                            flush_batch(conn, session);
                         }
                     }
                 }

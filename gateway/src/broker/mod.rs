@@ -134,6 +134,12 @@ pub trait Outbox: Send + Sync {
 /// zero, one or many messages out for one in.
 pub trait Transform: Send + Sync {
     fn apply(&self, message: Message) -> Vec<Message>;
+
+    /// Messages of one publisher, in order (what the broker read from one
+    /// client at once): their outputs, in order.
+    fn apply_batch(&self, messages: Vec<Message>) -> Vec<Message> {
+        messages.into_iter().flat_map(|m| self.apply(m)).collect()
+    }
 }
 
 /// What the operations side reads from a running broker; clones share it.

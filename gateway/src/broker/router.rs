@@ -141,6 +141,33 @@ impl Router {
         wait
     }
 
+    /// [`Router::publish_from`] for QoS 0 messages a client sent one after
+    /// the other (one socket read): the transforms take them together.
+    pub fn publish_batch_from(
+        &self,
+        messages: Vec<Message>,
+        publisher: Option<&Arc<Session>>,
+        congested: &mut Vec<Arc<Session>>,
+    ) {
+        match &self.transform {
+            // The broker's own messages skip the transforms (publish_from).
+            Some(t)
+                if messages
+                    .iter()
+                    .all(|m| m.origin != crate::message::Origin::Broker) =>
+            {
+                for m in t.apply_batch(messages) {
+                    self.route(m, publisher, congested, false);
+                }
+            }
+            _ => {
+                for m in messages {
+                    self.publish_from(m, publisher, congested, false);
+                }
+            }
+        }
+    }
+
     fn route(
         &self,
         message: Message,

@@ -339,8 +339,15 @@ pub async fn render(ops: &Ops) -> String {
             &mut f,
             "capteurs_plugin_calls_total",
             "counter",
-            "Calls into each plugin.",
+            "Messages and checks handed to each plugin (a batch counts each message).",
             &|s| load(&s.calls),
+        );
+        each(
+            &mut f,
+            "capteurs_plugin_batches_total",
+            "counter",
+            "process-batch calls: several messages of one client in one entry.",
+            &|s| load(&s.batches),
         );
         each(
             &mut f,

@@ -49,6 +49,22 @@ pub mod bindings {
     });
 }
 
+/// Bindings of the `batch-transform-plugin` world: `transform` and
+/// `transform-batch`.
+pub mod batch_bindings {
+    wasmtime::component::bindgen!({
+        world: "batch-transform-plugin",
+        path: "../wit",
+        ownership: Borrowing {
+            duplicate_if_necessary: true
+        },
+        with: {
+            "capteurs:plugins/types": super::bindings::capteurs::plugins::types,
+            "capteurs:plugins/host": super::bindings::capteurs::plugins::host,
+        },
+    });
+}
+
 /// Bindings of the `auth-plugin` world.
 pub mod auth_bindings {
     wasmtime::component::bindgen!({
@@ -328,22 +344,36 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
 
 impl crate::broker::Transform for Plugins {
     fn apply(&self, message: Message) -> Vec<Message> {
+        self.apply_batch(vec![message])
+    }
+
+    /// Each transform in turn takes the messages its topics match, all at
+    /// once (one call for a plugin that takes batches); the others go by.
+    /// Order is kept: outputs take their input's place.
+    fn apply_batch(&self, messages: Vec<Message>) -> Vec<Message> {
         let set = self.set.load();
-        let mut current = vec![message];
+        let mut current = messages;
         for t in &set.transforms {
             if t.disabled() {
                 continue;
             }
+            let hits: Vec<usize> = (0..current.len())
+                .filter(|&i| t.matches(&current[i].topic))
+                .collect();
+            if hits.is_empty() {
+                continue;
+            }
+            let outputs = {
+                let refs: Vec<&Message> = hits.iter().map(|&i| &current[i]).collect();
+                t.process_many(&refs)
+            };
             let mut next = Vec::with_capacity(current.len());
-            for m in current {
-                if !t.matches(&m.topic) {
-                    next.push(m);
-                    continue;
-                }
-                match t.process(&m) {
-                    Ok(Output::Keep) => next.push(m),
-                    Ok(Output::Replace(out)) => next.extend(out),
-                    Err(_) => match &t.on_error {
+            let mut outputs = hits.into_iter().zip(outputs).peekable();
+            for (i, m) in current.into_iter().enumerate() {
+                match outputs.next_if(|(hit, _)| *hit == i) {
+                    Some((_, Ok(Output::Keep))) => next.push(m),
+                    Some((_, Ok(Output::Replace(out)))) => next.extend(out),
+                    Some((_, Err(_))) => match &t.on_error {
                         OnError::Pass => next.push(m),
                         OnError::Drop => {}
                         OnError::DeadLetter(topic) => {
@@ -352,6 +382,7 @@ impl crate::broker::Transform for Plugins {
                             next.push(dead);
                         }
                     },
+                    None => next.push(m),
                 }
             }
             current = next;

@@ -331,7 +331,19 @@ impl host::Host for HostState {
 /// `init` (`$iface`: the generated accessor) with the plugin's parameters.
 /// One macro for the three worlds, whose generated types share no trait.
 macro_rules! guarded_world {
-    ($engine:expr, $component:expr, $guard:expr, $World:ty, $Pre:ty, $iface:ident) => {{
+    ($engine:expr, $component:expr, $guard:expr, $World:ty, $Pre:ty, $iface:ident) => {
+        $crate::plugins::runtime::guarded_world!(
+            $engine,
+            $component,
+            $guard,
+            $World,
+            $Pre,
+            $iface,
+            std::convert::identity
+        )
+    };
+    // `$wrap` turns the instantiated world into what the Guarded holds.
+    ($engine:expr, $component:expr, $guard:expr, $World:ty, $Pre:ty, $iface:ident, $wrap:expr) => {{
         let guard: $crate::plugins::runtime::GuardSettings = $guard;
         let link = |e: wasmtime::Error| $crate::plugins::runtime::PluginError::Link {
             name: guard.name.clone(),
@@ -355,7 +367,7 @@ macro_rules! guarded_world {
                     let owned = store.data().params.clone();
                     let params = $crate::plugins::runtime::HostState::init_params(&owned);
                     match plugin.$iface().call_init(&mut *store, &params) {
-                        Ok(Ok(())) => Ok(plugin),
+                        Ok(Ok(())) => Ok($wrap(plugin)),
                         Ok(Err(e)) => Err(format!("init returned an error: {e}")),
                         Err(e) => Err(format!("init trapped: {e:#}")),
                     }
@@ -369,7 +381,10 @@ pub(crate) use guarded_world;
 /// Counters of one plugin.
 #[derive(Debug, Default)]
 pub struct PluginStats {
+    /// Messages (or checks) handed to the plugin; a batch counts each.
     pub calls: AtomicU64,
+    /// `process-batch` calls that answered.
+    pub batches: AtomicU64,
     pub messages_out: AtomicU64,
     pub faults: AtomicU64,
     pub restarts: AtomicU64,
@@ -382,6 +397,7 @@ impl PluginStats {
     pub fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "calls": self.calls.load(Ordering::Relaxed),
+            "batches": self.batches.load(Ordering::Relaxed),
             "messages_out": self.messages_out.load(Ordering::Relaxed),
             "faults": self.faults.load(Ordering::Relaxed),
             "restarts": self.restarts.load(Ordering::Relaxed),
@@ -389,6 +405,15 @@ impl PluginStats {
             "busy_ns": self.busy_ns.load(Ordering::Relaxed),
         })
     }
+}
+
+/// Why a batch got no answer (its messages are then replayed one by one).
+#[derive(Debug)]
+pub struct BatchFault {
+    pub why: String,
+    /// It ran past its deadline or out of fuel: the replay paid for it
+    /// again, and batching should pause.
+    pub overran: bool,
 }
 
 /// How one plugin instance is guarded.
@@ -497,15 +522,46 @@ impl<P> Guarded<P> {
         f: impl FnOnce(&P, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, String> {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        self.enter(true, f).map_err(|(why, _)| why)
+    }
+
+    /// [`Guarded::call`] for a batch of `messages`, each counted as a call
+    /// once it returned. A trap is no fault here: the caller replays the
+    /// batch message by message, and the culprit faults then.
+    pub fn call_batch<R>(
+        &self,
+        messages: u64,
+        f: impl FnOnce(&P, &mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<R, BatchFault> {
+        let r = self.enter(false, f);
+        if r.is_ok() {
+            self.stats.calls.fetch_add(messages, Ordering::Relaxed);
+            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        }
+        r.map_err(|(why, overran)| BatchFault { why, overran })
+    }
+
+    /// The call, or why not and whether it ran out of time or fuel.
+    fn enter<R>(
+        &self,
+        faults: bool,
+        f: impl FnOnce(&P, &mut Store<HostState>) -> wasmtime::Result<R>,
+    ) -> Result<R, (String, bool)> {
+        let mut live = self.lock_live();
         if live.instance.is_none() {
             if self.disabled() {
-                return Err("disabled after repeated faults".into());
+                return Err(("disabled after repeated faults".into(), false));
             }
             if live.next_restart.is_some_and(|t| Instant::now() < t) {
-                return Err(
-                    self.fault(&mut live, "instance not restarted yet after a fault".into())
-                );
+                let why = "instance not restarted yet after a fault".to_string();
+                return Err((
+                    if faults {
+                        self.fault(&mut live, why)
+                    } else {
+                        why
+                    },
+                    false,
+                ));
             }
             match self.fresh() {
                 Ok(i) => {
@@ -519,7 +575,7 @@ impl<P> Guarded<P> {
                 }
                 Err(e) => {
                     live.next_restart = Some(Instant::now() + RESTART_EVERY);
-                    return Err(self.fault(&mut live, e));
+                    return Err((if faults { self.fault(&mut live, e) } else { e }, false));
                 }
             }
         }
@@ -540,15 +596,49 @@ impl<P> Guarded<P> {
                         .front()
                         .is_some_and(|t| t.elapsed() < Duration::from_secs(1));
                 live.next_restart = burst.then(|| Instant::now() + RESTART_EVERY);
-                let why = match trap.downcast_ref::<wasmtime::Trap>() {
-                    Some(wasmtime::Trap::Interrupt) => format!(
-                        "ran past its deadline ({} ms)",
-                        self.settings.limits.deadline_ticks.saturating_sub(1)
+                let (why, overran) = match trap.downcast_ref::<wasmtime::Trap>() {
+                    Some(wasmtime::Trap::Interrupt) => (
+                        format!(
+                            "ran past its deadline ({} ms)",
+                            self.settings.limits.deadline_ticks.saturating_sub(1)
+                        ),
+                        true,
                     ),
-                    Some(wasmtime::Trap::OutOfFuel) => "ran out of fuel".to_string(),
-                    _ => format!("trapped: {trap:#}"),
+                    Some(wasmtime::Trap::OutOfFuel) => ("ran out of fuel".to_string(), true),
+                    _ => (format!("trapped: {trap:#}"), false),
                 };
-                Err(self.fault(&mut live, why))
+                Err((
+                    if faults {
+                        self.fault(&mut live, why)
+                    } else {
+                        why
+                    },
+                    overran,
+                ))
+            }
+        }
+    }
+
+    /// The instance, waited for by spinning a little first: another thread
+    /// holds it for one call (about a microsecond), far less than parking
+    /// this thread and waking it again costs.
+    fn lock_live(&self) -> std::sync::MutexGuard<'_, Live<P>> {
+        match self.live.try_lock() {
+            Ok(g) => return g,
+            Err(std::sync::TryLockError::Poisoned(e)) => return e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => {}
+        }
+        let spin_until = Instant::now() + Duration::from_micros(50);
+        loop {
+            for _ in 0..64 {
+                match self.live.try_lock() {
+                    Ok(g) => return g,
+                    Err(std::sync::TryLockError::Poisoned(e)) => return e.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => std::hint::spin_loop(),
+                }
+            }
+            if Instant::now() >= spin_until {
+                return self.live.lock().unwrap_or_else(|e| e.into_inner());
             }
         }
     }

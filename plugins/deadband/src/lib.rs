@@ -9,9 +9,10 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 
-wit_bindgen::generate!({ world: "transform-plugin", path: "../../wit" });
+wit_bindgen::generate!({ world: "batch-transform-plugin", path: "../../wit" });
 
 use exports::capteurs::plugins::transform::{Guest, Message, Param, Verdict};
+use exports::capteurs::plugins::transform_batch::{self, Batch};
 
 /// The filter itself, free of the plugin interface (tested natively).
 #[derive(Debug)]
@@ -97,16 +98,42 @@ impl Guest for Plugin {
     }
 
     fn process(msg: Message) -> Result<Verdict, String> {
-        let Some(value) = value_of(&msg.payload) else {
-            return Ok(Verdict::Keep);
-        };
         let now = capteurs::plugins::host::wall_ms();
-        let keep = STATE.with(|s| {
-            s.borrow_mut()
-                .as_mut()
-                .map_or(true, |d| d.keep(&msg.topic, value, now))
-        });
-        Ok(if keep { Verdict::Keep } else { Verdict::Drop })
+        Ok(STATE.with(|s| verdict(s.borrow_mut().as_mut(), &msg.topic, &msg.payload, now)))
+    }
+}
+
+/// Every message of a batch in one call, the clock read once (the gateway
+/// hands over what one client sent at once).
+impl transform_batch::Guest for Plugin {
+    fn process_batch(b: Batch) -> Vec<Result<Verdict, String>> {
+        let now = capteurs::plugins::host::wall_ms();
+        let mut rest = &b.data[..];
+        STATE.with(|s| {
+            let mut state = s.borrow_mut();
+            b.lengths
+                .chunks_exact(2)
+                .map(|len| {
+                    let (topic, r) = rest.split_at(len[0] as usize);
+                    let (payload, r) = r.split_at(len[1] as usize);
+                    rest = r;
+                    let topic = std::str::from_utf8(topic).unwrap_or_default();
+                    Ok(verdict(state.as_mut(), topic, payload, now))
+                })
+                .collect()
+        })
+    }
+}
+
+fn verdict(d: Option<&mut Deadband>, topic: &str, payload: &[u8], now: u64) -> Verdict {
+    let keep = match (d, value_of(payload)) {
+        (Some(d), Some(value)) => d.keep(topic, value, now),
+        _ => true,
+    };
+    if keep {
+        Verdict::Keep
+    } else {
+        Verdict::Drop
     }
 }
 

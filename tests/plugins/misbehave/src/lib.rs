@@ -4,52 +4,91 @@
 //! on an invalid topic; `error`: returns an error; `slow:N`: spins N ms.
 //! Anything else passes unchanged.
 
-wit_bindgen::generate!({ world: "transform-plugin", path: "../../../wit" });
+//! In a batch (`transform-batch`), `short-batch` makes the whole answer one
+//! verdict short (garbage for the host to catch).
+
+wit_bindgen::generate!({ world: "batch-transform-plugin", path: "../../../wit" });
 
 use exports::capteurs::plugins::transform::{Guest, Message, Param, Verdict};
+use exports::capteurs::plugins::transform_batch::{self, Batch};
 
 struct Plugin;
+
+/// What the payload asks for; `msg` makes the message to mangle.
+fn act(payload: &[u8], msg: impl FnOnce() -> Message) -> Result<Verdict, String> {
+    let what = String::from_utf8_lossy(payload);
+    match what.as_ref() {
+        "loop" => {
+            let mut n: u64 = 0;
+            loop {
+                n = std::hint::black_box(n.wrapping_add(1));
+            }
+        }
+        "oom" => {
+            let mut hog: Vec<Vec<u8>> = Vec::new();
+            loop {
+                hog.push(vec![1u8; 1 << 20]);
+                std::hint::black_box(&hog);
+            }
+        }
+        "trap" => {
+            #[cfg(target_arch = "wasm32")]
+            core::arch::wasm32::unreachable();
+            #[cfg(not(target_arch = "wasm32"))]
+            unreachable!()
+        }
+        "garbage" => {
+            let mut m = msg();
+            m.topic = "a/#/b".into();
+            Ok(Verdict::Replace(vec![m]))
+        }
+        "error" => Err("asked to fail".into()),
+        w if w.starts_with("slow:") => {
+            let ms: u64 = w[5..].parse().unwrap_or(1);
+            let start = capteurs::plugins::host::monotonic_ns();
+            while capteurs::plugins::host::monotonic_ns() - start < ms * 1_000_000 {}
+            Ok(Verdict::Keep)
+        }
+        _ => Ok(Verdict::Keep),
+    }
+}
 
 impl Guest for Plugin {
     fn init(_: Vec<Param>) -> Result<(), String> {
         Ok(())
     }
 
-    fn process(mut msg: Message) -> Result<Verdict, String> {
-        let what = String::from_utf8_lossy(&msg.payload).into_owned();
-        match what.as_str() {
-            "loop" => {
-                let mut n: u64 = 0;
-                loop {
-                    n = std::hint::black_box(n.wrapping_add(1));
-                }
-            }
-            "oom" => {
-                let mut hog: Vec<Vec<u8>> = Vec::new();
-                loop {
-                    hog.push(vec![1u8; 1 << 20]);
-                    std::hint::black_box(&hog);
-                }
-            }
-            "trap" => {
-                #[cfg(target_arch = "wasm32")]
-                core::arch::wasm32::unreachable();
-                #[cfg(not(target_arch = "wasm32"))]
-                unreachable!()
-            }
-            "garbage" => {
-                msg.topic = "a/#/b".into();
-                Ok(Verdict::Replace(vec![msg]))
-            }
-            "error" => Err("asked to fail".into()),
-            w if w.starts_with("slow:") => {
-                let ms: u64 = w[5..].parse().unwrap_or(1);
-                let start = capteurs::plugins::host::monotonic_ns();
-                while capteurs::plugins::host::monotonic_ns() - start < ms * 1_000_000 {}
-                Ok(Verdict::Keep)
-            }
-            _ => Ok(Verdict::Keep),
+    fn process(msg: Message) -> Result<Verdict, String> {
+        act(&msg.payload, || msg.clone())
+    }
+}
+
+impl transform_batch::Guest for Plugin {
+    fn process_batch(b: Batch) -> Vec<Result<Verdict, String>> {
+        let mut rest = &b.data[..];
+        let mut short = false;
+        let mut out: Vec<Result<Verdict, String>> = b
+            .lengths
+            .chunks_exact(2)
+            .map(|len| {
+                let (topic, r) = rest.split_at(len[0] as usize);
+                let (payload, r) = r.split_at(len[1] as usize);
+                rest = r;
+                short |= payload == b"short-batch";
+                act(payload, || Message {
+                    topic: String::from_utf8_lossy(topic).into_owned(),
+                    payload: payload.to_vec(),
+                    qos: b.qos,
+                    retain: b.retain,
+                    origin: b.origin.clone(),
+                    received_ms: b.received_ms,
+                })
+            })
+            .collect();
+        if short {
+            out.pop();
         }
+        out
     }
 }
 
