@@ -529,6 +529,42 @@ async fn qos0_publisher_is_not_read_while_a_subscriber_is_full() {
     assert_eq!(Metrics::get(&m.slow_subscribers), 0);
 }
 
+/// QoS 0 messages are routed a few at a time (one batch per read): a packet
+/// read after a batch that filled a subscriber's queue is not handled until
+/// the subscriber drains, as if it had not been read.
+#[tokio::test]
+async fn a_packet_behind_a_batch_that_filled_a_queue_waits() {
+    let b = TestBroker::start(open_auth(), |s| {
+        s.max_inflight = 1;
+        s.max_queued = 32; // batches of 2
+    })
+    .await;
+    let mut s = RawClient::connect(b.addr, &ConnectOpts::new("slow")).await;
+    s.subscribe("f", QoS::AtLeastOnce).await;
+    let mut p = RawClient::connect(b.addr, &ConnectOpts::new("fast")).await;
+    p.publish("f", b"0", QoS::AtLeastOnce, false).await;
+    let first = s.expect_publish().await; // in flight, not acknowledged
+    let payloads: Vec<String> = (1..=31).map(|i| i.to_string()).collect();
+    let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
+    for id in send_qos1(&mut p, "f", &refs).await {
+        expect_puback(&mut p, id).await; // 31 queued: one short of full
+    }
+    p.send_all(vec![
+        publish_packet("f", b"32", QoS::AtMostOnce, false, None, false),
+        Packet::PingRequest,
+    ])
+    .await;
+    p.expect_nothing().await; // the PINGREQ waits behind the full queue
+    s.ack(&first).await;
+    for i in 1..=32 {
+        assert_eq!(s.receive().await.payload, i.to_string().as_bytes());
+    }
+    assert_eq!(p.recv().await, Some(Packet::PingResponse));
+    let m = b.handle().metrics();
+    assert_eq!(Metrics::get(&m.dropped_queue_full), 0);
+    assert_eq!(Metrics::get(&m.publishers_throttled), 1);
+}
+
 #[tokio::test]
 async fn subscriber_too_slow_for_too_long_loses_its_oldest_messages() {
     let b = TestBroker::start(open_auth(), |s| {

@@ -540,3 +540,205 @@ fn plugin_check_and_run_without_a_broker() {
     ]);
     assert!(!ok && out.contains("is not a valid component"), "{out}");
 }
+
+/// The payloads and topics a subscriber got, `n` of them.
+async fn received(s: &mut RawClient, n: usize) -> Vec<(String, String)> {
+    let mut got = Vec::new();
+    for _ in 0..n {
+        let m = s.receive().await;
+        got.push((m.topic.clone(), payload(&m)));
+    }
+    got
+}
+
+/// A burst of QoS 0 PUBLISHes in one write reaches a plugin taking batches
+/// in one `process-batch` call; a message it fails on costs that message
+/// alone its `on_error` (here the dead-letter topic), in its place, and the
+/// counters say which path it took.
+#[tokio::test]
+async fn a_burst_goes_to_a_batch_plugin_in_one_call_and_only_the_culprit_is_set_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = plugin(
+        "misbehave",
+        "transform",
+        "topics = [\"bad/#\"]\ntimeout_ms = 50\nmax_faults = 10\non_error = \"dead_letter\"\ndead_letter_topic = \"dead/letters\"",
+    );
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut s = sub(&g, "#").await;
+    let mut p = RawClient::connect(g.addr, &ConnectOpts::new("p")).await;
+    let st = g.plugins().stats()["misbehave"].clone();
+    let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let burst = |culprit: &str| -> (Vec<Packet>, Vec<(String, String)>) {
+        let mut packets = Vec::new();
+        let mut expected = Vec::new();
+        for i in 0..11 {
+            let body = if i == 5 {
+                culprit.to_string()
+            } else {
+                format!("{i}")
+            };
+            packets.push(publish_packet(
+                "bad/x",
+                body.as_bytes(),
+                QoS::AtMostOnce,
+                false,
+                None,
+                false,
+            ));
+            let topic = if i == 5 { "dead/letters" } else { "bad/x" };
+            expected.push((topic.to_string(), body));
+        }
+        (packets, expected)
+    };
+    // An error returned, or garbage, is that message's answer: the batch
+    // answered, nothing is replayed.
+    for culprit in ["error", "garbage"] {
+        let (batches, faults) = (load(&st.batches), load(&st.faults));
+        let (packets, expected) = burst(culprit);
+        p.send_all(packets).await;
+        assert_eq!(received(&mut s, 11).await, expected, "{culprit}");
+        assert!(load(&st.batches) > batches, "{culprit}: no batch was made");
+        assert_eq!(load(&st.faults), faults + 1, "{culprit}");
+        assert_eq!(load(&st.batch_replays), 0, "{culprit}");
+    }
+    // An answer one verdict short is garbage for the whole batch.
+    let faults = load(&st.faults);
+    let (packets, _) = burst("short-batch");
+    p.send_all(packets).await;
+    let got = received(&mut s, 11).await;
+    assert!(got.iter().all(|(t, _)| t == "dead/letters"), "{got:?}");
+    assert_eq!(load(&st.faults), faults + 1);
+    // A trap, then a loop: the batch dies, its messages are replayed one by
+    // one on a fresh instance, and only the culprit faults.
+    for (n, culprit) in ["trap", "loop"].into_iter().enumerate() {
+        let faults = load(&st.faults);
+        let started = Instant::now();
+        let (packets, expected) = burst(culprit);
+        p.send_all(packets).await;
+        assert_eq!(received(&mut s, 11).await, expected, "{culprit}");
+        assert!(started.elapsed() < Duration::from_secs(3), "{culprit}");
+        assert_eq!(load(&st.batch_replays), n as u64 + 1, "{culprit}");
+        assert_eq!(load(&st.faults), faults + 1, "{culprit}");
+    }
+    // After an overrun, batching pauses: the next burst goes one by one
+    // (a slow plugin does not pay its deadline twice per batch).
+    let batches = load(&st.batches);
+    let (packets, expected) = burst("fine");
+    p.send_all(packets).await;
+    let mut expected = expected;
+    expected[5].0 = "bad/x".into();
+    assert_eq!(received(&mut s, 11).await, expected);
+    assert_eq!(load(&st.batches), batches);
+    assert!(!st.disabled.load(Ordering::Relaxed));
+    g.stop().await;
+}
+
+/// QoS 0 messages are routed together, but never ahead of (or behind) the
+/// QoS 1 and 2 messages the same client sent between them.
+#[tokio::test]
+async fn batched_qos0_keeps_its_place_among_qos1_and_qos2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = plugin("misbehave", "transform", "topics = [\"#\"]");
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut s = RawClient::connect(g.addr, &ConnectOpts::new("sub")).await;
+    s.subscribe("o/#", QoS::AtLeastOnce).await;
+    let mut p = RawClient::connect(g.addr, &ConnectOpts::new("p")).await;
+    let mut packets = Vec::new();
+    let mut order = Vec::new();
+    for (i, qos) in [0, 0, 0, 1, 0, 0, 2, 0, 0, 0].into_iter().enumerate() {
+        let q = match qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        };
+        let id = (qos > 0).then(|| p.next_packet_id());
+        packets.push(publish_packet(
+            "o/t",
+            format!("{i}").as_bytes(),
+            q,
+            false,
+            id,
+            false,
+        ));
+        order.push(format!("{i}"));
+    }
+    p.send_all(packets).await;
+    let got: Vec<String> = received(&mut s, order.len())
+        .await
+        .into_iter()
+        .map(|(_, body)| body)
+        .collect();
+    assert_eq!(got, order);
+    let st = g.plugins().stats()["misbehave"].clone();
+    assert!(st.batches.load(Ordering::Relaxed) >= 1, "no batch was made");
+    assert_eq!(st.calls.load(Ordering::Relaxed), 10);
+    g.stop().await;
+}
+
+/// A plugin's batches answer what its calls one by one answer: the same
+/// deadband, fed the same readings of three topics, once message by
+/// message and once in batches of every size from 1 to 17.
+#[test]
+fn deadband_in_batches_answers_as_one_by_one() {
+    use capteurs_gateway::message::{Message, Origin};
+    use capteurs_gateway::plugins::runtime::{self, GuardSettings, Limits};
+    use capteurs_gateway::plugins::transform::{OnError, Output, Transform, TransformSettings};
+    let engine = runtime::engine(false).unwrap();
+    let component = runtime::load(&engine, "deadband", &plugin_wasm("deadband"), None).unwrap();
+    let make = || {
+        Transform::new(
+            &engine,
+            &component,
+            TransformSettings {
+                topics: vec!["#".into()],
+                on_error: OnError::Pass,
+                guard: GuardSettings {
+                    name: "deadband".into(),
+                    limits: Limits::new(16, Duration::from_millis(100), 0),
+                    params: vec![("threshold".into(), "0.5".into())],
+                    max_faults: 3,
+                },
+                instances: 1,
+            },
+        )
+        .unwrap()
+    };
+    let (one, batched) = (make(), make());
+    assert!(batched.batches());
+    let mut x: u64 = 12345;
+    let messages: Vec<Message> = (0..400)
+        .map(|i| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let value = 20.0 + (x >> 33) as f64 / (1u64 << 31) as f64 * 2.0;
+            Message::new(
+                format!("capteurs/temperature/fr/aubiere/rue_{}", i % 3),
+                format!("{value:.2}"),
+                0,
+                false,
+                Origin::Client("sonde".into()),
+            )
+        })
+        .collect();
+    let kept = |o: &Result<Output, String>| match o {
+        Ok(Output::Keep) => true,
+        Ok(Output::Replace(v)) if v.is_empty() => false,
+        other => panic!("unexpected {other:?}"),
+    };
+    let expected: Vec<bool> = messages.iter().map(|m| kept(&one.process(m))).collect();
+    assert!(expected.iter().any(|k| !k) && expected.iter().any(|k| *k));
+    let mut got = Vec::new();
+    let (mut at, mut size) = (0, 1);
+    while at < messages.len() {
+        let end = (at + size).min(messages.len());
+        let refs: Vec<&Message> = messages[at..end].iter().collect();
+        got.extend(batched.process_many(&refs).iter().map(kept));
+        at = end;
+        size = size % 17 + 1;
+    }
+    assert_eq!(got, expected);
+    let st = batched.stats();
+    assert!(st.batches.load(Ordering::Relaxed) >= 20);
+    assert_eq!(st.calls.load(Ordering::Relaxed), 400);
+}

@@ -235,6 +235,16 @@ impl RawClient {
         self.stream.write_all(&buf).await.is_ok()
     }
 
+    /// Sends packets in one write: the broker reads them at once (what a
+    /// busy client's socket holds).
+    pub async fn send_all(&mut self, packets: Vec<Packet>) {
+        let mut buf = BytesMut::new();
+        for p in packets {
+            self.codec.encode(p, &mut buf).expect("encode");
+        }
+        self.send_raw(&buf).await;
+    }
+
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         self.stream.write_all(bytes).await.expect("write");
     }

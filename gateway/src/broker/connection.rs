@@ -35,7 +35,9 @@ static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 const WRITE_HIGH_WATER: usize = 64 * 1024;
 
 /// QoS 0 messages of one read routed together (so that a transform plugin
-/// taking batches is entered once for them), at most this many / bytes.
+/// taking batches is entered once for them), at most this many / bytes, and
+/// at most a sixteenth of `max_queued`: flow control notices a full queue
+/// only after a batch, so each publisher may overfill it by one batch.
 const BATCH_MESSAGES: usize = 64;
 const BATCH_BYTES: usize = 64 * 1024;
 
@@ -93,6 +95,8 @@ struct Conn {
     /// their bytes.
     batch: Vec<Message>,
     batch_bytes: usize,
+    /// A packet decoded but held back by flow control.
+    stashed: Option<Packet>,
 }
 
 impl Conn {
@@ -188,6 +192,7 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
         },
         batch: Vec::new(),
         batch_bytes: 0,
+        stashed: None,
     };
     let metrics = &shared.router.metrics;
     let first = tokio::select! {
@@ -533,22 +538,30 @@ async fn run(
         // Packets already buffered (pipelined after CONNECT, or several per read).
         // QoS 0 PUBLISHes in a row are routed together; anything else
         // routes them first, so the client's order holds.
+        // A packet decoded when the batch before it filled a subscriber
+        // waits, unhandled, until reading resumes (as if never read).
         while !conn.pause_reading {
-            match conn.codec.decode(&mut conn.rbuf) {
-                Ok(Some(packet)) => {
-                    if !matches!(&packet, Packet::Publish(p) if p.qos.value() == 0) {
+            let packet = match conn.stashed.take() {
+                Some(p) => p,
+                None => match conn.codec.decode(&mut conn.rbuf) {
+                    Ok(Some(p)) => p,
+                    Ok(None) => break,
+                    Err(e) => {
                         flush_batch(conn, session);
+                        return End::Protocol(e.to_string());
                     }
-                    if let Some(end) = handle(conn, session, client, packet) {
-                        flush_batch(conn, session);
-                        return end;
-                    }
+                },
+            };
+            if !matches!(&packet, Packet::Publish(p) if p.qos.value() == 0) {
+                flush_batch(conn, session);
+                if conn.pause_reading {
+                    conn.stashed = Some(packet);
+                    break;
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    flush_batch(conn, session);
-                    return End::Protocol(e.to_string());
-                }
+            }
+            if let Some(end) = handle(conn, session, client, packet) {
+                flush_batch(conn, session);
+                return end;
             }
         }
         flush_batch(conn, session);
@@ -682,7 +695,8 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
                     if allowed {
                         conn.batch_bytes += p.topic.len() + p.payload.len();
                         conn.batch.push(message());
-                        if conn.batch.len() >= BATCH_MESSAGES || conn.batch_bytes >= BATCH_BYTES {
+                        let most = (shared.settings.max_queued / 16).clamp(1, BATCH_MESSAGES);
+                        if conn.batch.len() >= most || conn.batch_bytes >= BATCH_BYTES {
                             flush_batch(conn, session);
                         }
                     }

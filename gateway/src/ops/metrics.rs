@@ -351,6 +351,13 @@ pub async fn render(ops: &Ops) -> String {
         );
         each(
             &mut f,
+            "capteurs_plugin_batch_replays_total",
+            "counter",
+            "Batches that trapped or overran, replayed message by message.",
+            &|s| load(&s.batch_replays),
+        );
+        each(
+            &mut f,
             "capteurs_plugin_faults_total",
             "counter",
             "Traps, deadlines, memory exhaustion, errors and garbage answers.",

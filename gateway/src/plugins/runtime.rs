@@ -385,6 +385,8 @@ pub struct PluginStats {
     pub calls: AtomicU64,
     /// `process-batch` calls that answered.
     pub batches: AtomicU64,
+    /// Batches that trapped or overran, replayed message by message.
+    pub batch_replays: AtomicU64,
     pub messages_out: AtomicU64,
     pub faults: AtomicU64,
     pub restarts: AtomicU64,
@@ -398,6 +400,7 @@ impl PluginStats {
         serde_json::json!({
             "calls": self.calls.load(Ordering::Relaxed),
             "batches": self.batches.load(Ordering::Relaxed),
+            "batch_replays": self.batch_replays.load(Ordering::Relaxed),
             "messages_out": self.messages_out.load(Ordering::Relaxed),
             "faults": self.faults.load(Ordering::Relaxed),
             "restarts": self.restarts.load(Ordering::Relaxed),
@@ -414,6 +417,8 @@ pub struct BatchFault {
     /// It ran past its deadline or out of fuel: the replay paid for it
     /// again, and batching should pause.
     pub overran: bool,
+    /// It was entered and trapped (not: disabled, or not rebuilt yet).
+    pub trapped: bool,
 }
 
 /// How one plugin instance is guarded.
@@ -451,6 +456,9 @@ struct Live<P> {
     next_restart: Option<Instant>,
     /// When the instance was last rebuilt (the last few times).
     restarts: std::collections::VecDeque<Instant>,
+    /// A batch killed it: the rebuild for its replay is not rate-limited
+    /// (the culprit's own fault in the replay is).
+    replaying: bool,
 }
 
 /// After [`RESTART_BURST`] rebuilds within a second, the next waits this
@@ -476,6 +484,7 @@ impl<P> Guarded<P> {
                 instance: None,
                 next_restart: None,
                 restarts: std::collections::VecDeque::new(),
+                replaying: false,
             }),
             consecutive: AtomicU32::new(0),
             stats: Arc::new(PluginStats::default()),
@@ -533,24 +542,36 @@ impl<P> Guarded<P> {
         messages: u64,
         f: impl FnOnce(&P, &mut Store<HostState>) -> wasmtime::Result<R>,
     ) -> Result<R, BatchFault> {
-        let r = self.enter(false, f);
-        if r.is_ok() {
-            self.stats.calls.fetch_add(messages, Ordering::Relaxed);
-            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        match self.enter(false, f) {
+            Ok(r) => {
+                self.stats.calls.fetch_add(messages, Ordering::Relaxed);
+                self.stats.batches.fetch_add(1, Ordering::Relaxed);
+                Ok(r)
+            }
+            Err((why, fault)) => {
+                if fault.is_some() {
+                    self.stats.batch_replays.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(BatchFault {
+                    why,
+                    overran: fault == Some(true),
+                    trapped: fault.is_some(),
+                })
+            }
         }
-        r.map_err(|(why, overran)| BatchFault { why, overran })
     }
 
-    /// The call, or why not and whether it ran out of time or fuel.
+    /// The call, or why not and, when it trapped, whether it ran out of
+    /// time or fuel (`None`: it was not entered).
     fn enter<R>(
         &self,
         faults: bool,
         f: impl FnOnce(&P, &mut Store<HostState>) -> wasmtime::Result<R>,
-    ) -> Result<R, (String, bool)> {
+    ) -> Result<R, (String, Option<bool>)> {
         let mut live = self.lock_live();
         if live.instance.is_none() {
             if self.disabled() {
-                return Err(("disabled after repeated faults".into(), false));
+                return Err(("disabled after repeated faults".into(), None));
             }
             if live.next_restart.is_some_and(|t| Instant::now() < t) {
                 let why = "instance not restarted yet after a fault".to_string();
@@ -560,22 +581,24 @@ impl<P> Guarded<P> {
                     } else {
                         why
                     },
-                    false,
+                    None,
                 ));
             }
             match self.fresh() {
                 Ok(i) => {
                     self.stats.restarts.fetch_add(1, Ordering::Relaxed);
                     live.instance = Some(i);
-                    let now = Instant::now();
-                    live.restarts.push_back(now);
-                    while live.restarts.len() > RESTART_BURST {
-                        live.restarts.pop_front();
+                    if !std::mem::take(&mut live.replaying) {
+                        let now = Instant::now();
+                        live.restarts.push_back(now);
+                        while live.restarts.len() > RESTART_BURST {
+                            live.restarts.pop_front();
+                        }
                     }
                 }
                 Err(e) => {
                     live.next_restart = Some(Instant::now() + RESTART_EVERY);
-                    return Err((if faults { self.fault(&mut live, e) } else { e }, false));
+                    return Err((if faults { self.fault(&mut live, e) } else { e }, None));
                 }
             }
         }
@@ -590,12 +613,14 @@ impl<P> Guarded<P> {
             Ok(r) => Ok(r),
             Err(trap) => {
                 live.instance = None;
-                let burst = live.restarts.len() >= RESTART_BURST
+                let burst = faults
+                    && live.restarts.len() >= RESTART_BURST
                     && live
                         .restarts
                         .front()
                         .is_some_and(|t| t.elapsed() < Duration::from_secs(1));
                 live.next_restart = burst.then(|| Instant::now() + RESTART_EVERY);
+                live.replaying = !faults;
                 let (why, overran) = match trap.downcast_ref::<wasmtime::Trap>() {
                     Some(wasmtime::Trap::Interrupt) => (
                         format!(
@@ -613,7 +638,7 @@ impl<P> Guarded<P> {
                     } else {
                         why
                     },
-                    overran,
+                    Some(overran),
                 ))
             }
         }

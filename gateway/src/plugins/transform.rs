@@ -285,8 +285,10 @@ impl Transform {
             Err(fault) => {
                 let now = self.created.elapsed().as_millis() as u64;
                 let pause_ms = BATCH_PAUSE.as_millis() as u64;
-                let last = self.last_batch_trap.swap(now + 1, Ordering::Relaxed);
-                let again = last > 0 && now + 1 - last < pause_ms;
+                let again = fault.trapped && {
+                    let last = self.last_batch_trap.swap(now + 1, Ordering::Relaxed);
+                    last > 0 && now + 1 - last < pause_ms
+                };
                 let pause = fault.overran || again;
                 if pause {
                     self.batch_paused_until
