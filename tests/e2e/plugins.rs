@@ -742,3 +742,58 @@ fn deadband_in_batches_answers_as_one_by_one() {
     assert!(st.batches.load(Ordering::Relaxed) >= 20);
     assert_eq!(st.calls.load(Ordering::Relaxed), 400);
 }
+
+/// A plugin looping on both of the gateway's two workers at once (one
+/// call running, the other waiting for the instance) does not hold up
+/// messages of other topics: once a call of the plugin has been slow, its
+/// calls and the waits for it hand the worker over. (The first slow call
+/// does hold its worker, up to `timeout_ms`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_stuck_on_both_workers_does_not_hold_up_other_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = plugin(
+        "misbehave",
+        "transform",
+        "topics = [\"bad/#\"]\ntimeout_ms = 600\non_error = \"drop\"",
+    );
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut s = sub(&g, "ok/#").await;
+    let st = g.plugins().stats()["misbehave"].clone();
+    let mut a = RawClient::connect(g.addr, &ConnectOpts::new("a")).await;
+    let mut b = RawClient::connect(g.addr, &ConnectOpts::new("b")).await;
+    let mut c = RawClient::connect(g.addr, &ConnectOpts::new("c")).await;
+    // The first loop: the plugin is now known to be slow.
+    a.publish("bad/a", b"loop", QoS::AtMostOnce, false).await;
+    eventually("the first loop to stop", || {
+        st.faults.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    let calls = st.calls.load(Ordering::Relaxed);
+    let started = Instant::now();
+    a.publish("bad/a", b"loop", QoS::AtMostOnce, false).await;
+    eventually("a's call to start", || {
+        st.calls.load(Ordering::Relaxed) == calls + 1
+    })
+    .await;
+    b.publish("bad/b", b"loop", QoS::AtMostOnce, false).await;
+    eventually("b's call to wait for the instance", || {
+        st.calls.load(Ordering::Relaxed) == calls + 2
+    })
+    .await;
+    let sent = Instant::now();
+    c.publish("ok/t", b"21.5", QoS::AtMostOnce, false).await;
+    let m = s.receive().await;
+    assert_eq!(m.topic, "ok/t");
+    assert!(
+        sent.elapsed() < Duration::from_millis(300)
+            && started.elapsed() < Duration::from_millis(600),
+        "ok/t came {:?} after it was sent, {:?} into the loop",
+        sent.elapsed(),
+        started.elapsed()
+    );
+    eventually("both loops to stop", || {
+        st.faults.load(Ordering::Relaxed) == 3
+    })
+    .await;
+    g.stop().await;
+}

@@ -449,6 +449,22 @@ pub struct Guarded<P> {
     /// Faults in a row (outside the lock: a success only resets it).
     consecutive: AtomicU32,
     pub stats: Arc<PluginStats>,
+    /// A call took SLOW_CALL or more (until FAST_AGAIN fast ones in a row).
+    slow: AtomicBool,
+    fast_calls: AtomicU32,
+}
+
+/// A call this long marks the plugin slow; this many faster ones in a row
+/// clear it.
+const SLOW_CALL: Duration = Duration::from_millis(1);
+const FAST_AGAIN: u32 = 1000;
+
+/// Whether this thread may hand its worker over (`block_in_place`): on the
+/// gateway's multi-threaded runtime, not on a current-thread one (tests,
+/// `plugin run`), where it would panic.
+fn on_multi_thread_runtime() -> bool {
+    tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread)
 }
 
 struct Live<P> {
@@ -488,6 +504,8 @@ impl<P> Guarded<P> {
             }),
             consecutive: AtomicU32::new(0),
             stats: Arc::new(PluginStats::default()),
+            slow: AtomicBool::new(false),
+            fast_calls: AtomicU32::new(0),
         };
         let first = g.fresh().map_err(|reason| PluginError::Init {
             name: g.settings.name.clone(),
@@ -604,11 +622,29 @@ impl<P> Guarded<P> {
         }
         let (store, plugin) = live.instance.as_mut().expect("instantiated above");
         self.arm(store);
+        let slow = self.slow.load(Ordering::Relaxed);
         let started = Instant::now();
-        let result = f(plugin, store);
+        // A plugin known to be slow (a call took over SLOW_CALL) is called
+        // as blocking code: this worker hands its other connections (and
+        // the runtime's I/O) to another thread for the call's duration.
+        let result = if slow && on_multi_thread_runtime() {
+            tokio::task::block_in_place(|| f(plugin, store))
+        } else {
+            f(plugin, store)
+        };
+        let took = started.elapsed();
         self.stats
             .busy_ns
-            .fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        if took >= SLOW_CALL {
+            self.fast_calls.store(0, Ordering::Relaxed);
+            if !slow {
+                self.slow.store(true, Ordering::Relaxed);
+                debug!(plugin = %self.name, took_us = took.as_micros() as u64, "slow plugin call: its calls now hand the worker over");
+            }
+        } else if slow && self.fast_calls.fetch_add(1, Ordering::Relaxed) + 1 >= FAST_AGAIN {
+            self.slow.store(false, Ordering::Relaxed);
+        }
         match result {
             Ok(r) => Ok(r),
             Err(trap) => {
@@ -663,7 +699,17 @@ impl<P> Guarded<P> {
                 }
             }
             if Instant::now() >= spin_until {
-                return self.live.lock().unwrap_or_else(|e| e.into_inner());
+                // Still busy: a slow or looping call (up to its deadline).
+                // On the gateway's multi-threaded runtime this worker hands
+                // its other connections to a fresh thread while it waits,
+                // so a plugin stuck on two workers does not stall the
+                // broker's other topics.
+                let wait = || self.live.lock().unwrap_or_else(|e| e.into_inner());
+                return if on_multi_thread_runtime() {
+                    tokio::task::block_in_place(wait)
+                } else {
+                    wait()
+                };
             }
         }
     }
