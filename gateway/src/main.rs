@@ -399,6 +399,9 @@ fn status_text(s: &capteurs_gateway::ops::Status) -> String {
             p.restarts,
             if p.disabled { ", DISABLED" } else { "" }
         );
+        if let Some(f) = &p.last_fault {
+            let _ = writeln!(o, "  {:<16} last fault: {f}", "");
+        }
     }
     let _ = writeln!(
         o,

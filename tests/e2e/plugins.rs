@@ -225,6 +225,26 @@ async fn misbehaving_plugin_is_contained_counted_and_disabled() {
         "loop, oom and trap killed the instance"
     );
     assert!(!st.disabled.load(Ordering::Relaxed));
+    // The sandbox: no files, no sockets. The WASI functions a std guest
+    // links trap, saying so; the reason is kept for the status page.
+    for what in ["file", "net"] {
+        // (each trap is followed by a rebuild: past the restart rate limit)
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        p.publish("bad/x", what.as_bytes(), QoS::AtLeastOnce, false)
+            .await;
+        let m = s.receive().await;
+        assert_eq!(
+            (m.topic.as_str(), payload(&m).as_str()),
+            ("dead/letters", what)
+        );
+        let why = st.last_fault.lock().unwrap().clone().unwrap_or_default();
+        assert!(why.contains("is not available to plugins"), "{what}: {why}");
+    }
+    assert_eq!(st.faults.load(Ordering::Relaxed), 7);
+    // A success ends the fault streak.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    p.publish("bad/x", b"fine", QoS::AtLeastOnce, false).await;
+    assert_eq!(payload(&s.receive().await), "fine");
     // Six faults in a row disable it; its messages then pass untouched.
     for _ in 0..6 {
         p.publish("bad/x", b"error", QoS::AtLeastOnce, false).await;
@@ -796,4 +816,72 @@ async fn a_plugin_stuck_on_both_workers_does_not_hold_up_other_topics() {
     })
     .await;
     g.stop().await;
+}
+
+/// A running gateway process: `SIGHUP` reloads every plugin (a disabled
+/// one runs again), and a `.wasm` replaced on disk is picked up by itself.
+/// (That a broken file leaves the running version in place is tested in
+/// `hot_reload_under_load_loses_and_duplicates_nothing`.)
+#[tokio::test]
+async fn sighup_and_a_replaced_file_reload_plugins_in_a_running_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let wasm = dir.path().join("t.wasm");
+    std::fs::copy(plugin_wasm("misbehave"), &wasm).unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\ndata_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:0\"\n\
+             [[plugins]]\nname = \"t\"\nkind = \"transform\"\npath = \"{}\"\ntopics = [\"bad/#\"]\n\
+             max_faults = 1\non_error = \"dead_letter\"\ndead_letter_topic = \"dead/t\"\n",
+            wasm.display()
+        ),
+    )
+    .unwrap();
+    let gw = GatewayProcess::start(&config);
+    let mut s = RawClient::connect(gw.addr, &ConnectOpts::new("sub")).await;
+    s.subscribe("#", QoS::AtLeastOnce).await;
+    let mut p = RawClient::connect(gw.addr, &ConnectOpts::new("p")).await;
+    let mut send = async |body: &str| {
+        p.publish("bad/x", body.as_bytes(), QoS::AtLeastOnce, false)
+            .await;
+        let m = s.receive().await;
+        let body = payload(&m);
+        (m.topic, body)
+    };
+    // One fault disables it: its messages then pass untouched.
+    assert_eq!(send("error").await, ("dead/t".into(), "error".into()));
+    assert_eq!(send("error").await, ("bad/x".into(), "error".into()));
+    // SIGHUP: reloaded, enabled again.
+    let pid = gw.pid().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let started = Instant::now();
+    loop {
+        match send("error").await {
+            (t, _) if t == "dead/t" => break,
+            _ => assert!(started.elapsed() < WAIT, "SIGHUP did not reload the plugin"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Another plugin installed over the file (written aside, then renamed
+    // over it, as a package does): picked up without a signal, within the
+    // watcher's 2 s.
+    let tmp = dir.path().join("t.wasm.new");
+    std::fs::copy(plugin_wasm("celsius-json"), &tmp).unwrap();
+    std::fs::rename(&tmp, &wasm).unwrap();
+    let started = Instant::now();
+    loop {
+        let (_, body) = send("21.5").await;
+        if body.starts_with('{') {
+            let j: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(j["value"], 21.5);
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "the new file was not picked up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

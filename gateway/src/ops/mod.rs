@@ -130,6 +130,9 @@ pub struct PluginStatus {
     pub disabled: bool,
     pub messages_out: u64,
     pub busy_secs: f64,
+    /// Why it last faulted.
+    #[serde(default)]
+    pub last_fault: Option<String>,
 }
 
 pub fn kind_name(k: PluginKind) -> &'static str {
@@ -322,6 +325,11 @@ impl Ops {
                         disabled: s.disabled.load(Ordering::Relaxed),
                         messages_out: s.messages_out.load(Ordering::Relaxed),
                         busy_secs: s.busy_ns.load(Ordering::Relaxed) as f64 / 1e9,
+                        last_fault: s
+                            .last_fault
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .clone(),
                     })
                     .collect()
             })

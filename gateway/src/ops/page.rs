@@ -308,13 +308,17 @@ pub fn render(s: &Status) -> String {
             let _ = write!(
                 h,
                 "<tr><td>{}</td><td>{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td><td class=\"num\">{}</td>\
-<td class=\"num hide-s\">{mean}</td><td>{}</td></tr>",
+<td class=\"num hide-s\">{mean}</td><td>{}{}</td></tr>",
                 esc(&p.name),
                 esc(&p.kind),
                 p.calls,
                 p.faults,
                 p.restarts,
-                if p.disabled { "<span class=\"bad\">disabled</span>" } else { "<span class=\"ok\">running</span>" }
+                if p.disabled { "<span class=\"bad\">disabled</span>" } else { "<span class=\"ok\">running</span>" },
+                p.last_fault.as_deref().map_or(String::new(), |f| format!(
+                    "<br><span class=\"muted\">last fault: {}</span>",
+                    esc(&f.chars().take(160).collect::<String>())
+                ))
             );
         }
         h.push_str("</tbody></table></div>");

@@ -278,17 +278,19 @@ impl Plugins {
                 });
                 continue;
             }
+            // The file's time as it was before this attempt: a file still
+            // being written when read is retried once its writer is done.
+            let seen = std::fs::metadata(&old.path).and_then(|m| m.modified()).ok();
             match self.load_one(&old.config) {
                 Ok(e) => entries.push(e),
                 Err(e) => {
                     failed += 1;
                     error!(error = %e, "plugin reload failed: the previous version keeps running");
-                    let modified = std::fs::metadata(&old.path).and_then(|m| m.modified()).ok();
                     entries.push(Entry {
                         config: old.config.clone(),
                         path: old.path.clone(),
                         // Not retried until the file changes again.
-                        modified,
+                        modified: seen,
                         plugin: old.plugin.clone(),
                     });
                 }

@@ -393,6 +393,8 @@ pub struct PluginStats {
     pub disabled: AtomicBool,
     /// Time spent inside the plugin, all calls together (ns).
     pub busy_ns: AtomicU64,
+    /// Why it last faulted (for the status page and `status`).
+    pub last_fault: Mutex<Option<String>>,
 }
 
 impl PluginStats {
@@ -406,6 +408,7 @@ impl PluginStats {
             "restarts": self.restarts.load(Ordering::Relaxed),
             "disabled": self.disabled.load(Ordering::Relaxed),
             "busy_ns": self.busy_ns.load(Ordering::Relaxed),
+            "last_fault": *self.last_fault.lock().unwrap_or_else(|e| e.into_inner()),
         })
     }
 }
@@ -731,6 +734,11 @@ impl<P> Guarded<P> {
 
     fn fault(&self, live: &mut Live<P>, why: String) -> String {
         self.stats.faults.fetch_add(1, Ordering::Relaxed);
+        *self
+            .stats
+            .last_fault
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
         let consecutive = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
         if consecutive >= self.settings.max_faults && !self.disabled() {
             self.stats.disabled.store(true, Ordering::Relaxed);

@@ -1,7 +1,8 @@
 //! A plugin that misbehaves on demand, to prove the gateway's limits: the
 //! payload says what to do. `loop`: spins forever; `oom`: allocates until
 //! memory runs out; `trap`: hits unreachable; `garbage`: returns a message
-//! on an invalid topic; `error`: returns an error; `slow:N`: spins N ms.
+//! on an invalid topic; `error`: returns an error; `slow:N`: spins N ms;
+//! `file`, `net`: reads a file, opens a socket (the sandbox refuses both).
 //! Anything else passes unchanged.
 
 //! In a batch (`transform-batch`), `short-batch` makes the whole answer one
@@ -44,6 +45,14 @@ fn act(payload: &[u8], msg: impl FnOnce() -> Message) -> Result<Verdict, String>
             Ok(Verdict::Replace(vec![m]))
         }
         b"error" => Err("asked to fail".into()),
+        b"file" => match std::fs::read("/etc/hostname") {
+            Ok(_) => Err("read a file: the sandbox let it".into()),
+            Err(e) => Err(format!("no file: {e}")),
+        },
+        b"net" => match std::net::TcpStream::connect("127.0.0.1:1883") {
+            Ok(_) => Err("opened a socket: the sandbox let it".into()),
+            Err(e) => Err(format!("no socket: {e}")),
+        },
         p if p.starts_with(b"slow:") => {
             let ms: u64 = std::str::from_utf8(&p[5..])
                 .ok()
