@@ -687,12 +687,8 @@ impl<P> Guarded<P> {
     /// holds it for one call (about a microsecond), far less than parking
     /// this thread and waking it again costs.
     fn lock_live(&self) -> std::sync::MutexGuard<'_, Live<P>> {
-        match self.live.try_lock() {
-            Ok(g) => return g,
-            Err(std::sync::TryLockError::Poisoned(e)) => return e.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => {}
-        }
-        let spin_until = Instant::now() + Duration::from_micros(50);
+        // The clock is read only once the lock was found busy.
+        let mut spin_until = None;
         loop {
             for _ in 0..64 {
                 match self.live.try_lock() {
@@ -701,7 +697,8 @@ impl<P> Guarded<P> {
                     Err(std::sync::TryLockError::WouldBlock) => std::hint::spin_loop(),
                 }
             }
-            if Instant::now() >= spin_until {
+            let now = Instant::now();
+            if now >= *spin_until.get_or_insert(now + Duration::from_micros(50)) {
                 // Still busy: a slow or looping call (up to its deadline).
                 // On the gateway's multi-threaded runtime this worker hands
                 // its other connections to a fresh thread while it waits,
