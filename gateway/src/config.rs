@@ -444,6 +444,10 @@ pub struct PluginConfig {
     pub cache_decisions: bool,
     #[serde(default)]
     pub params: toml::Table,
+    /// The plugin's environment (WASI `environment`), granted explicitly:
+    /// these variables and no others (by default none).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 impl PluginConfig {

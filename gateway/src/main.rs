@@ -473,6 +473,7 @@ fn plugin_command(command: PluginCommand) -> anyhow::Result<()> {
             .map_or("plugin".into(), |s| s.to_string_lossy().into_owned()),
         limits: Limits::new(64, Duration::from_millis(1000), 0),
         params: params.clone(),
+        env: Vec::new(),
         max_faults: 1,
     };
     let make_transform = || {

@@ -716,6 +716,7 @@ fn deadband_in_batches_answers_as_one_by_one() {
                     name: "deadband".into(),
                     limits: Limits::new(16, Duration::from_millis(100), 0),
                     params: vec![("threshold".into(), "0.5".into())],
+                    env: Vec::new(),
                     max_faults: 3,
                 },
                 instances: 1,
@@ -884,4 +885,29 @@ async fn sighup_and_a_replaced_file_reload_plugins_in_a_running_gateway() {
         assert!(started.elapsed() < WAIT, "the new file was not picked up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A plugin's environment is what its `[plugins.env]` grants, nothing of
+/// the gateway's own.
+#[tokio::test]
+async fn the_environment_is_what_the_config_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = plugin(
+        "misbehave",
+        "transform",
+        "topics = [\"#\"]\n[plugins.env]\nGREETING = \"bonjour\"",
+    );
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    assert!(std::env::var_os("PATH").is_some());
+    let mut s = sub(&g, "#").await;
+    let mut p = RawClient::connect(g.addr, &ConnectOpts::new("p")).await;
+    for (ask, answer) in [
+        ("env:GREETING", "bonjour"),
+        ("env:PATH", "(unset)"),
+        ("env:HOME", "(unset)"),
+    ] {
+        p.publish("t", ask.as_bytes(), QoS::AtMostOnce, false).await;
+        assert_eq!(payload(&s.receive().await), answer, "{ask}");
+    }
+    g.stop().await;
 }

@@ -183,6 +183,7 @@ impl Plugins {
             name: c.name.clone(),
             limits: Limits::new(c.memory_mb, Duration::from_millis(c.timeout_ms), c.fuel),
             params: c.params(),
+            env: c.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
             max_faults: c.max_faults,
         };
         let plugin = match c.kind {

@@ -247,13 +247,19 @@ pub struct HostState {
 }
 
 impl HostState {
-    pub fn new(name: Arc<str>, params: Vec<(String, String)>, limits: &Limits) -> Self {
+    pub fn new(
+        name: Arc<str>,
+        params: Vec<(String, String)>,
+        env: &[(String, String)],
+        limits: &Limits,
+    ) -> Self {
         HostState {
             name,
             params,
-            // Grants nothing: no preopened directory, no environment, no
-            // arguments, no network; stdio goes nowhere.
-            wasi: WasiCtx::builder().build(),
+            // Grants nothing but the environment the config gives it: no
+            // preopened directory, no arguments, no network; stdio goes
+            // nowhere.
+            wasi: WasiCtx::builder().envs(env).build(),
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new()
                 .memory_size(limits.memory_bytes)
@@ -430,6 +436,8 @@ pub struct GuardSettings {
     pub name: String,
     pub limits: Limits,
     pub params: Vec<(String, String)>,
+    /// Environment variables granted to the plugin (none by default).
+    pub env: Vec<(String, String)>,
     /// Faults in a row before the plugin is disabled.
     pub max_faults: u32,
 }
@@ -528,6 +536,7 @@ impl<P> Guarded<P> {
             HostState::new(
                 self.name.clone(),
                 self.settings.params.clone(),
+                &self.settings.env,
                 &self.settings.limits,
             ),
         );

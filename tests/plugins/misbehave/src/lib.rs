@@ -2,7 +2,8 @@
 //! payload says what to do. `loop`: spins forever; `oom`: allocates until
 //! memory runs out; `trap`: hits unreachable; `garbage`: returns a message
 //! on an invalid topic; `error`: returns an error; `slow:N`: spins N ms;
-//! `file`, `net`: reads a file, opens a socket (the sandbox refuses both).
+//! `file`, `net`: reads a file, opens a socket (the sandbox refuses both);
+//! `env:NAME`: answers with that environment variable's value, or `(unset)`.
 //! Anything else passes unchanged.
 
 //! In a batch (`transform-batch`), `short-batch` makes the whole answer one
@@ -53,6 +54,14 @@ fn act(payload: &[u8], msg: impl FnOnce() -> Message) -> Result<Verdict, String>
             Ok(_) => Err("opened a socket: the sandbox let it".into()),
             Err(e) => Err(format!("no socket: {e}")),
         },
+        p if p.starts_with(b"env:") => {
+            let name = String::from_utf8_lossy(&p[4..]).into_owned();
+            let mut m = msg();
+            m.payload = std::env::var(name)
+                .unwrap_or_else(|_| "(unset)".into())
+                .into_bytes();
+            Ok(Verdict::Replace(vec![m]))
+        }
         p if p.starts_with(b"slow:") => {
             let ms: u64 = std::str::from_utf8(&p[5..])
                 .ok()
