@@ -465,6 +465,54 @@ async fn a_decoder_plugin_reads_a_serial_port() {
     g.stop().await;
 }
 
+/// BLE adverts no built-in format knows go to the `[ble] decoder` plugin,
+/// each data block in turn: a listed sensor's readings are published, an
+/// unlisted device is reported as unknown, bytes the plugin refuses are
+/// counted as decoder failures.
+#[tokio::test]
+async fn a_decoder_plugin_reads_ble_adverts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pty = Pty::open();
+    let cfg = plugin(
+        "csv-decoder",
+        "decoder",
+        "[plugins.params]\ncolumns = \"id,temperature\"",
+    ) + &format!(
+        "[ble]\nreplay = \"{}\"\ndecoder = \"csv-decoder\"\n[[sensors]]\nid = \"ruche\"\nsource = \"ble:11:22:33:44:55:77\"\npays = \"fr\"\nville = \"aubiere\"\nrue = \"rucher\"\ngrandeurs = [\"temperature\"]\n",
+        pty.path.display()
+    );
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut s = sub(&g, "capteurs/+/fr/aubiere/rucher").await;
+    let hex = |t: &str| t.bytes().map(|b| format!("{b:02X}")).collect::<String>();
+    pty.write(
+        format!(
+            "11:22:33:44:55:77 rssi=-50 mfr=FFFF:{}\n",
+            hex("ruche;12,5")
+        )
+        .as_bytes(),
+    );
+    pty.write(format!("11:22:33:44:55:88 mfr=FFFF:{}\n", hex("ailleurs;3,0")).as_bytes());
+    pty.write(format!("11:22:33:44:55:77 mfr=FFFF:{}\n", hex("ruche;chaud")).as_bytes());
+    let m = s.receive().await;
+    assert_eq!(
+        (m.topic.as_str(), payload(&m).as_str()),
+        ("capteurs/temperature/fr/aubiere/rucher", "12.5")
+    );
+    let st = g.sources().clone();
+    eventually("the unknown device and the refused block counted", || {
+        st.unknown_sensor.load(Ordering::Relaxed) == 1
+            && st.decoder_failed.load(Ordering::Relaxed) == 1
+    })
+    .await;
+    assert_eq!(
+        g.plugins().stats()["csv-decoder"]
+            .calls
+            .load(Ordering::Relaxed),
+        3
+    );
+    g.stop().await;
+}
+
 #[tokio::test]
 async fn a_fuel_budget_stops_a_loop_long_before_its_deadline() {
     let dir = tempfile::tempdir().unwrap();
