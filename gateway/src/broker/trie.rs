@@ -28,12 +28,6 @@ impl<S> Default for Node<S> {
     }
 }
 
-impl<S> Node<S> {
-    fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.entries.is_empty()
-    }
-}
-
 pub struct SubscriptionTree<S> {
     root: Node<S>,
     count: usize,
@@ -82,14 +76,54 @@ impl<S> SubscriptionTree<S> {
         }
     }
 
-    /// Removes one subscription; true if it existed. Empty branches are pruned.
+    /// Removes one subscription; true if it existed. Empty branches are
+    /// pruned. Iterative: a filter's depth is the client's to choose, and
+    /// must never become the broker's stack depth.
     pub fn remove(&mut self, filter: &str, subscriber: &Arc<S>) -> bool {
-        let levels: Vec<&str> = filter.split('/').collect();
-        let removed = remove_rec(&mut self.root, &levels, subscriber);
-        if removed {
-            self.count -= 1;
+        // First pass, read-only: find the node, and the deepest node on the
+        // path that stays non-empty once the entry is gone (where the dead
+        // branch is cut off).
+        let mut node = &self.root;
+        let mut cut = 0usize; // depth of the node whose child is removed
+        let mut depth = 0usize;
+        for level in filter.split('/') {
+            let Some(child) = node.children.get(level) else {
+                return false;
+            };
+            if depth == 0 || node.children.len() > 1 || !node.entries.is_empty() {
+                cut = depth;
+            }
+            node = child;
+            depth += 1;
         }
-        removed
+        let Some(pos) = node
+            .entries
+            .iter()
+            .position(|e| Arc::ptr_eq(&e.subscriber, subscriber))
+        else {
+            return false;
+        };
+        let leaf_dies = node.entries.len() == 1 && node.children.is_empty();
+        self.count -= 1;
+        if !leaf_dies {
+            let mut node = &mut self.root;
+            for level in filter.split('/') {
+                node = node.children.get_mut(level).expect("path checked");
+            }
+            node.entries.swap_remove(pos);
+            return true;
+        }
+        // Second pass: walk to the cut point and detach the dead branch;
+        // dropping it is iterative too (Node's Drop).
+        let mut node = &mut self.root;
+        let mut levels = filter.split('/');
+        for _ in 0..cut {
+            let level = levels.next().expect("path checked");
+            node = node.children.get_mut(level).expect("path checked");
+        }
+        let level = levels.next().expect("path checked");
+        node.children.remove(level);
+        true
     }
 
     /// Calls `f(subscriber, granted_qos)` for every subscription matching
@@ -98,58 +132,53 @@ impl<S> SubscriptionTree<S> {
     pub fn for_each_match(&self, name: &str, mut f: impl FnMut(&Arc<S>, u8)) {
         let levels: Vec<&str> = name.split('/').collect();
         let dollar = name.starts_with('$');
-        match_rec(&self.root, &levels, dollar, &mut f);
+        match_iter(&self.root, &levels, dollar, &mut f);
     }
 }
 
-fn remove_rec<S>(node: &mut Node<S>, levels: &[&str], subscriber: &Arc<S>) -> bool {
-    match levels.split_first() {
-        None => {
-            let before = node.entries.len();
-            node.entries
-                .retain(|e| !Arc::ptr_eq(&e.subscriber, subscriber));
-            node.entries.len() != before
+/// Dropping a deep branch would recurse once per level: children are moved
+/// onto a heap stack and dropped one by one instead.
+impl<S> Drop for Node<S> {
+    fn drop(&mut self) {
+        if self.children.is_empty() {
+            return;
         }
-        Some((level, rest)) => {
-            let Some(child) = node.children.get_mut(*level) else {
-                return false;
-            };
-            let removed = remove_rec(child, rest, subscriber);
-            if child.is_empty() {
-                node.children.remove(*level);
+        let mut stack: Vec<Node<S>> = self.children.drain().map(|(_, n)| n).collect();
+        while let Some(mut n) = stack.pop() {
+            stack.extend(n.children.drain().map(|(_, c)| c));
+        }
+    }
+}
+
+/// Walks the branches that can match `levels`, with a heap stack: a topic's
+/// depth never becomes the broker's stack depth.
+fn match_iter<S>(root: &Node<S>, levels: &[&str], dollar: bool, f: &mut impl FnMut(&Arc<S>, u8)) {
+    let mut stack: Vec<(&Node<S>, usize)> = vec![(root, 0)];
+    while let Some((node, i)) = stack.pop() {
+        // Wildcards do not match a `$` name's first level (MQTT-4.7.2-1).
+        let wild = !(dollar && i == 0);
+        // `#` here matches the rest, including nothing (parent level).
+        if wild {
+            if let Some(hash) = node.children.get("#") {
+                for e in &hash.entries {
+                    f(&e.subscriber, e.qos);
+                }
             }
-            removed
         }
-    }
-}
-
-fn match_rec<S>(
-    node: &Node<S>,
-    levels: &[&str],
-    dollar_root: bool,
-    f: &mut impl FnMut(&Arc<S>, u8),
-) {
-    // `#` here matches the rest, including nothing (parent level).
-    if !dollar_root {
-        if let Some(hash) = node.children.get("#") {
-            for e in &hash.entries {
+        let Some(level) = levels.get(i) else {
+            for e in &node.entries {
                 f(&e.subscriber, e.qos);
             }
+            continue;
+        };
+        if wild {
+            if let Some(plus) = node.children.get("+") {
+                stack.push((plus, i + 1));
+            }
         }
-    }
-    let Some((level, rest)) = levels.split_first() else {
-        for e in &node.entries {
-            f(&e.subscriber, e.qos);
+        if let Some(child) = node.children.get(*level) {
+            stack.push((child, i + 1));
         }
-        return;
-    };
-    if !dollar_root {
-        if let Some(plus) = node.children.get("+") {
-            match_rec(plus, rest, false, f);
-        }
-    }
-    if let Some(child) = node.children.get(*level) {
-        match_rec(child, rest, false, f);
     }
 }
 
@@ -225,5 +254,59 @@ mod tests {
             want.sort();
             assert_eq!(got, want, "name {name}");
         }
+    }
+
+    /// A filter 100,000 levels deep is inserted, matched, removed and
+    /// dropped on a thread with a 128 KiB stack: nothing recurses per level
+    /// (this aborted the broker with a stack overflow before).
+    #[test]
+    fn deep_filters_do_not_recurse() {
+        std::thread::Builder::new()
+            .stack_size(128 * 1024)
+            .spawn(|| {
+                let deep = "/".repeat(100_000);
+                let mut t = SubscriptionTree::default();
+                let a = Arc::new("a".to_string());
+                let b = Arc::new("b".to_string());
+                t.insert(&deep, &a, 1);
+                t.insert(&format!("{deep}x"), &b, 0);
+                t.insert(&format!("{deep}#"), &b, 0);
+                assert_eq!(matched(&t, &deep), vec![("a".into(), 1), ("b".into(), 0)]);
+                assert!(t.remove(&deep, &a));
+                assert!(!t.remove(&deep, &a));
+                assert_eq!(matched(&t, &format!("{deep}x")), vec![("b".into(), 0), ("b".into(), 0)]);
+                assert!(t.remove(&format!("{deep}x"), &b));
+                assert_eq!(t.len(), 1);
+                // Dropped with a branch 100,000 levels deep still in it.
+                drop(t);
+                let mut t = SubscriptionTree::default();
+                t.insert(&deep, &a, 0);
+                t.insert("x/y", &a, 0);
+                assert!(t.remove(&deep, &a));
+                assert_eq!(matched(&t, "x/y"), vec![("a".into(), 0)]);
+            })
+            .unwrap()
+            .join()
+            .expect("no stack overflow");
+    }
+
+    /// Removing prunes exactly the dead branch: siblings and nodes that
+    /// still hold entries stay.
+    #[test]
+    fn remove_prunes_only_dead_branches() {
+        let mut t = SubscriptionTree::default();
+        let a = Arc::new("a".to_string());
+        let b = Arc::new("b".to_string());
+        t.insert("a/b/c/d", &a, 0);
+        t.insert("a/b", &b, 0);
+        t.insert("a/x", &b, 0);
+        assert!(t.remove("a/b/c/d", &a));
+        assert_eq!(matched(&t, "a/b"), vec![("b".into(), 0)]);
+        assert_eq!(matched(&t, "a/x"), vec![("b".into(), 0)]);
+        assert!(t.root.children["a"].children["b"].children.is_empty());
+        assert!(t.remove("a/b", &b));
+        assert!(t.remove("a/x", &b));
+        assert!(t.root.children.is_empty());
+        assert!(t.is_empty());
     }
 }
