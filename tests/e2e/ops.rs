@@ -652,3 +652,33 @@ fn watchdog_is_withheld_while_the_buffer_writer_is_stuck() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// 32 idle sockets used to hold every slot of the HTTP listener: `/health`
+/// waited for the first one's 5 s head timeout. Now the oldest idle one is
+/// shed for each new connection.
+#[tokio::test]
+async fn idle_sockets_cannot_starve_health() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = TestGateway::start(dir.path(), "[http]\nlisten = \"127.0.0.1:0\"\n").await;
+    let http = http_addr(&g);
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(tokio::net::TcpStream::connect(http).await.unwrap());
+    }
+    let started = Instant::now();
+    assert_eq!(get(http, "/health").await, (200, "ok\n".to_owned()));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(2500),
+        "/health took {took:?} behind 64 idle sockets (the head timeout is 5 s)"
+    );
+    // The first idle ones were closed to make room.
+    let mut first = idle.remove(0);
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut first, &mut buf))
+        .await
+        .expect("the oldest idle socket was closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    g.stop().await;
+}

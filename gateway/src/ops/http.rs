@@ -34,8 +34,20 @@ pub enum HttpError {
 /// Requests are read within this time, and their head is at most this big.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_HEAD: usize = 8192;
-/// Connections served at once; more wait for a slot.
+/// Connections served at once. When all are taken, the one that has been
+/// waiting longest for its request head is closed to make room (idle
+/// sockets cannot starve `/health`, which the watchdog's view depends on).
 const MAX_CONNECTIONS: usize = 32;
+/// A response must be written within this time.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections still reading their request head, oldest first: the ones
+/// shed when every slot is taken.
+#[derive(Default)]
+struct Waiting {
+    next_id: u64,
+    queue: std::collections::VecDeque<(u64, CancellationToken)>,
+}
 
 /// A running listener.
 pub struct HttpHandle {
@@ -64,12 +76,9 @@ pub async fn start(addr: SocketAddr, ops: Arc<Ops>) -> Result<HttpHandle, HttpEr
     let token = shutdown.clone();
     let task = tokio::spawn(async move {
         let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let waiting = Arc::new(std::sync::Mutex::new(Waiting::default()));
         tokio::spawn(ops.clone().sample_drain_rate(token.clone()));
         loop {
-            let permit = tokio::select! {
-                _ = token.cancelled() => return,
-                p = slots.clone().acquire_owned() => p.expect("never closed"),
-            };
             let (stream, peer) = tokio::select! {
                 _ = token.cancelled() => return,
                 r = listener.accept() => match r {
@@ -81,11 +90,45 @@ pub async fn start(addr: SocketAddr, ops: Arc<Ops>) -> Result<HttpHandle, HttpEr
                     }
                 },
             };
-            let ops = ops.clone();
-            tokio::spawn(async move {
-                if let Err(e) = serve(stream, &ops).await {
-                    debug!(peer = %peer, error = %e, "HTTP request failed");
+            let permit = match slots.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    // Shed the oldest connection still sending its head.
+                    let oldest = waiting.lock().unwrap_or_else(|e| e.into_inner()).queue.pop_front();
+                    if let Some((_, t)) = oldest {
+                        debug!(peer = %peer, "HTTP: all slots taken, closing the oldest idle connection");
+                        t.cancel();
+                    }
+                    tokio::select! {
+                        _ = token.cancelled() => return,
+                        p = slots.clone().acquire_owned() => p.expect("never closed"),
+                    }
                 }
+            };
+            let cancel = token.child_token();
+            let id = {
+                let mut w = waiting.lock().unwrap_or_else(|e| e.into_inner());
+                w.next_id += 1;
+                let id = w.next_id;
+                w.queue.push_back((id, cancel.clone()));
+                id
+            };
+            let ops = ops.clone();
+            let waiting = waiting.clone();
+            tokio::spawn(async move {
+                let head_read = || {
+                    let mut w = waiting.lock().unwrap_or_else(|e| e.into_inner());
+                    w.queue.retain(|(i, _)| *i != id);
+                };
+                tokio::select! {
+                    _ = cancel.cancelled() => {}
+                    r = serve(stream, &ops, head_read) => if let Err(e) = r {
+                        debug!(peer = %peer, error = %e, "HTTP request failed");
+                    }
+                }
+                let mut w = waiting.lock().unwrap_or_else(|e| e.into_inner());
+                w.queue.retain(|(i, _)| *i != id);
+                drop(w);
                 drop(permit);
             });
         }
@@ -127,14 +170,17 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-async fn serve(mut stream: TcpStream, ops: &Ops) -> std::io::Result<()> {
-    let (head_only, response) =
-        match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
-            Err(_) => (false, Response::text(408, "request not received in time\n")),
-            Ok(Err(e)) => return Err(e),
-            Ok(Ok(Err(r))) => (false, r),
-            Ok(Ok(Ok((method, path)))) => (method == "HEAD", route(ops, &method, &path).await),
-        };
+/// Reads one request and answers it. `head_read` is called once the head
+/// is in: from then on the connection is no longer one to shed.
+async fn serve(mut stream: TcpStream, ops: &Ops, head_read: impl FnOnce()) -> std::io::Result<()> {
+    let head = tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await;
+    head_read();
+    let (head_only, response) = match head {
+        Err(_) => (false, Response::text(408, "request not received in time\n")),
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(Err(r))) => (false, r),
+        Ok(Ok(Ok((method, path)))) => (method == "HEAD", route(ops, &method, &path).await),
+    };
     let mut out = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
         response.status,
@@ -146,8 +192,15 @@ async fn serve(mut stream: TcpStream, ops: &Ops) -> std::io::Result<()> {
     if !head_only {
         out.extend_from_slice(&response.body);
     }
-    stream.write_all(&out).await?;
-    stream.shutdown().await
+    match tokio::time::timeout(WRITE_TIMEOUT, async {
+        stream.write_all(&out).await?;
+        stream.shutdown().await
+    })
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
+    }
 }
 
 /// Reads the request head; its method and path, or the error response.
