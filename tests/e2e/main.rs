@@ -3,6 +3,7 @@
 
 mod broker;
 mod course;
+mod hostile;
 mod interop;
 mod ops;
 mod persistence;

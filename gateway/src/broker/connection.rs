@@ -55,6 +55,7 @@ enum End {
     Io(std::io::Error),
     Protocol(String),
     KeepAlive,
+    WriteTimeout,
     Kicked(Kick),
     Shutdown,
 }
@@ -64,7 +65,9 @@ impl End {
         match self {
             End::Disconnect | End::Shutdown => false,
             End::Kicked(k) => k.publish_will,
-            End::Eof | End::Io(_) | End::Protocol(_) | End::KeepAlive => true,
+            End::Eof | End::Io(_) | End::Protocol(_) | End::KeepAlive | End::WriteTimeout => {
+                true
+            }
         }
     }
 }
@@ -129,16 +132,47 @@ impl Conn {
         }
     }
 
-    async fn flush(&mut self) -> std::io::Result<()> {
-        if !self.wbuf.is_empty() {
-            self.writer.write_all(&self.wbuf).await?;
-            Metrics::add(
-                &self.shared.router.metrics.bytes_sent,
-                self.wbuf.len() as u64,
-            );
-            self.wbuf.clear();
+    /// Writes the buffer out. Each write must make progress within
+    /// `limit`, or this fails with `TimedOut`: a client that stopped reading
+    /// costs its connection, never the broker a task stuck forever. Called
+    /// inside the connection's `select!` (see [`Conn::flush_or_end`]).
+    async fn flush_within(&mut self, limit: Duration) -> std::io::Result<()> {
+        while !self.wbuf.is_empty() {
+            let n = match tokio::time::timeout(limit, self.writer.write(&self.wbuf)).await {
+                Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+                Ok(r) => r?,
+            };
+            if n == 0 {
+                return Err(std::io::ErrorKind::WriteZero.into());
+            }
+            Metrics::add(&self.shared.router.metrics.bytes_sent, n as u64);
+            let _ = self.wbuf.split_to(n);
         }
+        self.wbuf.clear();
         Ok(())
+    }
+
+    async fn flush(&mut self) -> std::io::Result<()> {
+        let limit = self.shared.settings.write_timeout;
+        self.flush_within(limit).await
+    }
+
+    /// [`Conn::flush`] that also ends on shutdown and take-over, so a
+    /// client that does not read delays neither.
+    async fn flush_or_end(&mut self, kick_rx: &mut oneshot::Receiver<Kick>) -> Result<(), End> {
+        let shared = self.shared.clone();
+        tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => Err(End::Shutdown),
+            k = kick_rx => Err(End::Kicked(k.unwrap_or(Kick { publish_will: false }))),
+            r = self.flush() => r.map_err(|e| {
+                if e.kind() == std::io::ErrorKind::TimedOut {
+                    End::WriteTimeout
+                } else {
+                    End::Io(e)
+                }
+            }),
+        }
     }
 
     /// Reads until one whole packet is decoded. `Ok(None)` on clean EOF.
@@ -236,7 +270,13 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     };
     let will = client.will.clone();
     let end = run(&mut conn, &session, &client, kick_rx).await;
-    let _ = conn.flush().await;
+    // What is left goes out if the client reads it soon; at shutdown or
+    // after a write timeout, not worth waiting for.
+    let limit = match end {
+        End::Shutdown | End::WriteTimeout | End::Kicked(_) => Duration::from_millis(100),
+        _ => shared.settings.write_timeout.min(Duration::from_secs(1)),
+    };
+    let _ = conn.flush_within(limit).await;
     teardown(&shared, &session, &client, end, will);
     drop(gone_tx);
 }
@@ -246,7 +286,9 @@ async fn refuse(conn: &mut Conn, reason: ConnectAckReason) {
         return_code: reason,
         session_present: false,
     }));
-    let _ = conn.flush().await;
+    // A refused client gets a second to read its CONNACK, not more.
+    let limit = conn.shared.settings.write_timeout.min(Duration::from_secs(1));
+    let _ = conn.flush_within(limit).await;
 }
 
 /// What the connection keeps about its client.
@@ -289,15 +331,47 @@ async fn handshake(
         username: connect.username.as_ref().map(|u| u.to_string()),
         peer,
     };
-    let refusal = match shared.auth.authenticate(&info, connect.password.as_deref()) {
-        ConnectDecision::Accept => None,
+    // An address that failed to log in repeatedly waits first (each
+    // further failure doubles the wait), so guessing passwords is slow
+    // however many sockets it opens.
+    let wait = shared.login_backoff.wait(peer.ip(), std::time::Instant::now());
+    if !wait.is_zero() {
+        Metrics::inc(&metrics.logins_delayed);
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shared.shutdown.cancelled() => return None,
+        }
+    }
+    // Hashing a password (PBKDF2) and auth plugins are CPU work: on the
+    // blocking pool, not on a worker that serves other connections.
+    let decision = {
+        let auth = shared.auth.clone();
+        let who = info.clone();
+        let password = connect.password.clone();
+        tokio::task::spawn_blocking(move || auth.authenticate(&who, password.as_deref()))
+            .await
+            .unwrap_or(ConnectDecision::Refuse(ConnectRefusal::NotAuthorized))
+    };
+    let refusal = match decision {
+        ConnectDecision::Accept => {
+            shared.login_backoff.succeeded(peer.ip());
+            None
+        }
         ConnectDecision::Refuse(r) => Some(r),
         ConnectDecision::Abstain => Some(ConnectRefusal::NotAuthorized),
     };
+    if refusal.is_some() {
+        shared.login_backoff.failed(peer.ip(), std::time::Instant::now());
+    }
     let will = match &connect.last_will {
         None => None,
         Some(w) => {
-            if let Err(e) = topic::validate_name(&w.topic) {
+            let valid = topic::validate_name(&w.topic)
+                .and_then(|()| topic::check_levels(&w.topic, shared.settings.max_topic_levels));
+            if let Err(e) = valid {
+                if matches!(e, topic::TopicError::TooDeep { .. }) {
+                    Metrics::inc(&metrics.topics_too_deep);
+                }
                 Metrics::inc(&metrics.protocol_errors);
                 info!(%peer, client_id = %client_id, error = %e, "closing connection: invalid will topic");
                 return None;
@@ -331,10 +405,29 @@ async fn handshake(
     let conn_id = NEXT_CONN_ID.fetch_add(1, Ordering::Relaxed);
     let clean = connect.clean_session;
     let router = &shared.router;
+    let username = info.username.as_deref();
     let (session, session_present, kick_rx, gone_tx) = loop {
         let existing = router.session(&client_id);
         if let Some(s) = &existing {
-            let attached = s.lock().attached.take();
+            let taken = {
+                let mut st = s.lock();
+                if st.usable_by(username) {
+                    Ok(st.attached.take())
+                } else {
+                    Err(())
+                }
+            };
+            let Ok(attached) = taken else {
+                // Another user's client id: neither its session nor its
+                // connection is this client's to take.
+                Metrics::inc(&metrics.connections_refused);
+                if super::router::worth_logging(&metrics.client_id_taken) {
+                    warn!(%peer, client_id = %client_id, username = ?info.username,
+                        "refusing connection: the client id belongs to another user's session (CONNACK 5)");
+                }
+                refuse(conn, ConnectAckReason::NotAuthorized).await;
+                return None;
+            };
             if let Some(old) = attached {
                 info!(client_id = %client_id, "client take-over: closing the previous connection");
                 let _ = old.kick.send(Kick {
@@ -358,6 +451,10 @@ async fn handshake(
                     continue;
                 }
                 st.attached = Some(attached);
+                st.detached_at = None;
+                st.claim(username);
+                st.reader.peer = peer;
+                st.read_cache.clear();
                 drop(st);
                 break (s, true, kick_rx, gone_tx);
             }
@@ -365,15 +462,38 @@ async fn handshake(
                 if let Some(old) = other {
                     router.remove_session(&old);
                 }
-                let s = Arc::new(Session::new(client_id.clone(), clean));
-                s.lock().attached = Some(attached);
-                let mut map = router.sessions.lock().unwrap_or_else(|e| e.into_inner());
-                if map.contains_key(&client_id) {
-                    continue;
+                let owner = username.map(Arc::from);
+                let s = Arc::new(Session::new(client_id.clone(), clean, owner));
+                {
+                    let mut st = s.lock();
+                    st.attached = Some(attached);
+                    st.reader.peer = peer;
                 }
-                map.insert(client_id.clone(), s.clone());
-                drop(map);
-                break (s, false, kick_rx, gone_tx);
+                let inserted = {
+                    let mut map = router.sessions.lock().unwrap_or_else(|e| e.into_inner());
+                    if map.contains_key(&client_id) {
+                        None
+                    } else if map.len() >= shared.settings.max_sessions {
+                        Some(false)
+                    } else {
+                        map.insert(client_id.clone(), s.clone());
+                        Some(true)
+                    }
+                };
+                match inserted {
+                    None => continue,
+                    Some(true) => break (s, false, kick_rx, gone_tx),
+                    Some(false) => {}
+                }
+                {
+                    Metrics::inc(&metrics.connections_refused);
+                    if super::router::worth_logging(&metrics.sessions_over_limit) {
+                        warn!(%peer, client_id = %client_id, max_sessions = shared.settings.max_sessions,
+                            "refusing connection: broker.max_sessions reached (CONNACK 3)");
+                    }
+                    refuse(conn, ConnectAckReason::ServiceUnavailable).await;
+                    return None;
+                }
             }
         }
     };
@@ -566,8 +686,8 @@ async fn run(
         }
         flush_batch(conn, session);
         let more = pump(conn, session);
-        if let Err(e) = conn.flush().await {
-            return End::Io(e);
+        if let Err(end) = conn.flush_or_end(&mut kick_rx).await {
+            return end;
         }
         if more {
             session.notify.notify_one();
@@ -673,6 +793,10 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
             if let Err(e) = topic::validate_name(&p.topic) {
                 return Some(End::Protocol(format!("invalid topic name in PUBLISH: {e}")));
             }
+            if let Err(e) = topic::check_levels(&p.topic, shared.settings.max_topic_levels) {
+                Metrics::inc(&metrics.topics_too_deep);
+                return Some(End::Protocol(format!("PUBLISH refused: {e}")));
+            }
             Metrics::inc(&metrics.messages_received);
             let qos = p.qos.value();
             Metrics::inc(&metrics.received_by_qos[usize::from(qos.min(2))]);
@@ -772,9 +896,30 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
         } => {
             let mut codes = Vec::with_capacity(topic_filters.len());
             let mut retained = Vec::new();
+            let limits = &shared.settings;
             for (filter, qos) in topic_filters {
                 if let Err(e) = topic::validate_filter(&filter) {
                     info!(client_id = %client.info.client_id, %filter, error = %e, "SUBSCRIBE refused: invalid filter");
+                    codes.push(SubscribeReturnCode::Failure);
+                    continue;
+                }
+                if let Err(e) = topic::check_levels(&filter, limits.max_topic_levels) {
+                    if super::router::worth_logging(&metrics.topics_too_deep) {
+                        info!(client_id = %client.info.client_id, error = %e, "SUBSCRIBE refused (0x80)");
+                    }
+                    codes.push(SubscribeReturnCode::Failure);
+                    continue;
+                }
+                let full = {
+                    let st = session.lock();
+                    st.subscriptions.len() >= limits.max_subscriptions_per_client
+                        && !st.subscriptions.contains_key(&*filter)
+                };
+                if full {
+                    if super::router::worth_logging(&metrics.subscriptions_over_limit) {
+                        info!(client_id = %client.info.client_id, max = limits.max_subscriptions_per_client,
+                            "SUBSCRIBE refused (0x80): broker.max_subscriptions_per_client reached");
+                    }
                     codes.push(SubscribeReturnCode::Failure);
                     continue;
                 }
@@ -882,6 +1027,7 @@ fn teardown(
         .is_some_and(|a| a.conn_id == client.conn_id);
     if still_mine {
         st.attached = None;
+        st.detached_at = Some(std::time::SystemTime::now());
     }
     if still_mine && st.queue.len() >= shared.settings.max_queued {
         // Publishers held back by this client stop waiting for it.
@@ -901,6 +1047,11 @@ fn teardown(
         End::Eof => info!(%client_id, "client closed the connection without DISCONNECT"),
         End::Io(e) => info!(%client_id, error = %e, "connection lost"),
         End::Kicked(_) => info!(%client_id, "connection closed: taken over by a new connection"),
+        End::WriteTimeout => {
+            Metrics::inc(&metrics.write_timeouts);
+            info!(%client_id, write_timeout_ms = shared.settings.write_timeout.as_millis() as u64,
+                "connection closed: the client stopped reading (write timeout)");
+        }
         End::KeepAlive => {
             Metrics::inc(&metrics.keepalive_timeouts);
             info!(%client_id, keep_alive = client.keep_alive, "connection closed: keep-alive timeout");

@@ -67,6 +67,23 @@ pub struct BrokerSettings {
     /// `broker.slow_subscriber_timeout_ms`).
     pub slow_subscriber_timeout: Duration,
     pub connect_timeout: Duration,
+    /// A socket write that makes no progress for this long closes the
+    /// connection (a client that stopped reading).
+    pub write_timeout: Duration,
+    /// Topic names and filters with more levels are refused.
+    pub max_topic_levels: usize,
+    /// Subscriptions one session may hold; SUBACK 0x80 beyond.
+    pub max_subscriptions_per_client: usize,
+    /// Retained messages kept, by count and by topic + payload bytes; a new
+    /// retained topic beyond either is routed but not retained (counted).
+    pub max_retained: usize,
+    pub max_retained_bytes: usize,
+    /// Sessions kept (online, and persistent ones offline); a CONNECT that
+    /// would create one more gets CONNACK 3 "server unavailable".
+    pub max_sessions: usize,
+    /// An offline persistent session is discarded after this long (zero:
+    /// never), like mosquitto's `persistent_client_expiration`.
+    pub session_expiry: Duration,
     pub sys_interval: Duration,
     pub persist_interval: Duration,
     /// None: sessions and retained messages live in memory only.
@@ -85,6 +102,13 @@ impl BrokerSettings {
             queue_qos0_offline: false,
             slow_subscriber_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+            max_topic_levels: 200,
+            max_subscriptions_per_client: 1000,
+            max_retained: 100_000,
+            max_retained_bytes: 64 * 1024 * 1024,
+            max_sessions: 20_000,
+            session_expiry: Duration::from_secs(7 * 86400),
             sys_interval: Duration::from_secs(10),
             persist_interval: Duration::from_secs(1),
             data_dir: None,
@@ -101,6 +125,8 @@ pub(crate) struct Shared {
     pub started: Instant,
     /// Beaten by the housekeeping loop through the router's locks.
     pub heartbeat: Arc<crate::health::Heartbeat>,
+    /// Failed logins by address: repeated ones are slowed down.
+    pub login_backoff: auth::backoff::LoginBackoff,
 }
 
 pub struct Broker;
@@ -219,7 +245,10 @@ impl Broker {
             max_queued: settings.max_queued,
             queue_qos0_offline: settings.queue_qos0_offline,
             backpressure: !settings.slow_subscriber_timeout.is_zero(),
+            max_retained: settings.max_retained,
+            max_retained_bytes: settings.max_retained_bytes,
         });
+        router.read_auth = auth.checks_receive().then(|| auth.clone());
         router.outbox = outbox;
         router.transform = transform;
         let store = match &settings.data_dir {
@@ -231,6 +260,12 @@ impl Broker {
                 let mut map = router.sessions.lock().unwrap_or_else(|e| e.into_inner());
                 for s in sessions {
                     let s = Arc::new(s);
+                    if expired(&s, settings.session_expiry, std::time::SystemTime::now()) {
+                        Metrics::inc(&router.metrics.sessions_expired);
+                        info!(client_id = %s.client_id, "persistent session expired while the broker was stopped (broker.session_expiry_secs)");
+                        router.mark_session_id(&s.client_id);
+                        continue;
+                    }
                     let subs: Vec<(String, u8)> = s
                         .lock()
                         .subscriptions
@@ -254,10 +289,12 @@ impl Broker {
             shutdown: CancellationToken::new(),
             started: Instant::now(),
             heartbeat: crate::health::Heartbeat::new("broker"),
+            login_backoff: Default::default(),
         });
         let tracker = TaskTracker::new();
         tracker.spawn(accept_loop(listener, shared.clone(), tracker.clone()));
         tracker.spawn(sys::run(shared.clone()));
+        tracker.spawn(expiry_loop(shared.clone()));
         if let Some(store) = &store {
             tracker.spawn(save_loop(shared.clone(), store.clone()));
         }
@@ -343,6 +380,54 @@ async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: TaskTr
             connection::serve(stream, peer, shared).await;
             open.fetch_sub(1, Ordering::Relaxed);
         });
+    }
+}
+
+/// Has this offline persistent session outlived `broker.session_expiry_secs`?
+fn expired(session: &session::Session, expiry: Duration, now: std::time::SystemTime) -> bool {
+    if expiry.is_zero() {
+        return false;
+    }
+    let st = session.lock();
+    !st.clean
+        && st.attached.is_none()
+        && st
+            .detached_at
+            .is_some_and(|t| now.duration_since(t).unwrap_or_default() >= expiry)
+}
+
+/// Discards offline persistent sessions past their expiry, checking at a
+/// tenth of the expiry (at least every second, at most every minute).
+async fn expiry_loop(shared: Arc<Shared>) {
+    let expiry = shared.settings.session_expiry;
+    if expiry.is_zero() {
+        return;
+    }
+    let every = (expiry / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let router = &shared.router;
+        let now = std::time::SystemTime::now();
+        let sessions: Vec<Arc<session::Session>> = router
+            .sessions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for s in sessions {
+            if expired(&s, expiry, now) {
+                Metrics::inc(&router.metrics.sessions_expired);
+                info!(client_id = %s.client_id, expiry_secs = expiry.as_secs(),
+                    "persistent session expired: discarded with its subscriptions and queued messages");
+                router.remove_session(&s);
+            }
+        }
     }
 }
 

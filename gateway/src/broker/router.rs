@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use bytestring::ByteString;
 use tokio::sync::Notify;
+use tracing::{info, warn};
 
 use super::session::{Delivery, Session};
 use super::topic;
@@ -44,6 +45,26 @@ pub struct Metrics {
     pub keepalive_timeouts: AtomicU64,
     pub wills_published: AtomicU64,
     pub clients_connected: AtomicUsize,
+    /// Hostile-client limits: what each refused or closed.
+    pub topics_too_deep: AtomicU64,
+    pub subscriptions_over_limit: AtomicU64,
+    pub retained_over_limit: AtomicU64,
+    pub sessions_over_limit: AtomicU64,
+    pub sessions_expired: AtomicU64,
+    pub write_timeouts: AtomicU64,
+    /// A CONNECT with a client id whose session belongs to another user.
+    pub client_id_taken: AtomicU64,
+    /// Deliveries withheld because the subscriber may not read the topic
+    /// (now; its subscription was granted earlier or is wider).
+    pub receive_denied: AtomicU64,
+    /// CONNECTs held back because their address failed to log in repeatedly.
+    pub logins_delayed: AtomicU64,
+}
+
+/// True at the 1st, 2nd, 4th, 8th… occurrence: a limit a hostile client
+/// hits in a loop is logged, but not once per packet.
+pub fn worth_logging(count: &AtomicU64) -> bool {
+    count.fetch_add(1, Ordering::Relaxed).wrapping_add(1).is_power_of_two()
 }
 
 impl Metrics {
@@ -62,19 +83,64 @@ impl Metrics {
 /// when it was deleted.
 pub type RetainedChanges = HashMap<ByteString, Option<Arc<Message>>>;
 
-/// Limits the router applies when queueing.
+/// Limits the router applies when queueing and retaining.
 #[derive(Debug, Clone, Copy)]
 pub struct QueueLimits {
     pub max_queued: usize,
     pub queue_qos0_offline: bool,
     /// Hold publishers back instead of dropping for online subscribers.
     pub backpressure: bool,
+    pub max_retained: usize,
+    pub max_retained_bytes: usize,
+}
+
+/// Cached receive decisions per session are dropped past this many topics.
+const READ_CACHE_MAX: usize = 1024;
+
+/// Retained messages, and how many of them clients made and what those
+/// weigh (topic + payload bytes): the broker's own `$SYS` topics are not
+/// counted against `max_retained`.
+#[derive(Default)]
+struct Retained {
+    map: HashMap<ByteString, Arc<Message>>,
+    count: usize,
+    bytes: usize,
+}
+
+/// What a retained message counts for: (messages, bytes).
+fn weight(m: &Message) -> (usize, usize) {
+    if m.topic.starts_with("$SYS/") {
+        (0, 0)
+    } else {
+        (1, m.topic.len() + m.payload.len())
+    }
+}
+
+impl Retained {
+    fn insert(&mut self, m: Arc<Message>) {
+        let (n, b) = weight(&m);
+        self.count += n;
+        self.bytes += b;
+        if let Some(old) = self.map.insert(m.topic.clone(), m) {
+            let (n, b) = weight(&old);
+            self.count -= n;
+            self.bytes -= b;
+        }
+    }
+
+    fn remove(&mut self, topic: &str) -> Option<Arc<Message>> {
+        let old = self.map.remove(topic)?;
+        let (n, b) = weight(&old);
+        self.count -= n;
+        self.bytes -= b;
+        Some(old)
+    }
 }
 
 pub struct Router {
     pub sessions: Mutex<HashMap<Arc<str>, Arc<Session>>>,
     subscriptions: RwLock<SubscriptionTree<Session>>,
-    retained: RwLock<HashMap<ByteString, Arc<Message>>>,
+    retained: RwLock<Retained>,
     pub metrics: Metrics,
     limits: QueueLimits,
     /// Client ids whose persisted form must be rewritten or deleted.
@@ -89,6 +155,12 @@ pub struct Router {
     /// Runs before routing: may drop, change or split a message (WASM
     /// transform plugins).
     pub transform: Option<Arc<dyn super::Transform>>,
+    /// Asked at delivery whether a subscriber may read a topic (None when
+    /// the authenticator's SUBSCRIBE answer already implies it: no ACL).
+    pub read_auth: Option<Arc<dyn super::auth::Authenticator>>,
+    /// Bumped when the answers may have changed (plugins reloaded): every
+    /// session's cached receive decisions are then forgotten.
+    pub auth_generation: AtomicU64,
 }
 
 impl Router {
@@ -96,7 +168,7 @@ impl Router {
         Router {
             sessions: Mutex::new(HashMap::new()),
             subscriptions: RwLock::new(SubscriptionTree::default()),
-            retained: RwLock::new(HashMap::new()),
+            retained: RwLock::new(Retained::default()),
             metrics: Metrics::default(),
             limits,
             dirty_sessions: Mutex::new(HashSet::new()),
@@ -104,6 +176,8 @@ impl Router {
             space: Notify::new(),
             outbox: None,
             transform: None,
+            read_auth: None,
+            auth_generation: AtomicU64::new(0),
         }
     }
 
@@ -189,12 +263,10 @@ impl Router {
         {
             let tree = self.subscriptions.read().unwrap_or_else(|e| e.into_inner());
             tree.for_each_match(&message.topic, |s, granted| {
-                match targets.iter_mut().find(|(t, _)| Arc::ptr_eq(t, s)) {
-                    Some((_, q)) => *q = (*q).max(granted),
-                    None => targets.push((s.clone(), granted)),
-                }
+                targets.push((s.clone(), granted));
             });
         }
+        dedup_targets(&mut targets);
         if targets.is_empty() {
             Metrics::inc(&self.metrics.dropped_no_subscriber);
         }
@@ -226,6 +298,39 @@ impl Router {
     pub fn deliver(&self, session: &Arc<Session>, delivery: Delivery) -> bool {
         let max = self.limits.max_queued;
         let mut st = session.lock();
+        if let Some(auth) = &self.read_auth {
+            let generation = self.auth_generation.load(Ordering::Relaxed);
+            if st.read_cache_generation != generation {
+                st.read_cache.clear();
+                st.read_cache_generation = generation;
+            }
+            let topic = &delivery.message.topic;
+            let allowed = match st.read_cache.get(topic) {
+                Some(&d) => d,
+                None => {
+                    // Asked without the session lock: a plugin may take
+                    // its time.
+                    let reader = st.reader.clone();
+                    drop(st);
+                    let d = auth.authorize(&reader, super::auth::Action::Receive, topic)
+                        == super::auth::AclDecision::Allow;
+                    st = session.lock();
+                    if st.read_cache.len() >= READ_CACHE_MAX {
+                        st.read_cache.clear();
+                    }
+                    st.read_cache.insert(topic.clone(), d);
+                    d
+                }
+            };
+            if !allowed {
+                drop(st);
+                if worth_logging(&self.metrics.receive_denied) {
+                    info!(client_id = %session.client_id, topic = %topic,
+                        "message not delivered: the subscriber may not read this topic");
+                }
+                return false;
+            }
+        }
         let online = st.attached.is_some();
         if !online && (st.clean || (delivery.qos == 0 && !self.limits.queue_qos0_offline)) {
             return false;
@@ -296,13 +401,29 @@ impl Router {
 
     fn retain(&self, message: &Arc<Message>) {
         let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
-        let change = if message.payload.is_empty() {
+        let (old_n, old_b) = retained.map.get(&message.topic).map_or((0, 0), |m| weight(m));
+        let (n, b) = weight(message);
+        let over = !message.payload.is_empty() && n > 0 && {
+            let count = retained.count - old_n + n;
+            let bytes = retained.bytes - old_b + b;
+            count > self.limits.max_retained || bytes > self.limits.max_retained_bytes
+        };
+        if over {
+            // Not retained; what was retained on the topic is no longer its
+            // last message either, so it goes.
+            if worth_logging(&self.metrics.retained_over_limit) {
+                warn!(topic = %message.topic, max_retained = self.limits.max_retained,
+                    max_retained_bytes = self.limits.max_retained_bytes,
+                    "retained message refused: broker.max_retained or max_retained_bytes reached");
+            }
+        }
+        let change = if message.payload.is_empty() || over {
             if retained.remove(&message.topic).is_none() {
                 return;
             }
             None
         } else {
-            retained.insert(message.topic.clone(), message.clone());
+            retained.insert(message.clone());
             Some(message.clone())
         };
         drop(retained);
@@ -318,7 +439,7 @@ impl Router {
     pub fn restore_retained(&self, messages: impl IntoIterator<Item = Message>) {
         let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
         for m in messages {
-            retained.insert(m.topic.clone(), Arc::new(m));
+            retained.insert(Arc::new(m));
         }
     }
 
@@ -326,7 +447,15 @@ impl Router {
         self.retained
             .read()
             .unwrap_or_else(|e| e.into_inner())
+            .map
             .len()
+    }
+
+    /// Retained messages clients made (not `$SYS`), and their topic +
+    /// payload bytes: what `max_retained` and `max_retained_bytes` bound.
+    pub fn retained_usage(&self) -> (usize, usize) {
+        let r = self.retained.read().unwrap_or_else(|e| e.into_inner());
+        (r.count, r.bytes)
     }
 
     /// Retained messages matching a filter, oldest topic first is not
@@ -334,9 +463,10 @@ impl Router {
     pub fn retained_matching(&self, filter: &str) -> Vec<Arc<Message>> {
         let retained = self.retained.read().unwrap_or_else(|e| e.into_inner());
         if !filter.contains(['+', '#']) {
-            return retained.get(filter).cloned().into_iter().collect();
+            return retained.map.get(filter).cloned().into_iter().collect();
         }
         retained
+            .map
             .values()
             .filter(|m| topic::matches(filter, &m.topic))
             .cloned()
@@ -453,4 +583,41 @@ impl Router {
             .unwrap_or_else(|e| e.into_inner())
             .len()
     }
+}
+
+/// One delivery per subscriber, at the highest QoS its matching filters
+/// granted. A short list is de-duplicated in place; a long one (thousands
+/// of `#` sessions) through a map, so routing stays linear in subscribers.
+fn dedup_targets(targets: &mut Vec<(Arc<Session>, QoS)>) {
+    if targets.len() <= 1 {
+        return;
+    }
+    if targets.len() <= 16 {
+        let mut i = 0;
+        while i < targets.len() {
+            if let Some(j) = (0..i).find(|&j| Arc::ptr_eq(&targets[j].0, &targets[i].0)) {
+                let q = targets[i].1;
+                targets[j].1 = targets[j].1.max(q);
+                targets.swap_remove(i);
+            } else {
+                i += 1;
+            }
+        }
+        return;
+    }
+    let mut seen: HashMap<*const Session, usize> = HashMap::with_capacity(targets.len());
+    let mut out: Vec<(Arc<Session>, QoS)> = Vec::with_capacity(targets.len());
+    for (s, q) in targets.drain(..) {
+        match seen.entry(Arc::as_ptr(&s)) {
+            std::collections::hash_map::Entry::Occupied(e) => {
+                let slot = &mut out[*e.get()].1;
+                *slot = (*slot).max(q);
+            }
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(out.len());
+                out.push((s, q));
+            }
+        }
+    }
+    *targets = out;
 }

@@ -71,7 +71,40 @@ pub struct SessionState {
     /// Marked by the router when this online client kept publishers waiting
     /// longer than `slow_subscriber_timeout`; cleared once it catches up.
     pub slow: bool,
+    /// Who reads through this session, as the read ACL sees it: the owner's
+    /// user name and client id, and the peer of the connection attached last.
+    pub reader: super::auth::ClientInfo,
+    /// Receive decisions by topic (see `Router::deliver`), valid for
+    /// `read_cache_generation` of the router's auth answers.
+    pub read_cache: HashMap<bytestring::ByteString, bool>,
+    pub read_cache_generation: u64,
+    /// When the last connection detached (persistent sessions expire
+    /// `broker.session_expiry_secs` after it); None while attached.
+    pub detached_at: Option<std::time::SystemTime>,
+    /// The user name that created the session: only it may resume or take
+    /// over this client id (None: anonymous). `owner_unclaimed`: restored
+    /// from a database written before sessions had owners; the first login
+    /// to resume it becomes its owner.
+    pub owner: Option<Arc<str>>,
+    pub owner_unclaimed: bool,
     next_packet_id: u16,
+}
+
+impl SessionState {
+    /// May a client logged in as `username` resume or take over this session?
+    pub fn usable_by(&self, username: Option<&str>) -> bool {
+        self.owner_unclaimed || self.owner.as_deref() == username
+    }
+
+    /// Makes `username` the owner of an unclaimed session.
+    pub fn claim(&mut self, username: Option<&str>) {
+        if self.owner_unclaimed {
+            self.owner_unclaimed = false;
+            self.owner = username.map(Arc::from);
+            self.reader.username = username.map(str::to_owned);
+            self.read_cache.clear();
+        }
+    }
 }
 
 impl SessionState {
@@ -104,7 +137,12 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn new(client_id: Arc<str>, clean: bool) -> Self {
+    pub fn new(client_id: Arc<str>, clean: bool, owner: Option<Arc<str>>) -> Self {
+        let reader = super::auth::ClientInfo {
+            client_id: client_id.to_string(),
+            username: owner.as_deref().map(str::to_owned),
+            peer: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+        };
         Session {
             client_id,
             state: Mutex::new(SessionState {
@@ -115,6 +153,12 @@ impl Session {
                 outgoing: VecDeque::new(),
                 incoming_qos2: HashSet::new(),
                 slow: false,
+                reader,
+                read_cache: HashMap::new(),
+                read_cache_generation: 0,
+                detached_at: None,
+                owner,
+                owner_unclaimed: false,
                 next_packet_id: 0,
             }),
             notify: Notify::new(),
@@ -123,17 +167,23 @@ impl Session {
     }
 
     /// Rebuilds a persisted session (offline, clean = false).
+    #[allow(clippy::too_many_arguments)]
     pub fn restore(
         client_id: Arc<str>,
+        owner: Option<Option<Arc<str>>>,
+        detached_at: std::time::SystemTime,
         subscriptions: HashMap<String, QoS>,
         queue: VecDeque<Delivery>,
         outgoing: VecDeque<Outgoing>,
         incoming_qos2: HashSet<u16>,
         last_packet_id: u16,
     ) -> Self {
-        let s = Session::new(client_id, false);
+        let unclaimed = owner.is_none();
+        let s = Session::new(client_id, false, owner.flatten());
         {
             let mut st = s.lock();
+            st.owner_unclaimed = unclaimed;
+            st.detached_at = Some(detached_at);
             st.subscriptions = subscriptions;
             st.queue = queue;
             st.outgoing = outgoing;
@@ -158,4 +208,5 @@ impl Session {
     pub fn take_dirty(&self) -> bool {
         self.dirty.swap(false, Ordering::AcqRel)
     }
+
 }

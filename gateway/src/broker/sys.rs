@@ -83,6 +83,19 @@ fn publish_all(shared: &Shared) {
         "$SYS/broker/publish/denied",
         Metrics::get(&m.publish_denied).to_string(),
     );
+    for (topic, counter) in [
+        ("$SYS/broker/limits/topic_levels", &m.topics_too_deep),
+        ("$SYS/broker/limits/subscriptions", &m.subscriptions_over_limit),
+        ("$SYS/broker/limits/retained", &m.retained_over_limit),
+        ("$SYS/broker/limits/sessions", &m.sessions_over_limit),
+        ("$SYS/broker/clients/expired", &m.sessions_expired),
+        ("$SYS/broker/clients/write_timeouts", &m.write_timeouts),
+        ("$SYS/broker/clients/id_taken", &m.client_id_taken),
+        ("$SYS/broker/messages/receive_denied", &m.receive_denied),
+        ("$SYS/broker/clients/logins_delayed", &m.logins_delayed),
+    ] {
+        put(shared, topic, Metrics::get(counter).to_string());
+    }
     put(
         shared,
         "$SYS/broker/bytes/received",

@@ -21,6 +21,19 @@ pub enum TopicError {
     MisplacedHash,
     #[error("'+' must stand alone in its level")]
     MisplacedPlus,
+    #[error("topic has {levels} levels, more than the {max} allowed (broker.max_topic_levels)")]
+    TooDeep { levels: usize, max: usize },
+}
+
+/// Refuses a topic name or filter with more than `max` levels: every later
+/// stage (the subscription tree, ACL checks, the stores) then works on a
+/// depth the configuration bounds, not one the client chose.
+pub fn check_levels(s: &str, max: usize) -> Result<(), TopicError> {
+    let levels = s.bytes().filter(|&b| b == b'/').count() + 1;
+    if levels > max {
+        return Err(TopicError::TooDeep { levels, max });
+    }
+    Ok(())
 }
 
 fn check_common(s: &str) -> Result<(), TopicError> {
@@ -95,6 +108,13 @@ mod tests {
         assert_eq!(validate_name("a/+"), Err(TopicError::WildcardInName));
         assert_eq!(validate_name("a/#"), Err(TopicError::WildcardInName));
         assert_eq!(validate_name("a\0b"), Err(TopicError::Nul));
+        assert!(check_levels("a/b/c", 3).is_ok());
+        assert_eq!(
+            check_levels("a/b/c/", 3),
+            Err(TopicError::TooDeep { levels: 4, max: 3 })
+        );
+        assert!(check_levels(&"/".repeat(199), 200).is_ok());
+        assert!(check_levels(&"/".repeat(200), 200).is_err());
     }
 
     #[test]
@@ -183,42 +203,5 @@ mod cover_tests {
         assert!(!covers("#", "$SYS/broker/version"));
         assert!(covers("$SYS/#", "$SYS/broker/version"));
         assert!(covers("#", "a/b/#"));
-    }
-}
-
-/// Could some topic name match both filters? Used for ACL `deny` rules on
-/// SUBSCRIBE: a subscription that could receive a denied topic is refused.
-pub fn overlaps(a: &str, b: &str) -> bool {
-    let wild = |s: &str| s.starts_with('+') || s.starts_with('#');
-    if (a.starts_with('$') && wild(b)) || (b.starts_with('$') && wild(a)) {
-        return false;
-    }
-    let mut x = a.split('/');
-    let mut y = b.split('/');
-    loop {
-        match (x.next(), y.next()) {
-            (Some("#"), _) | (_, Some("#")) => return true,
-            (None, None) => return true,
-            (Some("+"), Some(_)) | (Some(_), Some("+")) => {}
-            (Some(l), Some(r)) if l == r => {}
-            _ => return false,
-        }
-    }
-}
-
-#[cfg(test)]
-mod overlap_tests {
-    use super::overlaps;
-
-    #[test]
-    fn overlapping_filters() {
-        assert!(overlaps("isima/#", "isima/secret"));
-        assert!(overlaps("#", "isima/secret"));
-        assert!(overlaps("a/+/c", "a/b/+"));
-        assert!(overlaps("a/#", "a"));
-        assert!(!overlaps("a/b", "a/c"));
-        assert!(!overlaps("a/+", "a/b/c"));
-        assert!(!overlaps("#", "$SYS/x"));
-        assert!(overlaps("$SYS/#", "$SYS/x"));
     }
 }

@@ -202,6 +202,9 @@ pub async fn render(ops: &Ops) -> String {
         ("protocol_error", &m.protocol_errors),
         ("connect_timeout", &m.connect_timeouts),
         ("keepalive_timeout", &m.keepalive_timeouts),
+        ("write_timeout", &m.write_timeouts),
+        ("client_id_taken", &m.client_id_taken),
+        ("max_sessions", &m.sessions_over_limit),
     ] {
         f.sample(
             "capteurs_broker_connections_closed_total",
@@ -209,6 +212,37 @@ pub async fn render(ops: &Ops) -> String {
             c(n),
         );
     }
+    f.head(
+        "capteurs_broker_limited_total",
+        "counter",
+        "What the hostile-client limits refused, by limit.",
+    );
+    for (limit, n) in [
+        ("max_topic_levels", &m.topics_too_deep),
+        ("max_subscriptions_per_client", &m.subscriptions_over_limit),
+        ("max_retained", &m.retained_over_limit),
+        ("max_sessions", &m.sessions_over_limit),
+    ] {
+        f.sample("capteurs_broker_limited_total", &[("limit", limit)], c(n));
+    }
+    f.one(
+        "capteurs_broker_sessions_expired_total",
+        "counter",
+        "Offline persistent sessions discarded after broker.session_expiry_secs.",
+        c(&m.sessions_expired),
+    );
+    f.one(
+        "capteurs_broker_logins_delayed_total",
+        "counter",
+        "CONNECTs held back because their address failed to log in repeatedly.",
+        c(&m.logins_delayed),
+    );
+    f.one(
+        "capteurs_broker_receive_denied_total",
+        "counter",
+        "Deliveries withheld because the subscriber may not read the topic (read ACL at delivery).",
+        c(&m.receive_denied),
+    );
     f.one(
         "capteurs_broker_connections_accepted_total",
         "counter",

@@ -112,7 +112,10 @@ impl Authenticator for AuthPlugin {
         }
         let a = match action {
             Action::Publish => wit::Action::Publish,
-            Action::Subscribe => wit::Action::Subscribe,
+            // The WIT has two actions: receiving a topic name is asked as
+            // subscribing to exactly that name (a filter without wildcards),
+            // so plugins built before receive checks keep working.
+            Action::Subscribe | Action::Receive => wit::Action::Subscribe,
         };
         let d = match self.guarded.call(|p, s| {
             p.capteurs_plugins_auth().call_authorize(

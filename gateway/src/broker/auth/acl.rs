@@ -24,9 +24,14 @@
 //! Decisions: anything not allowed is denied. PUBLISH to a name is allowed by
 //! a `write`/`readwrite` rule whose filter matches it. SUBSCRIBE to a filter is
 //! allowed by a `read`/`readwrite` rule that covers it entirely (`isima/#`
-//! covers `isima/G1` and `isima/+`, not `#`). A matching `deny` rule wins: for
-//! SUBSCRIBE, any overlap with a denied filter refuses the subscription, so a
-//! wide subscription can never receive a denied topic.
+//! covers `isima/G1` and `isima/+`, not `#`). Receiving a message (asked at
+//! every delivery, [`Action::Receive`]) is allowed by a `read`/`readwrite`
+//! rule whose filter matches the topic name. A matching `deny` rule wins.
+//! Subscribe permission and receive permission are two checks, as in
+//! mosquitto: a `deny` refuses a SUBSCRIBE only when it covers the whole
+//! filter (`topic deny test/nosubscribe` refuses `test/nosubscribe`); a wider
+//! subscription (`#`) is granted and the denied topics are filtered out when
+//! delivered.
 //!
 //! `%u`/`%c` are substituted in `pattern` rules only (in one pass). A rule
 //! with `%u` never applies to a client without a user name. A value that
@@ -74,7 +79,7 @@ impl Access {
         matches!(
             (self, action),
             (Access::ReadWrite, _)
-                | (Access::Read, Action::Subscribe)
+                | (Access::Read, Action::Subscribe | Action::Receive)
                 | (Access::Write, Action::Publish)
         )
     }
@@ -96,8 +101,7 @@ impl Rule {
     /// about `topic` for `action`?
     fn applies(&self, filter: &str, action: Action, topic: &str) -> bool {
         match (action, self.access) {
-            (Action::Publish, _) => topic::matches(filter, topic),
-            (Action::Subscribe, Access::Deny) => topic::overlaps(filter, topic),
+            (Action::Publish | Action::Receive, _) => topic::matches(filter, topic),
             (Action::Subscribe, _) => topic::covers(filter, topic),
         }
     }
@@ -378,12 +382,19 @@ pattern deny isima/%c/private
         assert!(!acl.check(&alice, Action::Publish, "isima/secret"));
         assert!(!acl.check(&alice, Action::Publish, "isima/box1/private"));
         assert!(acl.check(&alice, Action::Publish, "isima/box2/private"));
-        // SUBSCRIBE: refused when it could receive a denied topic.
-        assert!(!acl.check(&alice, Action::Subscribe, "isima/#"));
-        assert!(!acl.check(&alice, Action::Subscribe, "isima/+"));
-        assert!(!acl.check(&alice, Action::Subscribe, "isima/+/private"));
+        // SUBSCRIBE: refused only when everything it could receive is
+        // denied; a wider filter is granted and filtered at delivery.
+        assert!(acl.check(&alice, Action::Subscribe, "isima/#"));
+        assert!(acl.check(&alice, Action::Subscribe, "isima/+"));
+        assert!(acl.check(&alice, Action::Subscribe, "isima/+/private"));
+        assert!(!acl.check(&alice, Action::Subscribe, "isima/secret"));
+        assert!(!acl.check(&alice, Action::Subscribe, "isima/box1/private"));
         assert!(acl.check(&alice, Action::Subscribe, "isima/G1/#"));
         assert!(acl.check(&alice, Action::Subscribe, "isima/box2/private"));
+        assert!(acl.check(&alice, Action::Receive, "isima/G1"));
+        assert!(!acl.check(&alice, Action::Receive, "isima/secret"));
+        assert!(!acl.check(&alice, Action::Receive, "isima/box1/private"));
+        assert!(acl.check(&alice, Action::Receive, "isima/box2/private"));
         // A deny never allows anything by itself.
         let only_deny = Acl::parse("topic deny a\n", "t").unwrap();
         assert!(!only_deny.check(&client(None, "x"), Action::Publish, "b"));
@@ -412,9 +423,13 @@ pattern deny isima/%c/private
         assert!(acl.check(&alice, Action::Publish, "x/y"));
         assert!(!acl.check(&alice, Action::Publish, "secret/plans"));
         assert!(
-            !acl.check(&alice, Action::Subscribe, "#"),
-            "overlaps a denied filter"
+            acl.check(&alice, Action::Subscribe, "#"),
+            "granted; secret/# is filtered at delivery"
         );
+        assert!(!acl.check(&alice, Action::Receive, "secret/plans"));
+        assert!(acl.check(&alice, Action::Receive, "x/y"));
+        assert!(!acl.check(&alice, Action::Subscribe, "secret/#"));
+        assert!(!acl.check(&alice, Action::Subscribe, "secret/+/x"));
         assert!(acl.check(&alice, Action::Subscribe, "x/#"));
         assert!(!acl.check(&client(Some("bob"), "b"), Action::Publish, "x"));
     }

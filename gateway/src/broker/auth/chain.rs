@@ -23,6 +23,10 @@ impl Authenticator for AuthChain {
             .find(|d| *d != AclDecision::Abstain)
             .unwrap_or(AclDecision::Deny)
     }
+
+    fn checks_receive(&self) -> bool {
+        self.0.iter().any(|a| a.checks_receive())
+    }
 }
 
 #[cfg(test)]

@@ -101,6 +101,10 @@ impl Authenticator for FileAuth {
             Some(_) => AclDecision::Deny,
         }
     }
+
+    fn checks_receive(&self) -> bool {
+        self.acl.is_some() || self.defer
+    }
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 
 pub mod acl;
+pub mod backoff;
 pub mod chain;
 pub mod file;
 pub mod passwd;
@@ -50,6 +51,9 @@ pub enum Action {
     Publish,
     /// SUBSCRIBE to a topic filter.
     Subscribe,
+    /// Receive a message on a topic name, asked at delivery (a subscription
+    /// granted earlier, restored from disk, or wider than what may be read).
+    Receive,
 }
 
 /// An answer for PUBLISH / SUBSCRIBE.
@@ -65,4 +69,11 @@ pub enum AclDecision {
 pub trait Authenticator: Send + Sync + 'static {
     fn authenticate(&self, client: &ClientInfo, password: Option<&[u8]>) -> ConnectDecision;
     fn authorize(&self, client: &ClientInfo, action: Action, topic: &str) -> AclDecision;
+
+    /// Can [`Action::Receive`] ever be refused for a topic a granted
+    /// subscription matches? When not (no ACL at all), the broker skips the
+    /// check at delivery.
+    fn checks_receive(&self) -> bool {
+        true
+    }
 }
