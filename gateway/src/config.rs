@@ -105,6 +105,13 @@ pub struct BrokerConfig {
     pub queue_qos0_offline: bool,
     pub slow_subscriber_timeout_ms: u64,
     pub connect_timeout_ms: u64,
+    pub write_timeout_ms: u64,
+    pub max_topic_levels: usize,
+    pub max_subscriptions_per_client: usize,
+    pub max_retained: usize,
+    pub max_retained_bytes: usize,
+    pub max_sessions: usize,
+    pub session_expiry_secs: u64,
     pub sys_interval_secs: u64,
     pub persist_interval_ms: u64,
     pub persistence: bool,
@@ -126,6 +133,13 @@ impl Default for BrokerConfig {
             queue_qos0_offline: false,
             slow_subscriber_timeout_ms: 5000,
             connect_timeout_ms: 10_000,
+            write_timeout_ms: 10_000,
+            max_topic_levels: 200,
+            max_subscriptions_per_client: 1000,
+            max_retained: 100_000,
+            max_retained_bytes: 64 * 1024 * 1024,
+            max_sessions: 20_000,
+            session_expiry_secs: 7 * 86400,
             sys_interval_secs: 10,
             persist_interval_ms: 1000,
             persistence: true,
@@ -715,25 +729,36 @@ impl GatewayConfig {
         if b.connect_timeout_ms == 0 {
             bad("broker", "connect_timeout_ms", "must be at least 1".into());
         }
+        for (key, value) in [
+            ("write_timeout_ms", b.write_timeout_ms as usize),
+            ("max_topic_levels", b.max_topic_levels),
+            ("max_subscriptions_per_client", b.max_subscriptions_per_client),
+            ("max_retained", b.max_retained),
+            ("max_retained_bytes", b.max_retained_bytes),
+            ("max_sessions", b.max_sessions),
+        ] {
+            if value == 0 {
+                bad("broker", key, "must be at least 1".into());
+            }
+        }
         if b.sys_interval_secs == 0 {
             bad("broker", "sys_interval_secs", "must be at least 1".into());
         }
         if b.persist_interval_ms == 0 {
             bad("broker", "persist_interval_ms", "must be at least 1".into());
         }
-        for (key, file) in [
-            ("password_file", &b.password_file),
-            ("acl_file", &b.acl_file),
-        ] {
-            if let Some(f) = file {
-                let p = self.resolve(f);
-                if !p.is_file() {
-                    bad(
-                        "broker",
-                        key,
-                        format!("{} does not exist or is not a file", p.display()),
-                    );
-                }
+        // Read and parsed as the gateway will at start: a syntax error in
+        // the password or ACL file is reported here, with its own line.
+        if let Some(f) = &b.password_file {
+            let p = self.resolve(f);
+            if let Err(e) = crate::broker::auth::PasswordFile::load(&p) {
+                bad("broker", "password_file", e.to_string());
+            }
+        }
+        if let Some(f) = &b.acl_file {
+            let p = self.resolve(f);
+            if let Err(e) = crate::broker::auth::Acl::load(&p) {
+                bad("broker", "acl_file", e.to_string());
             }
         }
         if self.gateway.id.is_empty() || self.gateway.id.contains(['/', '+', '#', '\0']) {
@@ -1247,6 +1272,28 @@ mod tests {
             problems[1].starts_with("line 4: broker.max_inflight"),
             "{problems:?}"
         );
+    }
+
+    /// check-config reads the password and ACL files the gateway will
+    /// read: their own errors come out with the key's line and theirs.
+    #[test]
+    fn password_and_acl_files_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("passwd"), "# users\nG1 no colon\n").unwrap();
+        std::fs::write(dir.path().join("acl"), "topic read a/#\ntopic sometimes b\n").unwrap();
+        let text = "[broker]\npassword_file = \"passwd\"\nacl_file = \"acl\"\n";
+        let err = GatewayConfig::parse(text, "t.toml", dir.path()).unwrap_err();
+        let ConfigError::Invalid { problems, .. } = err else {
+            panic!("{err}")
+        };
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(problems[0].starts_with("line 2: broker.password_file"), "{problems:?}");
+        assert!(problems[0].contains("line 2: expected user:hash"), "{problems:?}");
+        assert!(problems[1].starts_with("line 3: broker.acl_file"), "{problems:?}");
+        assert!(problems[1].contains("line 2"), "{problems:?}");
+        let text = "[broker]\npassword_file = \"missing\"\n";
+        let err = GatewayConfig::parse(text, "t.toml", dir.path()).unwrap_err();
+        assert!(err.to_string().contains("cannot read"), "{err}");
     }
 
     #[test]

@@ -33,6 +33,11 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot create or restrict {path} to mode 0600: {source}")]
+    File {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 const SCHEMA: &str = "
@@ -44,7 +49,10 @@ CREATE TABLE IF NOT EXISTS retained (
 );
 CREATE TABLE IF NOT EXISTS sessions (
     client_id      TEXT PRIMARY KEY,
-    last_packet_id INTEGER NOT NULL
+    last_packet_id INTEGER NOT NULL,
+    owner          TEXT,
+    owner_known    INTEGER NOT NULL DEFAULT 0,
+    detached_ms    INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS subscriptions (
     client_id TEXT NOT NULL,
@@ -80,6 +88,10 @@ pub struct SavedSession {
     pub queue: Vec<Delivery>,
     pub incoming_qos2: Vec<u16>,
     pub last_packet_id: u16,
+    /// The owner's user name (None: anonymous), unless still unclaimed.
+    pub owner: Option<Option<Arc<str>>>,
+    /// When its last connection detached (now, if attached).
+    pub detached_at: SystemTime,
 }
 
 impl SavedSession {
@@ -97,6 +109,8 @@ impl SavedSession {
             queue: st.queue.iter().filter(|d| d.qos > 0).cloned().collect(),
             incoming_qos2: st.incoming_qos2.iter().copied().collect(),
             last_packet_id: st.last_packet_id(),
+            owner: (!st.owner_unclaimed).then(|| st.owner.clone()),
+            detached_at: st.detached_at.unwrap_or_else(SystemTime::now),
         }
     }
 }
@@ -157,7 +171,7 @@ fn ms(t: SystemTime) -> i64 {
 
 impl Store {
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Dir {
+        crate::files::create_private_dir(data_dir).map_err(|source| StoreError::Dir {
             path: data_dir.display().to_string(),
             source,
         })?;
@@ -167,6 +181,10 @@ impl Store {
             path: path.clone(),
             source,
         };
+        crate::files::private_database(&file).map_err(|source| StoreError::File {
+            path: path.clone(),
+            source,
+        })?;
         let conn = Connection::open(&file).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
@@ -174,6 +192,7 @@ impl Store {
             .map_err(err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
+        migrate(&conn).map_err(err)?;
         Ok(Store { conn, path })
     }
 
@@ -218,8 +237,16 @@ impl Store {
                     .map_err(err)?;
             }
             let Some(s) = saved else { continue };
-            tx.prepare_cached("INSERT INTO sessions (client_id, last_packet_id) VALUES (?1, ?2)")
-                .and_then(|mut st| st.execute(params![&**id, s.last_packet_id]))
+            tx.prepare_cached("INSERT INTO sessions (client_id, last_packet_id, owner, owner_known, detached_ms) VALUES (?1, ?2, ?3, ?4, ?5)")
+                .and_then(|mut st| {
+                    st.execute(params![
+                        &**id,
+                        s.last_packet_id,
+                        s.owner.as_ref().and_then(|o| o.as_deref()),
+                        s.owner.is_some(),
+                        ms(s.detached_at)
+                    ])
+                })
                 .map_err(err)?;
             for (filter, qos) in &s.subscriptions {
                 tx.prepare_cached(
@@ -300,17 +327,33 @@ impl Store {
             retained.push(m);
         }
 
-        let mut last_ids: HashMap<String, u16> = HashMap::new();
+        type Head = (u16, Option<Option<Arc<str>>>, SystemTime);
+        let mut last_ids: HashMap<String, Head> = HashMap::new();
         let mut stmt = self
             .conn
-            .prepare("SELECT client_id, last_packet_id FROM sessions")
+            .prepare("SELECT client_id, last_packet_id, owner, owner_known, detached_ms FROM sessions")
             .map_err(&err)?;
         for row in stmt
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, u16>(1)?)))
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, u16>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                    r.get::<_, bool>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })
             .map_err(&err)?
         {
-            let (id, last) = row.map_err(&err)?;
-            last_ids.insert(id, last);
+            let (id, last, owner, known, detached) = row.map_err(&err)?;
+            let owner = known.then(|| owner.map(|o| Arc::from(o.as_str())));
+            // A row from before detach times were kept: as if detached now.
+            let detached = if detached > 0 {
+                SystemTime::UNIX_EPOCH + Duration::from_millis(detached as u64)
+            } else {
+                SystemTime::now()
+            };
+            last_ids.insert(id, (last, owner, detached));
         }
         let mut subs: HashMap<String, HashMap<String, u8>> = HashMap::new();
         let mut stmt = self
@@ -392,10 +435,12 @@ impl Store {
         }
         let sessions = last_ids
             .into_iter()
-            .map(|(id, last)| {
+            .map(|(id, (last, owner, detached))| {
                 let (outgoing, queue) = queues.remove(&id).unwrap_or_default();
                 Session::restore(
                     Arc::from(id.as_str()),
+                    owner,
+                    detached,
                     subs.remove(&id).unwrap_or_default(),
                     queue,
                     outgoing,
@@ -406,4 +451,25 @@ impl Store {
             .collect();
         Ok((retained, sessions))
     }
+}
+
+/// Brings a database written by an older gateway up to this schema:
+/// sessions gained an owner (unknown, hence unclaimed, for old rows) and a
+/// detach time (expiry).
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let mut have = HashSet::new();
+    let mut stmt = conn.prepare("PRAGMA table_info(sessions)")?;
+    for name in stmt.query_map([], |r| r.get::<_, String>(1))? {
+        have.insert(name?);
+    }
+    for (column, decl) in [
+        ("owner", "TEXT"),
+        ("owner_known", "INTEGER NOT NULL DEFAULT 0"),
+        ("detached_ms", "INTEGER NOT NULL DEFAULT 0"),
+    ] {
+        if !have.contains(column) {
+            conn.execute_batch(&format!("ALTER TABLE sessions ADD COLUMN {column} {decl}"))?;
+        }
+    }
+    Ok(())
 }
