@@ -113,10 +113,18 @@ test_amd64() {
     "${in[@]}" capteurs-sim --version | grep -q '^capteurs-sim ' || fail "capteurs-sim --version"
     "${in[@]}" getent passwd capteurs >/dev/null || fail "no capteurs user"
     "${in[@]}" id -nG capteurs | grep -qw dialout || fail "capteurs not in dialout"
-    [ "$("${in[@]}" stat -c '%U:%G %a' /var/lib/capteurs)" = "capteurs:capteurs 750" ] ||
+    [ "$("${in[@]}" stat -c '%U:%G %a' /var/lib/capteurs)" = "capteurs:capteurs 700" ] ||
         fail "/var/lib/capteurs: $("${in[@]}" stat -c '%U:%G %a' /var/lib/capteurs)"
     [ "$("${in[@]}" stat -c '%U:%G %a' /etc/capteurs/passwd)" = "root:capteurs 640" ] ||
         fail "/etc/capteurs/passwd: $("${in[@]}" stat -c '%U:%G %a' /etc/capteurs/passwd)"
+    [ "$("${in[@]}" stat -c '%U:%G %a' /etc/capteurs/gateway.toml)" = "root:capteurs 640" ] ||
+        fail "/etc/capteurs/gateway.toml: $("${in[@]}" stat -c '%U:%G %a' /etc/capteurs/gateway.toml)"
+    # Adding a user keeps the file readable to the service.
+    "${in[@]}" capteurs-gateway passwd /etc/capteurs/passwd test-deb --password secret ||
+        fail "capteurs-gateway passwd"
+    [ "$("${in[@]}" stat -c '%U:%G %a' /etc/capteurs/passwd)" = "root:capteurs 640" ] ||
+        fail "passwd changed /etc/capteurs/passwd to $("${in[@]}" stat -c '%U:%G %a' /etc/capteurs/passwd)"
+    "${in[@]}" capteurs-gateway passwd /etc/capteurs/passwd test-deb --delete || fail "passwd --delete"
     "${in[@]}" dpkg-query -W -f '${Conffiles}\n' capteurs-gateway | grep -q '/etc/capteurs/gateway.toml' ||
         fail "gateway.toml is not a conffile"
     for f in /usr/share/capteurs/plugins/deadband.wasm /usr/share/man/man1/capteurs-gateway.1.gz \

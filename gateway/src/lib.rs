@@ -17,11 +17,13 @@
 //! - [`broker`]: the embedded MQTT 3.1.1 broker (sessions, retained, auth, `$SYS`, persistence).
 //! - [`buffer`]: the SQLite store-and-forward buffer in front of the upstream.
 //! - [`upstream`]: the forwarder to the cloud broker (rules, TLS, status, backoff).
+//! - [`files`]: the data directory and databases, private to the gateway.
 //! - [`gateway`]: wires the stages from a configuration and runs them until shutdown.
 
 pub mod broker;
 pub mod buffer;
 pub mod config;
+pub mod files;
 pub mod gateway;
 pub mod health;
 pub mod logging;

@@ -218,7 +218,14 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
                 cfg.http.listen = http;
             }
             capteurs_gateway::logging::init(&cfg.log.level);
-            let runtime = tokio::runtime::Runtime::new().context("starting the tokio runtime")?;
+            // Blocking work (password hashing, SQLite, plugin reloads) gets a
+            // bounded pool: a flood of CONNECTs queues there instead of
+            // spawning threads up to the unit's TasksMax.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .max_blocking_threads(64)
+                .build()
+                .context("starting the tokio runtime")?;
             runtime.block_on(async move {
                 let shutdown = shutdown_signal()?;
                 capteurs_gateway::gateway::run(cfg, shutdown).await?;

@@ -179,7 +179,7 @@ impl Buffer {
     /// a fresh buffer started, with an error in the log.
     pub fn open(settings: BufferSettings) -> Result<Buffer, BufferError> {
         if let Some(dir) = settings.path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| BufferError::Io {
+            crate::files::create_private_dir(dir).map_err(|source| BufferError::Io {
                 path: dir.to_owned(),
                 source,
             })?;
@@ -479,6 +479,10 @@ impl Db {
             path: path.clone(),
             source,
         };
+        crate::files::private_database(&path).map_err(|source| BufferError::Io {
+            path: path.clone(),
+            source,
+        })?;
         let conn = Connection::open(&path).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;

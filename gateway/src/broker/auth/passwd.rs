@@ -146,6 +146,10 @@ fn hash_with_salt(password: &str, salt: &[u8], iterations: u32) -> String {
 #[derive(Debug, Clone, Default)]
 pub struct PasswordFile {
     users: HashMap<String, Hash>,
+    /// Checked against for unknown users, at the file's highest iteration
+    /// count: a wrong password takes as long for a user that does not
+    /// exist as for one that does (no user enumeration by timing).
+    dummy: Option<Hash>,
 }
 
 impl PasswordFile {
@@ -177,12 +181,35 @@ impl PasswordFile {
             let hash = Hash::parse(hash).map_err(syntax)?;
             users.insert(user.to_owned(), hash);
         }
-        Ok(PasswordFile { users })
+        let iterations = users
+            .values()
+            .map(|h| match h {
+                Hash::Pbkdf2 { iterations, .. } => *iterations,
+                Hash::Sha512 { .. } => 1,
+            })
+            .max()
+            .unwrap_or(ITERATIONS);
+        let dummy = Some(Hash::Pbkdf2 {
+            iterations,
+            salt: rand::random::<[u8; SALT_LEN]>().to_vec(),
+            hash: vec![0; HASH_LEN],
+        });
+        Ok(PasswordFile { users, dummy })
     }
 
     /// `None`: unknown user; `Some(ok)`: whether the password is right.
+    /// Takes as long either way (an unknown user is checked against a
+    /// dummy hash). CPU-bound: call it from a blocking thread.
     pub fn verify(&self, user: &str, password: &[u8]) -> Option<bool> {
-        self.users.get(user).map(|h| h.verify(password))
+        match self.users.get(user) {
+            Some(h) => Some(h.verify(password)),
+            None => {
+                if let Some(d) = &self.dummy {
+                    std::hint::black_box(d.verify(password));
+                }
+                None
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -219,7 +246,9 @@ fn is_user_line(line: &str, user: &str) -> bool {
     !line.starts_with('#') && line.split_once(':').is_some_and(|(u, _)| u == user)
 }
 
-/// Writes the file atomically (temporary file + rename), mode 0600.
+/// Writes the file atomically (temporary file + rename). A new file is
+/// mode 0600; an existing one keeps its mode, owner and group (the packaged
+/// `root:capteurs 0640` file must stay readable to the service).
 fn write_lines(path: &Path, lines: &[String]) -> Result<(), PasswdError> {
     let err = |source| PasswdError::Write {
         path: path.display().to_string(),
@@ -238,13 +267,31 @@ fn write_lines(path: &Path, lines: &[String]) -> Result<(), PasswdError> {
         std::process::id(),
         rand::random::<u32>()
     ));
+    let existing = match std::fs::metadata(path) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(err(e)),
+    };
     let written = (|| {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
         let mut opts = std::fs::OpenOptions::new();
         // create_new: never follow or clobber something already there.
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+        // 0600 until owner and mode are those of the file it replaces.
+        opts.write(true).create_new(true).mode(0o600);
         let mut f = opts.open(&tmp)?;
+        if let Some(m) = &existing {
+            std::os::unix::fs::fchown(&f, Some(m.uid()), Some(m.gid())).map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "cannot keep the file's owner {}:{} ({e}); run as its owner or root",
+                        m.uid(),
+                        m.gid()
+                    ),
+                )
+            })?;
+            f.set_permissions(std::fs::Permissions::from_mode(m.mode() & 0o7777))?;
+        }
         let mut text = String::new();
         for l in lines {
             text.push_str(l);
@@ -378,14 +425,6 @@ alice:$7$101$2aQDbC8IGJZnsEfh$cPAUuUVjq/DFfFCpra8hEwDTN7ADWX0Rqzyl/gVX8jI/fx+5Sp
         let f = PasswordFile::load(&p).unwrap();
         assert_eq!(f.verify("G1", b"one"), Some(true));
         assert_eq!(f.verify("G2", b"two"), Some(true));
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            assert_eq!(
-                std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
-                0o600
-            );
-        }
         delete_user(&p, "G1").unwrap();
         assert!(delete_user(&p, "G1").is_err());
         assert_eq!(PasswordFile::load(&p).unwrap().verify("G1", b"one"), None);
@@ -397,6 +436,58 @@ alice:$7$101$2aQDbC8IGJZnsEfh$cPAUuUVjq/DFfFCpra8hEwDTN7ADWX0Rqzyl/gVX8jI/fx+5Sp
         set_password(&fresh, "prof", "isimaProf").unwrap();
         let f = PasswordFile::load(&fresh).unwrap();
         assert_eq!(f.verify("prof", b"isimaProf"), Some(true));
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(std::fs::metadata(&fresh).unwrap().mode() & 0o7777, 0o600);
+    }
+
+    /// A wrong password for a known user used to take ~9x longer than any
+    /// password for an unknown one (PBKDF2 skipped): user enumeration.
+    #[test]
+    fn unknown_users_take_as_long_as_known_ones() {
+        let file = PasswordFile::parse(&format!("G1:{}\n", hash_password("x")), "t").unwrap();
+        let time = |user: &str| {
+            let t = std::time::Instant::now();
+            for _ in 0..20 {
+                file.verify(user, b"wrong");
+            }
+            t.elapsed()
+        };
+        // Warm up, then the fastest of three rounds of each.
+        time("G1");
+        let known = (0..3).map(|_| time("G1")).min().unwrap();
+        let unknown = (0..3).map(|_| time("nobody")).min().unwrap();
+        assert!(
+            unknown * 2 > known,
+            "unknown user {unknown:?} vs known {known:?}: enumerable by timing"
+        );
+        assert_eq!(file.verify("nobody", b"x"), None);
+        assert_eq!(file.verify("G1", b"x"), Some(true));
+    }
+
+    /// The packaged file is root:capteurs 0640: rewriting it used to leave
+    /// it 0600 owned by the caller, unreadable to the service.
+    #[test]
+    fn rewriting_keeps_mode_owner_and_group() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("passwd");
+        std::fs::write(&p, "").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let me = std::fs::metadata(&p).unwrap();
+        // As root (CI, packaging), a group other than the caller's proves
+        // the group is copied, not inherited.
+        let gid = if me.uid() == 0 { 4 } else { me.gid() };
+        std::os::unix::fs::chown(&p, None, Some(gid)).unwrap();
+        set_password(&p, "G1", "one").unwrap();
+        delete_user(&p, "G1").unwrap();
+        set_password(&p, "G2", "two").unwrap();
+        let after = std::fs::metadata(&p).unwrap();
+        assert_eq!(after.mode() & 0o7777, 0o640);
+        assert_eq!((after.uid(), after.gid()), (me.uid(), gid));
+        assert_eq!(
+            PasswordFile::load(&p).unwrap().verify("G2", b"two"),
+            Some(true)
+        );
     }
 
     #[test]

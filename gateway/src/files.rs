@@ -1,0 +1,73 @@
+//! The gateway's own files are private to it: the data directory is 0700
+//! and the SQLite files in it 0600 (they hold queued messages, sessions and
+//! retained messages), whatever the umask, under systemd or not.
+
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::Path;
+
+/// Creates `dir` (and missing parents) as 0700. An existing directory is
+/// left as it is: it may be one the administrator chose and shares.
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Makes sure the SQLite database `file` exists as 0600 before SQLite opens
+/// it (SQLite gives its `-wal` and `-shm` files the database's mode), and
+/// takes group and other bits away from an older one and its companions.
+pub fn private_database(file: &Path) -> io::Result<()> {
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(file)
+    {
+        Ok(_) => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = file.as_os_str().to_owned();
+        name.push(suffix);
+        let path = Path::new(&name);
+        let Ok(m) = std::fs::metadata(path) else {
+            continue;
+        };
+        // Only our own files: chmod on another user's fails anyway.
+        if m.mode() & 0o077 != 0 && m.uid() == me {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(m.mode() & 0o700))?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_dir_and_databases_are_private() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("data/sub");
+        create_private_dir(&dir).unwrap();
+        assert_eq!(std::fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        let db = dir.join("broker.sqlite");
+        private_database(&db).unwrap();
+        assert_eq!(std::fs::metadata(&db).unwrap().mode() & 0o777, 0o600);
+        // An older file and its WAL, written under a 022 umask: tightened.
+        let old = dir.join("buffer.sqlite");
+        for f in [old.clone(), dir.join("buffer.sqlite-wal")] {
+            std::fs::write(&f, b"").unwrap();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        private_database(&old).unwrap();
+        for f in [old.clone(), dir.join("buffer.sqlite-wal")] {
+            assert_eq!(std::fs::metadata(&f).unwrap().mode() & 0o777, 0o600, "{f:?}");
+        }
+    }
+}
