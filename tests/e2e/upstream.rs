@@ -320,6 +320,68 @@ async fn in_rules_bring_commands_down_and_nothing_loops() {
     g.stop().await;
 }
 
+/// Topics from the cloud were published locally unchecked: an `in` rule's
+/// prefix could make them longer than 65,535 bytes (which the encoder then
+/// truncated to a u16 length) or deeper than `max_topic_levels`. They are
+/// refused and counted; valid ones keep coming.
+#[tokio::test]
+async fn in_rule_topics_that_are_invalid_here_are_refused_and_counted() {
+    let cloud = Mosquitto::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // 150 levels of local prefix: a cloud topic with 60 more is too deep.
+    let deep_prefix = "l/".repeat(150);
+    let rules = format!(
+        "[[upstream.rules]]\npattern = \"cmd/#\"\ndirection = \"in\"\nqos = 1\n\
+         local_prefix = \"{deep_prefix}\"\nremote_prefix = \"site/\"\n"
+    );
+    let cfg = format!("{}{rules}", upstream(&[cloud.addr.port()], ""));
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut local_sub = RawClient::connect(g.addr, &ConnectOpts::new("local")).await;
+    local_sub.subscribe("l/#", QoS::AtLeastOnce).await;
+    let up = g.upstream();
+    eventually("the upstream connection", || {
+        up.connected.load(std::sync::atomic::Ordering::Relaxed)
+    })
+    .await;
+    let mut cloud_pub = RawClient::connect(cloud.addr, &ConnectOpts::new("cloud-app")).await;
+    // The gateway's SUBSCRIBE may still be on its way: resend until it lands.
+    let valid = format!("{deep_prefix}cmd/ok");
+    let mut landed = false;
+    for _ in 0..40 {
+        cloud_pub.publish("site/cmd/ok", b"1", QoS::AtLeastOnce, false).await;
+        if let Ok(Some(Packet::Publish(p))) = local_sub.recv_within(QUIET).await {
+            assert_eq!(&*p.topic, valid.as_str());
+            landed = true;
+            break;
+        }
+    }
+    assert!(landed, "the cloud's valid command never arrived");
+    let too_deep = format!("site/cmd/{}x", "d/".repeat(60));
+    // 65,409 bytes on the cloud; 300 + 4 + 65,400 = 65,704 here.
+    let too_long = format!("site/cmd/{}", "x".repeat(65_400));
+    for t in [&too_deep, &too_long] {
+        cloud_pub.publish(t, b"bad", QoS::AtLeastOnce, false).await;
+    }
+    cloud_pub.publish("site/cmd/after", b"2", QoS::AtLeastOnce, false).await;
+    let p = local_sub.receive().await;
+    assert!(
+        p.topic == format!("{deep_prefix}cmd/after"),
+        "only the valid one; got a topic of {} bytes",
+        p.topic.len()
+    );
+    assert_eq!(
+        up.invalid_topics.load(std::sync::atomic::Ordering::Relaxed),
+        2
+    );
+    let m = g.gateway.as_ref().unwrap().broker.metrics();
+    assert_eq!(
+        capteurs_gateway::broker::router::Metrics::get(&m.invalid_local_topics),
+        2
+    );
+    local_sub.expect_nothing().await;
+    g.stop().await;
+}
+
 #[tokio::test]
 async fn status_online_stats_and_offline_on_a_clean_stop() {
     let cloud = Mosquitto::start().await;

@@ -138,8 +138,24 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    pub fn publish(&self, message: Message) {
+    /// Routes a message made inside the gateway (sources, the cloud's `in`
+    /// rules, discovery). Its topic gets the checks a client's PUBLISH gets
+    /// (a name, at most 65,535 bytes, at most `max_topic_levels` levels);
+    /// an invalid one is refused, counted, and not routed.
+    pub fn publish(&self, message: Message) -> Result<(), topic::TopicError> {
+        let checked = topic::validate_name(&message.topic).and_then(|()| {
+            topic::check_levels(&message.topic, self.shared.settings.max_topic_levels)
+        });
+        if let Err(e) = checked {
+            let m = &self.shared.router.metrics;
+            if router::worth_logging(&m.invalid_local_topics) {
+                warn!(origin = ?message.origin, error = %e, topic_bytes = message.topic.len(),
+                    "message refused: invalid topic");
+            }
+            return Err(e);
+        }
         self.shared.router.publish(message);
+        Ok(())
     }
 }
 

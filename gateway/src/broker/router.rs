@@ -59,6 +59,9 @@ pub struct Metrics {
     pub receive_denied: AtomicU64,
     /// CONNECTs held back because their address failed to log in repeatedly.
     pub logins_delayed: AtomicU64,
+    /// Messages made inside the gateway (sources, the cloud's `in` rules)
+    /// refused for an invalid topic.
+    pub invalid_local_topics: AtomicU64,
 }
 
 /// True at the 1st, 2nd, 4th, 8th… occurrence: a limit a hostile client

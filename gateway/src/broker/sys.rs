@@ -93,6 +93,7 @@ fn publish_all(shared: &Shared) {
         ("$SYS/broker/clients/id_taken", &m.client_id_taken),
         ("$SYS/broker/messages/receive_denied", &m.receive_denied),
         ("$SYS/broker/clients/logins_delayed", &m.logins_delayed),
+        ("$SYS/broker/publish/invalid_local_topics", &m.invalid_local_topics),
     ] {
         put(shared, topic, Metrics::get(counter).to_string());
     }

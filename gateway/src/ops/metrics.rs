@@ -232,6 +232,12 @@ pub async fn render(ops: &Ops) -> String {
         c(&m.sessions_expired),
     );
     f.one(
+        "capteurs_broker_invalid_local_topics_total",
+        "counter",
+        "Messages from sources or the cloud's in rules refused for an invalid topic.",
+        c(&m.invalid_local_topics),
+    );
+    f.one(
         "capteurs_broker_logins_delayed_total",
         "counter",
         "CONNECTs held back because their address failed to log in repeatedly.",

@@ -431,7 +431,8 @@ pub async fn watch(
                         .into_iter()
                         .map(|(name, s)| (name, s.to_json()))
                         .collect();
-                    publisher.publish(Message::new(
+                    // Topics made from the checked config; a refusal is counted by the broker.
+                    let _ = publisher.publish(Message::new(
                         "$SYS/capteurs/plugins",
                         serde_json::Value::Object(stats).to_string(),
                         0,

@@ -179,6 +179,9 @@ pub struct UpstreamStats {
     pub acknowledged: AtomicU64,
     /// Messages from the cloud published locally (`in` rules).
     pub received: AtomicU64,
+    /// Messages from the cloud whose local topic (after the `in` rule) is
+    /// not a valid topic name here: too long, too deep, or wildcards.
+    pub invalid_topics: AtomicU64,
     /// Buffered messages handed to the cloud and not yet acknowledged.
     pub inflight: AtomicU64,
     /// Why the last connection failed or ended (for operators and tests).
@@ -558,14 +561,18 @@ impl Forwarder {
     fn inbound(&self, p: rumqttc::Publish) {
         match self.rules.inbound(&p.topic) {
             Some((local, _)) => {
-                self.stats.received.fetch_add(1, Ordering::Relaxed);
-                self.local.publish(Message::new(
+                let published = self.local.publish(Message::new(
                     local,
                     p.payload,
                     p.qos as u8,
                     p.retain,
                     Origin::Upstream,
                 ));
+                match published {
+                    Ok(()) => self.stats.received.fetch_add(1, Ordering::Relaxed),
+                    // Logged by the broker (rate-limited); counted here.
+                    Err(_) => self.stats.invalid_topics.fetch_add(1, Ordering::Relaxed),
+                };
             }
             None => debug!(topic = %p.topic, "message from the cloud matches no `in` rule"),
         }
