@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use tracing::{debug, error, info, trace, warn};
 use wasmtime::component::{Component, ResourceTable};
-use wasmtime::{Config, Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime::{Config, Engine, ResourceLimiter, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::capteurs::plugins::host::{self, Level};
@@ -235,6 +235,98 @@ impl Limits {
     }
 }
 
+/// Table elements (function references) one store may hold in all its
+/// tables: a Rust component uses a few hundred; each costs a pointer.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+/// Bounds what one plugin instance (one store) may allocate, in total:
+/// `memory_mb` is the sum over all its linear memories (wasmtime's
+/// `StoreLimits` bounds each memory alone, so four memories could take
+/// four times `memory_mb`), and table elements are bounded likewise. A
+/// refused growth is an error the guest sees (`memory.grow` returns -1),
+/// not a trap.
+pub struct PluginLimiter {
+    memory_limit: usize,
+    memory_total: usize,
+    table_total: usize,
+    /// What the last permitted growth added, taken back if it then failed.
+    last_memory_grant: usize,
+    last_table_grant: usize,
+}
+
+impl PluginLimiter {
+    pub fn new(memory_limit: usize) -> Self {
+        PluginLimiter {
+            memory_limit,
+            memory_total: 0,
+            table_total: 0,
+            last_memory_grant: 0,
+            last_table_grant: 0,
+        }
+    }
+
+    /// Bytes of linear memory granted so far.
+    pub fn memory_used(&self) -> usize {
+        self.memory_total
+    }
+}
+
+impl ResourceLimiter for PluginLimiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let more = desired.saturating_sub(current);
+        let total = self.memory_total.saturating_add(more);
+        if total > self.memory_limit || maximum.is_some_and(|m| desired > m) {
+            return Ok(false);
+        }
+        self.memory_total = total;
+        self.last_memory_grant = more;
+        Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.memory_total -= std::mem::take(&mut self.last_memory_grant);
+        Ok(())
+    }
+
+    fn table_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let more = desired.saturating_sub(current);
+        let total = self.table_total.saturating_add(more);
+        if total > MAX_TABLE_ELEMENTS || maximum.is_some_and(|m| desired > m) {
+            return Ok(false);
+        }
+        self.table_total = total;
+        self.last_table_grant = more;
+        Ok(true)
+    }
+
+    fn table_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.table_total -= std::mem::take(&mut self.last_table_grant);
+        Ok(())
+    }
+
+    fn instances(&self) -> usize {
+        16
+    }
+
+    fn tables(&self) -> usize {
+        64
+    }
+
+    fn memories(&self) -> usize {
+        4
+    }
+}
+
 /// A store's data: the plugin's name and parameters, its (empty) WASI
 /// context, its memory limiter.
 pub struct HostState {
@@ -242,7 +334,7 @@ pub struct HostState {
     pub params: Vec<(String, String)>,
     wasi: WasiCtx,
     table: ResourceTable,
-    pub limits: StoreLimits,
+    pub limits: PluginLimiter,
     started: Instant,
 }
 
@@ -261,14 +353,7 @@ impl HostState {
             // nowhere.
             wasi: WasiCtx::builder().envs(env).build(),
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(limits.memory_bytes)
-                .instances(16)
-                .tables(64)
-                .memories(4)
-                // A guest using try_reserve gets an error it can handle.
-                .trap_on_grow_failure(false)
-                .build(),
+            limits: PluginLimiter::new(limits.memory_bytes),
             started: Instant::now(),
         }
     }
@@ -754,5 +839,33 @@ impl<P> Guarded<P> {
             warn!(plugin = %self.name, error = %why, "plugin fault");
         }
         why
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `memory_mb` bounds all of a store's memories together: with
+    /// wasmtime's per-memory limit, four memories could take four times it.
+    #[test]
+    fn memory_mb_bounds_the_sum_of_memories_and_tables_are_capped() {
+        let mb = 1024 * 1024;
+        let mut l = PluginLimiter::new(8 * mb);
+        assert!(l.memory_growing(0, 5 * mb, None).unwrap());
+        assert!(l.memory_growing(0, 3 * mb, None).unwrap());
+        assert!(!l.memory_growing(0, 1, None).unwrap(), "a third memory over the sum");
+        assert!(!l.memory_growing(5 * mb, 5 * mb + 1, None).unwrap());
+        assert_eq!(l.memory_used(), 8 * mb);
+        // A permitted growth that then failed is given back.
+        let mut l = PluginLimiter::new(8 * mb);
+        assert!(l.memory_growing(0, 8 * mb, None).unwrap());
+        l.memory_grow_failed(wasmtime::Error::msg("no")).unwrap();
+        assert_eq!(l.memory_used(), 0);
+        assert!(!l.memory_growing(0, 2 * mb, Some(mb)).unwrap(), "its own maximum");
+        // Table elements, over all tables.
+        assert!(l.table_growing(0, MAX_TABLE_ELEMENTS / 2, None).unwrap());
+        assert!(l.table_growing(0, MAX_TABLE_ELEMENTS / 2, None).unwrap());
+        assert!(!l.table_growing(0, 1, None).unwrap());
     }
 }
