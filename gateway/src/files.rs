@@ -46,6 +46,43 @@ pub fn private_database(file: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Moves a broken SQLite database (and its `-wal` and `-shm`) aside as
+/// `<file>.broken-<ms>` for inspection; returns the new name of the main
+/// file. `what` names it in the log ("buffer", "broker store").
+pub fn move_aside(path: &Path, what: &str) -> Option<std::path::PathBuf> {
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let name = |n: u32| match n {
+        0 => format!("{}.broken-{stamp}", path.display()),
+        n => format!("{}.broken-{stamp}-{n}", path.display()),
+    };
+    let mut n = 0;
+    while Path::new(&name(n)).exists() {
+        n += 1;
+    }
+    let base = name(n);
+    let mut moved = None;
+    for suffix in ["", "-wal", "-shm"] {
+        let from = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+        if from.exists() {
+            let to = std::path::PathBuf::from(format!("{base}{suffix}"));
+            match std::fs::rename(&from, &to) {
+                Ok(()) => {
+                    tracing::error!(from = %from.display(), to = %to.display(), "broken {what} file kept aside");
+                    if suffix.is_empty() {
+                        moved = Some(to);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(file = %from.display(), error = %e, "cannot move the broken {what} file aside")
+                }
+            }
+        }
+    }
+    moved
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

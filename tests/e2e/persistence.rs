@@ -135,3 +135,37 @@ async fn a_failed_save_is_retried_not_lost() {
         ("keep/me", &b"22.5"[..])
     );
 }
+
+/// When the final save at shutdown fails (a full disk; here another
+/// process holds the database's write lock), the log says what the next
+/// start will not find, instead of a bare "will retry" nothing retries.
+#[tokio::test]
+async fn a_failed_final_save_says_what_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        "[gateway]\ndata_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:0\"\npersist_interval_ms = 600000\n",
+    )
+    .unwrap();
+    let mut gw = GatewayProcess::start(&config);
+    let mut s = RawClient::connect(gw.addr, &ConnectOpts::new("keeper").clean(false)).await;
+    s.subscribe("keep/#", QoS::AtLeastOnce).await;
+    s.disconnect().await;
+    let mut p = RawClient::connect(gw.addr, &ConnectOpts::new("p")).await;
+    p.publish("keep/a", b"1", QoS::AtLeastOnce, true).await;
+    p.publish("keep/b", b"2", QoS::AtLeastOnce, false).await;
+    p.disconnect().await;
+    let db = rusqlite::Connection::open(dir.path().join("data/broker.sqlite")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // The store waits up to 5 s for the lock before it gives up.
+    let status = gw.terminate(WAIT).await;
+    assert!(status.success(), "{status:?}");
+    let line = gw
+        .logged("final save failed")
+        .expect("the failed final save is reported");
+    for field in ["sessions=1", "queued_messages=2", "retained_changes=1"] {
+        assert!(line.contains(field), "{field} in {line}");
+    }
+    db.execute_batch("ROLLBACK").unwrap();
+}

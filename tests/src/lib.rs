@@ -754,6 +754,8 @@ impl TestGateway {
 pub struct GatewayProcess {
     child: std::process::Child,
     pub addr: SocketAddr,
+    /// Every line it logged so far.
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl GatewayProcess {
@@ -768,6 +770,8 @@ impl GatewayProcess {
             .expect("gateway starts");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = std::sync::mpsc::channel();
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = lines.clone();
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in std::io::BufReader::new(stderr)
@@ -787,16 +791,42 @@ impl GatewayProcess {
                 if std::env::var_os("CAPTEURS_TEST_LOG").is_some() {
                     eprintln!("gateway: {line}");
                 }
+                kept.lock().unwrap().push(line);
             }
         });
         let addr = rx
             .recv_timeout(Duration::from_secs(30))
             .expect("the gateway logs its address");
-        GatewayProcess { child, addr }
+        GatewayProcess { child, addr, lines }
     }
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The first line logged so far that contains `needle`.
+    pub fn logged(&self, needle: &str) -> Option<String> {
+        let lines = self.lines.lock().unwrap();
+        lines.iter().find(|l| l.contains(needle)).cloned()
+    }
+
+    /// SIGTERM, then waits (up to `within`) for the process to exit.
+    pub async fn terminate(&mut self, within: Duration) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                // Let the reader thread take the last lines.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the gateway did not exit within {within:?} of SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// SIGKILL: no clean-up of any kind.

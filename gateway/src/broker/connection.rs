@@ -943,6 +943,7 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
                 for m in router.retained_matching(&filter) {
                     let q = m.qos.min(granted);
                     retained.push(Delivery {
+                        id: 0,
                         message: m,
                         qos: q,
                         retain: true,

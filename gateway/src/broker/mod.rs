@@ -269,8 +269,10 @@ impl Broker {
         router.transform = transform;
         let store = match &settings.data_dir {
             Some(dir) => {
-                let store = Store::open(dir)?;
-                let (retained, sessions) = store.load()?;
+                let (store, retained, sessions, recovered) = Store::open_or_recover(dir)?;
+                if recovered {
+                    Metrics::inc(&router.metrics.store_recovered);
+                }
                 info!(retained = retained.len(), sessions = sessions.len(), path = %dir.display(), "restored broker state");
                 router.restore_retained(retained);
                 let mut map = router.sessions.lock().unwrap_or_else(|e| e.into_inner());
@@ -360,7 +362,17 @@ impl BrokerHandle {
         self.tracker.close();
         self.tracker.wait().await;
         if let Some(store) = self.store {
-            save_now(&self.shared, &store).await;
+            if let Some(lost) = save_now(&self.shared, &store).await {
+                // Nothing runs after this save: say exactly what the next
+                // start will not find.
+                error!(
+                    sessions = lost.sessions,
+                    session_removals = lost.deletions,
+                    queued_messages = lost.messages,
+                    retained_changes = lost.retained,
+                    "final save failed (disk full?): these changes to persistent sessions and retained messages are lost"
+                );
+            }
         }
         info!("MQTT broker stopped");
     }
@@ -453,15 +465,30 @@ async fn save_loop(shared: Arc<Shared>, store: Arc<Mutex<Store>>) {
     loop {
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
-            _ = tick.tick() => save_now(&shared, &store).await,
+            _ = tick.tick() => {
+                save_now(&shared, &store).await;
+            }
         }
     }
 }
 
-async fn save_now(shared: &Arc<Shared>, store: &Arc<Mutex<Store>>) {
+/// What a failed save did not write.
+struct Unsaved {
+    /// Persistent sessions whose changes were not written.
+    sessions: usize,
+    /// Sessions whose removal was not written (a persistent one comes
+    /// back at the next start).
+    deletions: usize,
+    messages: usize,
+    retained: usize,
+}
+
+/// Saves what changed; on failure, gives it back for the next save and
+/// returns what was not written.
+async fn save_now(shared: &Arc<Shared>, store: &Arc<Mutex<Store>>) -> Option<Unsaved> {
     let batch = Batch::collect(&shared.router);
     if batch.is_empty() {
-        return;
+        return None;
     }
     let store = store.clone();
     let result = tokio::task::spawn_blocking(move || {
@@ -471,12 +498,27 @@ async fn save_now(shared: &Arc<Shared>, store: &Arc<Mutex<Store>>) {
     })
     .await;
     match result {
-        Ok((_, Ok(()))) => {}
+        Ok((_, Ok(()))) => None,
         Ok((batch, Err(e))) => {
             Metrics::inc(&shared.router.metrics.persist_failures);
             error!(error = %e, "saving sessions and retained messages failed; will retry");
+            let unsaved = Unsaved {
+                sessions: batch.sessions.iter().filter(|(_, s)| s.is_some()).count(),
+                deletions: batch.sessions.iter().filter(|(_, s)| s.is_none()).count(),
+                messages: batch
+                    .sessions
+                    .iter()
+                    .filter_map(|(_, s)| s.as_ref())
+                    .map(|s| s.queue.len() + s.outgoing.len())
+                    .sum(),
+                retained: batch.retained.len(),
+            };
             batch.give_back(&shared.router);
+            Some(unsaved)
         }
-        Err(e) => error!(error = %e, "session saver task failed"),
+        Err(e) => {
+            error!(error = %e, "session saver task failed");
+            None
+        }
     }
 }

@@ -62,6 +62,8 @@ pub struct Metrics {
     /// Messages made inside the gateway (sources, the cloud's `in` rules)
     /// refused for an invalid topic.
     pub invalid_local_topics: AtomicU64,
+    /// broker.sqlite was found corrupt at start, moved aside and salvaged.
+    pub store_recovered: AtomicU64,
 }
 
 /// True at the 1st, 2nd, 4th, 8th… occurrence: a limit a hostile client
@@ -278,6 +280,7 @@ impl Router {
             let full = self.deliver(
                 &session,
                 Delivery {
+                    id: 0,
                     message: message.clone(),
                     qos,
                     retain: false,
@@ -298,7 +301,7 @@ impl Router {
     /// `max_queued` and publishers should hold back. An offline or slow
     /// session drops its oldest message instead; an online one only past
     /// twice the limit (a publisher ignoring flow control).
-    pub fn deliver(&self, session: &Arc<Session>, delivery: Delivery) -> bool {
+    pub fn deliver(&self, session: &Arc<Session>, mut delivery: Delivery) -> bool {
         let max = self.limits.max_queued;
         let mut st = session.lock();
         if let Some(auth) = &self.read_auth {
@@ -345,6 +348,8 @@ impl Router {
             Metrics::inc(&self.metrics.dropped_queue_full);
         }
         let persist = !st.clean && delivery.qos > 0;
+        delivery.id = st.next_delivery_id;
+        st.next_delivery_id += 1;
         st.queue.push_back(delivery);
         let full = throttle && st.queue.len() >= max;
         drop(st);

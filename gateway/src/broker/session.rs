@@ -20,6 +20,10 @@ use crate::message::{Message, QoS};
 /// One message on its way to one client.
 #[derive(Debug, Clone)]
 pub struct Delivery {
+    /// Its number in its session, given when it is queued (increasing; 0
+    /// before): the key of its row in `broker.sqlite`, so a save writes
+    /// only the messages that came or went, not the whole queue again.
+    pub id: u64,
     pub message: Arc<Message>,
     /// min(publish QoS, granted QoS).
     pub qos: QoS,
@@ -87,6 +91,8 @@ pub struct SessionState {
     /// to resume it becomes its owner.
     pub owner: Option<Arc<str>>,
     pub owner_unclaimed: bool,
+    /// The next [`Delivery::id`] of this session.
+    pub next_delivery_id: u64,
     next_packet_id: u16,
 }
 
@@ -159,6 +165,7 @@ impl Session {
                 detached_at: None,
                 owner,
                 owner_unclaimed: false,
+                next_delivery_id: 1,
                 next_packet_id: 0,
             }),
             notify: Notify::new(),
@@ -185,6 +192,13 @@ impl Session {
             st.owner_unclaimed = unclaimed;
             st.detached_at = Some(detached_at);
             st.subscriptions = subscriptions;
+            st.next_delivery_id = outgoing
+                .iter()
+                .map(|o| o.delivery.id)
+                .chain(queue.iter().map(|d| d.id))
+                .max()
+                .unwrap_or(0)
+                + 1;
             st.queue = queue;
             st.outgoing = outgoing;
             st.incoming_qos2 = incoming_qos2;

@@ -94,6 +94,7 @@ fn publish_all(shared: &Shared) {
         ("$SYS/broker/messages/receive_denied", &m.receive_denied),
         ("$SYS/broker/clients/logins_delayed", &m.logins_delayed),
         ("$SYS/broker/publish/invalid_local_topics", &m.invalid_local_topics),
+        ("$SYS/broker/store/recovered", &m.store_recovered),
     ] {
         put(shared, topic, Metrics::get(counter).to_string());
     }

@@ -191,7 +191,7 @@ impl Buffer {
             // permission problem is reported as it is, the file untouched.
             Err(e) if is_corrupt(&e) => {
                 error!(error = %e, "buffer database corrupted; keeping it aside and starting a fresh one");
-                let aside = move_aside(&settings.path);
+                let aside = crate::files::move_aside(&settings.path, "buffer");
                 stats.recovered.fetch_add(1, Ordering::Relaxed);
                 let (mut db, next) = Db::open(&settings)?;
                 let next = match aside {
@@ -348,40 +348,6 @@ fn ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-/// Renames a broken database (and its WAL and shared-memory files) aside,
-/// never over an earlier one; returns the new name of the database file.
-fn move_aside(path: &Path) -> Option<PathBuf> {
-    let stamp = ms(SystemTime::now());
-    let mut n = 0;
-    let name = |n: u32| match n {
-        0 => format!("{}.broken-{stamp}", path.display()),
-        n => format!("{}.broken-{stamp}-{n}", path.display()),
-    };
-    while Path::new(&name(n)).exists() {
-        n += 1;
-    }
-    let base = name(n);
-    let mut moved = None;
-    for suffix in ["", "-wal", "-shm"] {
-        let from = PathBuf::from(format!("{}{suffix}", path.display()));
-        if from.exists() {
-            let to = PathBuf::from(format!("{base}{suffix}"));
-            match std::fs::rename(&from, &to) {
-                Ok(()) => {
-                    error!(from = %from.display(), to = %to.display(), "broken buffer file kept aside");
-                    if suffix.is_empty() {
-                        moved = Some(to);
-                    }
-                }
-                Err(e) => {
-                    error!(file = %from.display(), error = %e, "cannot move the broken buffer file aside")
-                }
-            }
-        }
-    }
-    moved
 }
 
 /// Copies every row still readable in a broken buffer file into `db`:
@@ -1026,7 +992,7 @@ impl Writer {
             Err(_) => return,
         };
         drop(std::mem::replace(&mut self.db.conn, dead));
-        let aside = move_aside(&self.settings.path);
+        let aside = crate::files::move_aside(&self.settings.path, "buffer");
         match Db::open(&self.settings) {
             Ok((mut db, next)) => {
                 let next = match aside {

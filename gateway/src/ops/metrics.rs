@@ -232,6 +232,12 @@ pub async fn render(ops: &Ops) -> String {
         c(&m.sessions_expired),
     );
     f.one(
+        "capteurs_broker_store_recovered_total",
+        "counter",
+        "Times broker.sqlite was found corrupt at start, moved aside and salvaged.",
+        c(&m.store_recovered),
+    );
+    f.one(
         "capteurs_broker_invalid_local_topics_total",
         "counter",
         "Messages from sources or the cloud's in rules refused for an invalid topic.",
