@@ -369,3 +369,68 @@ async fn readings_within_the_interval_publish_only_past_the_change_threshold() {
     sub.expect_nothing().await;
     g.stop().await;
 }
+
+/// A BLE replay FIFO with no writer blocked shutdown for as long as nobody
+/// wrote: open(2) of a FIFO waits for a writer, and it was not inside any
+/// `select!`. Writers that come and go are all read.
+#[tokio::test]
+async fn a_replay_fifo_without_a_writer_does_not_hold_up_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("adverts");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let cfg = format!("[ble]\nreplay = \"{}\"\n", fifo.display())
+        + &sensor(
+            "balcon",
+            "ble:A4:C1:38:02:83:F4",
+            "\"temperature\"",
+            "",
+        )
+        + &sensor(
+            "ruuvi",
+            "ble:CB:B8:33:4C:88:4F",
+            "\"temperature\"",
+            "",
+        );
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut sub = subscriber(&g, "capteurs/temperature/#").await;
+    let write = |line: &'static str| {
+        let fifo = fifo.clone();
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+            w.write_all(line.as_bytes()).unwrap();
+        })
+    };
+    write("A4:C1:38:02:83:F4 rssi=-61 svc=181A:A4C1380283F400A22F5F0BF819\n")
+        .await
+        .unwrap();
+    assert_eq!(text(&sub.receive().await).1, "16.2");
+    // The first writer is gone; a second one is read all the same.
+    write("CB:B8:33:4C:88:4F mfr=0499:0512FC5394C37C0004FFFC040CAC364200CDCBB8334C884F\n")
+        .await
+        .unwrap();
+    assert_eq!(text(&sub.receive().await).1, "24.3");
+    tokio::time::timeout(WAIT, g.stop())
+        .await
+        .expect("shutdown does not wait for a FIFO writer");
+
+    // The gateway process with nobody writing at all: the FIFO opens at
+    // once, and SIGTERM ends it.
+    let config = dir.path().join("gateway.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[gateway]\ndata_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:0\"\n{cfg}"
+        ),
+    )
+    .unwrap();
+    let mut gw = GatewayProcess::start(&config);
+    eventually("the FIFO opened without a writer", || {
+        gw.logged("BLE replay input open").is_some()
+    })
+    .await;
+    let status = gw.terminate(WAIT).await;
+    assert!(status.success(), "{status:?}");
+}

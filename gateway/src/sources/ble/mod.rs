@@ -377,16 +377,9 @@ pub async fn replay(path: PathBuf, sources: Arc<Sources>, shutdown: Cancellation
     let source = format!("ble-replay:{name}");
     let delay = Duration::from_millis(200);
     loop {
-        // O_NOCTTY: a pty must never become the gateway's controlling terminal.
-        let opened = tokio::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOCTTY)
-            .open(&path)
-            .await;
-        match opened {
-            Ok(f) => {
+        match open_replay(&path).await {
+            Ok((f, regular)) => {
                 sources.stats.port_opens.fetch_add(1, Ordering::Relaxed);
-                let regular = f.metadata().await.map(|m| m.is_file()).unwrap_or(false);
                 info!(path = %name, "BLE replay input open");
                 let mut lines = tokio::io::BufReader::new(f).lines();
                 loop {
@@ -429,6 +422,33 @@ pub async fn replay(path: PathBuf, sources: Arc<Sources>, shutdown: Cancellation
             _ = tokio::time::sleep(delay) => {}
         }
     }
+}
+
+/// Opens a replay input; true when it is a regular file (read once).
+///
+/// A FIFO is opened read-write and non-blocking, and read through the
+/// runtime's reactor: a plain open(2) of a FIFO blocks until a writer comes,
+/// outside any `select!`, and held shutdown for as long as nobody wrote.
+/// Holding a write end also means a writer that goes away is not an end of
+/// input: the next writer's lines are read on the same descriptor.
+async fn open_replay(
+    path: &std::path::Path,
+) -> std::io::Result<(std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>>, bool)> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = tokio::fs::metadata(path).await?.file_type();
+    if kind.is_fifo() {
+        let rx = tokio::net::unix::pipe::OpenOptions::new()
+            .read_write(true)
+            .open_receiver(path)?;
+        return Ok((Box::pin(rx), false));
+    }
+    // O_NOCTTY: a pty must never become the gateway's controlling terminal.
+    let f = tokio::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(path)
+        .await?;
+    Ok((Box::pin(f), kind.is_file()))
 }
 
 /// Passive scanning through BlueZ.
