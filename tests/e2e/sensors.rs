@@ -434,3 +434,59 @@ async fn a_replay_fifo_without_a_writer_does_not_hold_up_shutdown() {
     let status = gw.terminate(WAIT).await;
     assert!(status.success(), "{status:?}");
 }
+
+/// The replay lines `capteurs-sim ble` writes for one sensor
+/// (A4:C1:38:CA:00:00, frame counters 0, 1, 2…).
+fn sim_adverts(format: &str, count: u32) -> Vec<String> {
+    let out = std::process::Command::new(sim_bin())
+        .args(["ble", "--advert", format, "--sensors", "1", "--period-ms", "10", "--seed", "7"])
+        .args(["--count", &count.to_string()])
+        .output()
+        .expect("capteurs-sim runs");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("A4:C1:38:CA:00:00 "))
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+/// A sensor with a key used to accept plaintext BTHome from its address,
+/// custom-firmware frames from any advertiser naming its address, and any
+/// counter but the last one. Now: encrypted BTHome from its own address,
+/// with a counter that increases, and nothing else.
+#[tokio::test]
+async fn a_sensor_with_a_key_hears_only_fresh_encrypted_frames_from_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut pty = Pty::open();
+    let cfg = format!("[ble]\nreplay = \"{}\"\n", pty.path.display())
+        + &sensor(
+            "chiffre",
+            "ble:A4:C1:38:CA:00:00",
+            "\"temperature\"",
+            "key = \"231d39c1d7cc1ab1aee224cd096db932\"\nretain = false",
+        );
+    let encrypted = sim_adverts("bthome-encrypted", 3);
+    let plain = sim_adverts("bthome", 1);
+    let atc = sim_adverts("atc1441", 1);
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut sub = subscriber(&g, "capteurs/temperature/#").await;
+    let s = g.sources().clone();
+    pty.write(encrypted[1].as_bytes());
+    sub.receive().await;
+    pty.write(encrypted[0].as_bytes()); // older: a replay
+    pty.write(encrypted[1].as_bytes()); // the same: a repeat
+    pty.write(plain[0].as_bytes()); // plaintext from its address
+    pty.write(atc[0].as_bytes()); // custom firmware from its address
+    // Custom firmware from another advertiser, naming the sensor's address.
+    pty.write(atc[0].replacen("A4:C1:38:CA:00:00", "11:22:33:44:55:66", 1).as_bytes());
+    pty.write(encrypted[2].as_bytes());
+    sub.receive().await;
+    sub.expect_nothing().await;
+    assert_eq!(count(&s.replayed), 1);
+    assert_eq!(count(&s.unauthenticated), 3);
+    assert_eq!(count(&s.collapsed), 1);
+    assert_eq!(count(&s.published), 2);
+    g.stop().await;
+}

@@ -156,6 +156,8 @@ pub fn dropped_input(s: &SourceStats) -> BTreeMap<String, u64> {
         ("sensor", "unexpected_quantity", get(&s.unexpected_quantity)),
         ("ble", "undecodable", get(&s.undecodable)),
         ("ble", "decrypt_failed", get(&s.decrypt_failed)),
+        ("ble", "unauthenticated", get(&s.unauthenticated)),
+        ("ble", "replayed", get(&s.replayed)),
         ("plugin", "decoder_failed", get(&s.decoder_failed)),
     ]
     .into_iter()

@@ -68,6 +68,11 @@ pub struct SourceStats {
     pub undecodable: AtomicU64,
     /// Encrypted adverts without a key, or that the key does not open.
     pub decrypt_failed: AtomicU64,
+    /// Adverts for a sensor with a key that are not encrypted BTHome from
+    /// its own address (plaintext, another format, another advertiser
+    /// naming it), and encrypted ones whose counter did not increase.
+    pub unauthenticated: AtomicU64,
+    pub replayed: AtomicU64,
     /// Lines or adverts a decoder plugin failed on (or is missing).
     pub decoder_failed: AtomicU64,
     /// Times a serial port (or replay input) was opened.
@@ -102,6 +107,8 @@ impl SourceStats {
                 "collapsed": g(&self.collapsed),
                 "undecodable": g(&self.undecodable),
                 "decrypt_failed": g(&self.decrypt_failed),
+                "unauthenticated": g(&self.unauthenticated),
+                "replayed": g(&self.replayed),
                 "decoder_failed": g(&self.decoder_failed),
             },
             "port_opens": g(&self.port_opens),
@@ -143,6 +150,38 @@ impl RateLimitedLog {
             }
         }
     }
+}
+
+/// A frame counter against the last one accepted, as serial numbers.
+pub fn freshness(last: Option<u32>, counter: u32) -> Freshness {
+    match last.map(|l| counter.wrapping_sub(l)) {
+        None => Freshness::New,
+        Some(0) => Freshness::Repeat,
+        Some(d) if d < 1 << 31 => Freshness::New,
+        Some(_) => Freshness::Replayed,
+    }
+}
+
+#[cfg(test)]
+#[test]
+fn counters_are_serial_numbers() {
+    use Freshness::*;
+    assert_eq!(freshness(None, 0), New);
+    assert_eq!(freshness(Some(5), 6), New);
+    assert_eq!(freshness(Some(5), 5), Repeat);
+    assert_eq!(freshness(Some(5), 4), Replayed);
+    assert_eq!(freshness(Some(u32::MAX), 0), New, "wrap");
+    assert_eq!(freshness(Some(u32::MAX - 1), 3), New, "wrap");
+    assert_eq!(freshness(Some(3), u32::MAX), Replayed, "from before the wrap");
+    assert_eq!(freshness(Some(0), 1 << 31), Replayed, "half the circle away");
+}
+
+/// What [`Sources::fresh_counter`] makes of an encrypted frame's counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freshness {
+    New,
+    Repeat,
+    Replayed,
 }
 
 /// What identifies an advert among its repeats.
@@ -345,6 +384,34 @@ impl Sources {
     /// many times by the radio. A frame with a counter is a repeat when its
     /// counter is the last one; a frame without (Govee) when its bytes are
     /// the last ones and came less than [`REPEAT_WINDOW`] ago.
+    /// For a sensor with a key: is this encrypted frame's counter newer
+    /// than the last one accepted? Counters are compared as serial numbers
+    /// (RFC 1982: a step of 1 to 2^31 - 1 forward is newer, so a wrap from
+    /// u32::MAX to 0 is too). Equal: a repeat, collapsed. Older: a replay.
+    pub fn fresh_counter(&self, index: usize, counter: u32) -> Freshness {
+        let sensor = &self.registry.sensors[index];
+        let mut st = sensor.state.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let last = match &st.last_frame {
+            Some((Frame::Counter(last), _)) => Some(*last),
+            _ => None,
+        };
+        let verdict = freshness(last, counter);
+        match verdict {
+            Freshness::New => {
+                st.last_seen = now;
+                st.last_frame = Some((Frame::Counter(counter), now));
+            }
+            Freshness::Repeat => {
+                st.last_seen = now;
+                drop(st);
+                SourceStats::add(&self.stats.collapsed);
+            }
+            Freshness::Replayed => {}
+        }
+        verdict
+    }
+
     pub fn new_frame(&self, index: usize, frame: Frame) -> bool {
         let sensor = &self.registry.sensors[index];
         let mut st = sensor.state.lock().unwrap_or_else(|e| e.into_inner());

@@ -49,6 +49,7 @@ pub fn decode(data: &[u8], mac: [u8; 6], key: Option<&[u8; 16]>) -> Result<Decod
     out.counter = Some(u32::from_le_bytes([
         counter[0], counter[1], counter[2], counter[3],
     ]));
+    out.encrypted = true;
     objects(&plain, &mut out)?;
     Ok(out)
 }

@@ -65,6 +65,8 @@ pub struct Decoded {
     pub mac: Option<[u8; 6]>,
     /// Decoding stopped at an object it does not know (BTHome).
     pub truncated: bool,
+    /// Opened with the sensor's key (encrypted BTHome): authenticated.
+    pub encrypted: bool,
 }
 
 impl Decoded {
@@ -77,6 +79,7 @@ impl Decoded {
             counter: None,
             mac: None,
             truncated: false,
+            encrypted: false,
         }
     }
 
@@ -275,6 +278,29 @@ pub fn advert(sources: &Sources, a: &Advert) {
             return;
         }
     };
+    // A sensor with a key is heard only through encrypted BTHome from its
+    // own address, with a counter that increases: anything else (a
+    // plaintext frame, a custom-firmware frame naming its address) anyone
+    // could forge.
+    if let Some(i) = known.filter(|&i| sources.registry.sensors[i].key.is_some()) {
+        if !d.encrypted {
+            let why = format!("{} frame refused: this sensor has a key, only encrypted BTHome is accepted", d.format);
+            sources.dropped(&stats.unauthenticated, &source, "unauthenticated", &why);
+            return;
+        }
+        let counter = d.counter.unwrap_or_default();
+        match sources.fresh_counter(i, counter) {
+            crate::sources::Freshness::New => {}
+            crate::sources::Freshness::Repeat => return,
+            crate::sources::Freshness::Replayed => {
+                let why = format!("frame counter {counter} is not newer than the last one accepted");
+                sources.dropped(&stats.replayed, &source, "replayed", &why);
+                return;
+            }
+        }
+        publish_decoded(sources, i, a, &d);
+        return;
+    }
     // Custom firmware carries the real address in the payload.
     let index = known.or_else(|| d.mac.and_then(|m| sources.registry.ble(&m)));
     let Some(index) = index else {
@@ -290,6 +316,11 @@ pub fn advert(sources: &Sources, a: &Advert) {
         );
         return;
     };
+    if known.is_none() && sources.registry.sensors[index].key.is_some() {
+        let why = format!("{} frame from another address naming this sensor, which has a key", d.format);
+        sources.dropped(&stats.unauthenticated, &source, "unauthenticated", &why);
+        return;
+    }
     let frame = match d.counter {
         Some(c) => Frame::Counter(c),
         None => Frame::Bytes(a.data_bytes()),
@@ -297,6 +328,11 @@ pub fn advert(sources: &Sources, a: &Advert) {
     if !sources.new_frame(index, frame) {
         return;
     }
+    publish_decoded(sources, index, a, &d);
+}
+
+/// The readings of a decoded advert, for the sensor at `index`.
+fn publish_decoded(sources: &Sources, index: usize, a: &Advert, d: &Decoded) {
     let at = SystemTime::now();
     let listed = |g: &str| sources.registry.sensors[index].quantity(g).is_some();
     for (grandeur, value) in d.quantities() {
