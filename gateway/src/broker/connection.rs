@@ -345,6 +345,10 @@ async fn handshake(
     // Hashing a password (PBKDF2) and auth plugins are CPU work: on the
     // blocking pool, not on a worker that serves other connections.
     let decision = {
+        let _slot = tokio::select! {
+            p = shared.login_slots.acquire() => p.expect("never closed"),
+            _ = shared.shutdown.cancelled() => return None,
+        };
         let auth = shared.auth.clone();
         let who = info.clone();
         let password = connect.password.clone();
@@ -419,7 +423,9 @@ async fn handshake(
             };
             let Ok(attached) = taken else {
                 // Another user's client id: neither its session nor its
-                // connection is this client's to take.
+                // connection is this client's to take. Counted as a failed
+                // login from that address (repeated, it is slowed down).
+                shared.login_backoff.failed(peer.ip(), std::time::Instant::now());
                 Metrics::inc(&metrics.connections_refused);
                 if super::router::worth_logging(&metrics.client_id_taken) {
                     warn!(%peer, client_id = %client_id, username = ?info.username,
@@ -802,8 +808,7 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
             Metrics::inc(&metrics.received_by_qos[usize::from(qos.min(2))]);
             let packet_id = p.packet_id.map(|id| id.get());
             let allowed = publish_allowed(&shared, &client.info, &p.topic);
-            if !allowed {
-                Metrics::inc(&metrics.publish_denied);
+            if !allowed && super::router::worth_logging(&metrics.publish_denied) {
                 info!(client_id = %client.info.client_id, username = ?client.info.username, topic = %p.topic, "PUBLISH denied by ACL, message dropped");
             }
             let message = || Message {
@@ -899,7 +904,9 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
             let limits = &shared.settings;
             for (filter, qos) in topic_filters {
                 if let Err(e) = topic::validate_filter(&filter) {
-                    info!(client_id = %client.info.client_id, %filter, error = %e, "SUBSCRIBE refused: invalid filter");
+                    if super::router::worth_logging(&metrics.invalid_filters) {
+                        info!(client_id = %client.info.client_id, %filter, error = %e, "SUBSCRIBE refused: invalid filter");
+                    }
                     codes.push(SubscribeReturnCode::Failure);
                     continue;
                 }
@@ -928,8 +935,9 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
                     .authorize(&client.info, Action::Subscribe, &filter)
                     != AclDecision::Allow
                 {
-                    Metrics::inc(&metrics.subscribe_denied);
-                    info!(client_id = %client.info.client_id, username = ?client.info.username, %filter, "SUBSCRIBE denied by ACL (0x80)");
+                    if super::router::worth_logging(&metrics.subscribe_denied) {
+                        info!(client_id = %client.info.client_id, username = ?client.info.username, %filter, "SUBSCRIBE denied by ACL (0x80)");
+                    }
                     codes.push(SubscribeReturnCode::Failure);
                     continue;
                 }

@@ -127,6 +127,10 @@ pub(crate) struct Shared {
     pub heartbeat: Arc<crate::health::Heartbeat>,
     /// Failed logins by address: repeated ones are slowed down.
     pub login_backoff: auth::backoff::LoginBackoff,
+    /// Logins checked at once (PBKDF2 and auth plugins are CPU work): half
+    /// the cores, at least one, so a stream of CONNECTs with valid
+    /// passwords cannot take every core from the clients being served.
+    pub login_slots: tokio::sync::Semaphore,
 }
 
 pub struct Broker;
@@ -308,6 +312,9 @@ impl Broker {
             started: Instant::now(),
             heartbeat: crate::health::Heartbeat::new("broker"),
             login_backoff: Default::default(),
+            login_slots: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
+            ),
         });
         let tracker = TaskTracker::new();
         tracker.spawn(accept_loop(listener, shared.clone(), tracker.clone()));

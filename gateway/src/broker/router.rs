@@ -64,12 +64,29 @@ pub struct Metrics {
     pub invalid_local_topics: AtomicU64,
     /// broker.sqlite was found corrupt at start, moved aside and salvaged.
     pub store_recovered: AtomicU64,
+    /// SUBSCRIBE filters that are not valid filters.
+    pub invalid_filters: AtomicU64,
 }
 
-/// True at the 1st, 2nd, 4th, 8th… occurrence: a limit a hostile client
-/// hits in a loop is logged, but not once per packet.
+/// Counts one occurrence in `count`; true when it should be logged: the
+/// first time, then at most once a second per counter. A limit a hostile
+/// client hits in a loop is logged, never once per packet (writing a log
+/// line per refused filter was what cost the broker most under attack),
+/// and an operator still sees a line a second while it goes on.
 pub fn worth_logging(count: &AtomicU64) -> bool {
-    count.fetch_add(1, Ordering::Relaxed).wrapping_add(1).is_power_of_two()
+    static LAST: Mutex<Option<HashMap<usize, std::time::Instant>>> = Mutex::new(None);
+    count.fetch_add(1, Ordering::Relaxed);
+    let now = std::time::Instant::now();
+    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+    let last = last.get_or_insert_with(HashMap::new);
+    let key = count as *const AtomicU64 as usize;
+    match last.get(&key) {
+        Some(t) if now.duration_since(*t) < std::time::Duration::from_secs(1) => false,
+        _ => {
+            last.insert(key, now);
+            true
+        }
+    }
 }
 
 impl Metrics {

@@ -95,6 +95,7 @@ fn publish_all(shared: &Shared) {
         ("$SYS/broker/clients/logins_delayed", &m.logins_delayed),
         ("$SYS/broker/publish/invalid_local_topics", &m.invalid_local_topics),
         ("$SYS/broker/store/recovered", &m.store_recovered),
+        ("$SYS/broker/subscribe/invalid", &m.invalid_filters),
     ] {
         put(shared, topic, Metrics::get(counter).to_string());
     }
