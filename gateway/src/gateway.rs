@@ -73,6 +73,8 @@ pub fn broker_settings(cfg: &GatewayConfig) -> Result<BrokerSettings, Error> {
         max_retained_bytes: b.max_retained_bytes,
         max_sessions: b.max_sessions,
         session_expiry: Duration::from_secs(b.session_expiry_secs),
+        login_free_failures: b.login_free_failures,
+        login_backoff_max: Duration::from_millis(b.login_backoff_max_ms),
         sys_interval: Duration::from_secs(b.sys_interval_secs),
         persist_interval: Duration::from_millis(b.persist_interval_ms),
         data_dir: b.persistence.then(|| cfg.resolve(&cfg.gateway.data_dir)),

@@ -84,6 +84,10 @@ pub struct BrokerSettings {
     /// An offline persistent session is discarded after this long (zero:
     /// never), like mosquitto's `persistent_client_expiration`.
     pub session_expiry: Duration,
+    /// Failed logins from one address before its CONNECTs wait, and the
+    /// longest wait (doubled per failure from 200 ms; zero: no waiting).
+    pub login_free_failures: u32,
+    pub login_backoff_max: Duration,
     pub sys_interval: Duration,
     pub persist_interval: Duration,
     /// None: sessions and retained messages live in memory only.
@@ -109,6 +113,8 @@ impl BrokerSettings {
             max_retained_bytes: 64 * 1024 * 1024,
             max_sessions: 20_000,
             session_expiry: Duration::from_secs(7 * 86400),
+            login_free_failures: auth::backoff::FREE_FAILURES,
+            login_backoff_max: auth::backoff::MAX_DELAY,
             sys_interval: Duration::from_secs(10),
             persist_interval: Duration::from_secs(1),
             data_dir: None,
@@ -304,6 +310,8 @@ impl Broker {
             }
             None => None,
         };
+        let login_backoff =
+            auth::backoff::LoginBackoff::new(settings.login_free_failures, settings.login_backoff_max);
         let shared = Arc::new(Shared {
             router,
             auth,
@@ -311,7 +319,7 @@ impl Broker {
             shutdown: CancellationToken::new(),
             started: Instant::now(),
             heartbeat: crate::health::Heartbeat::new("broker"),
-            login_backoff: Default::default(),
+            login_backoff,
             login_slots: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1)),
             ),

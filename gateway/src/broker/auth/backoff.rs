@@ -14,11 +14,13 @@ use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Failures from one address before any delay.
-const FREE_FAILURES: u32 = 3;
+/// Failures from one address before any delay (the default of
+/// `broker.login_free_failures`).
+pub const FREE_FAILURES: u32 = 3;
 /// The first delay, doubled with every further failure.
 const BASE_DELAY: Duration = Duration::from_millis(200);
-const MAX_DELAY: Duration = Duration::from_secs(10);
+/// The longest delay (the default of `broker.login_backoff_max_ms`).
+pub const MAX_DELAY: Duration = Duration::from_secs(10);
 /// An address is forgotten this long after its last failure.
 const FORGET_AFTER: Duration = Duration::from_secs(600);
 /// Addresses tracked at once.
@@ -31,9 +33,16 @@ struct Entry {
     last_failure: Instant,
 }
 
-#[derive(Default)]
 pub struct LoginBackoff {
     peers: Mutex<HashMap<IpAddr, Entry>>,
+    free_failures: u32,
+    max_delay: Duration,
+}
+
+impl Default for LoginBackoff {
+    fn default() -> Self {
+        LoginBackoff::new(FREE_FAILURES, MAX_DELAY)
+    }
 }
 
 /// The key an address is tracked under: IPv6 by its /64.
@@ -50,16 +59,26 @@ fn key(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// The delay after `failures` failed logins.
-fn delay_after(failures: u32) -> Duration {
-    if failures < FREE_FAILURES {
-        return Duration::ZERO;
-    }
-    let doublings = (failures - FREE_FAILURES).min(16);
-    (BASE_DELAY * 2u32.pow(doublings)).min(MAX_DELAY)
-}
-
 impl LoginBackoff {
+    /// `free_failures` failures before any delay; delays up to `max_delay`
+    /// (zero: never any).
+    pub fn new(free_failures: u32, max_delay: Duration) -> Self {
+        LoginBackoff {
+            peers: Mutex::new(HashMap::new()),
+            free_failures,
+            max_delay,
+        }
+    }
+
+    /// The delay after `failures` failed logins.
+    fn delay_after(&self, failures: u32) -> Duration {
+        if failures < self.free_failures {
+            return Duration::ZERO;
+        }
+        let doublings = (failures - self.free_failures).min(16);
+        (BASE_DELAY * 2u32.pow(doublings)).min(self.max_delay)
+    }
+
     /// How long a login from `ip` must wait before it is checked (zero: now).
     pub fn wait(&self, ip: IpAddr, now: Instant) -> Duration {
         let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
@@ -88,7 +107,7 @@ impl LoginBackoff {
         }
         e.failures = e.failures.saturating_add(1);
         e.last_failure = now;
-        e.not_before = now + delay_after(e.failures);
+        e.not_before = now + self.delay_after(e.failures);
     }
 
     /// A successful login from `ip` clears its failures.
