@@ -46,6 +46,19 @@ pub fn private_database(file: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// `PRAGMA quick_check`: a damaged database is reported as SQLite's own
+/// "corrupt" error, which callers already treat as such.
+pub fn quick_check(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    let ok: String = conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0))?;
+    if ok == "ok" {
+        return Ok(());
+    }
+    Err(rusqlite::Error::SqliteFailure(
+        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+        Some(ok),
+    ))
+}
+
 /// Moves a broken SQLite database (and its `-wal` and `-shm`) aside as
 /// `<file>.broken-<ms>` for inspection; returns the new name of the main
 /// file. `what` names it in the log ("buffer", "broker store").

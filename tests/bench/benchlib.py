@@ -25,12 +25,17 @@ def wait_port(port, timeout=10):
     raise RuntimeError(f"nothing listens on {port}")
 
 
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
+def proc_value(pid, file, key):
+    """The number after `key:` in /proc/PID/FILE (0 if absent)."""
+    with open(f"/proc/{pid}/{file}") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def rss_kib(pid):
+    return proc_value(pid, "status", "VmRSS")
 
 
 def enc_len(n):

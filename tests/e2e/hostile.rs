@@ -289,20 +289,27 @@ async fn flood(b: &TestBroker) -> RawClient {
     p
 }
 
-/// A subscriber that stops reading: its socket fills, and the write used to
-/// wait forever outside the connection's select (keep-alive, shutdown and
-/// take-over all waited with it).
-#[tokio::test]
-async fn a_client_that_stops_reading_is_closed_and_does_not_hold_up_shutdown() {
-    let mut b = TestBroker::start(open_auth(), |s| {
-        s.write_timeout = Duration::from_millis(500);
+/// A broker whose one subscriber on `flood` has stopped reading, and the
+/// flooding publisher that filled its socket.
+async fn stuck_subscriber(write_timeout: Duration) -> (TestBroker, RawClient, RawClient) {
+    let b = TestBroker::start(open_auth(), |s| {
+        s.write_timeout = write_timeout;
         s.max_queued = 50;
         s.slow_subscriber_timeout = Duration::from_millis(100);
     })
     .await;
     let mut stuck = RawClient::connect(b.addr, &ConnectOpts::new("stuck")).await;
     stuck.subscribe("flood", QoS::AtMostOnce).await;
-    let _p = flood(&b).await;
+    let p = flood(&b).await;
+    (b, stuck, p)
+}
+
+/// A subscriber that stops reading: its socket fills, and the write used to
+/// wait forever outside the connection's select (keep-alive, shutdown and
+/// take-over all waited with it).
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_and_does_not_hold_up_shutdown() {
+    let (mut b, stuck, _p) = stuck_subscriber(Duration::from_millis(500)).await;
     let m = b.handle().metrics();
     eventually("the stuck subscriber's write timed out", || {
         Metrics::get(&m.write_timeouts) == 1
@@ -313,15 +320,7 @@ async fn a_client_that_stops_reading_is_closed_and_does_not_hold_up_shutdown() {
     b.stop().await;
 
     // The same with a long write timeout: shutdown does not wait for it.
-    let mut b = TestBroker::start(open_auth(), |s| {
-        s.write_timeout = Duration::from_secs(600);
-        s.max_queued = 50;
-        s.slow_subscriber_timeout = Duration::from_millis(100);
-    })
-    .await;
-    let mut stuck = RawClient::connect(b.addr, &ConnectOpts::new("stuck")).await;
-    stuck.subscribe("flood", QoS::AtMostOnce).await;
-    let _p = flood(&b).await;
+    let (mut b, stuck, _p) = stuck_subscriber(Duration::from_secs(600)).await;
     tokio::time::timeout(WAIT, b.stop())
         .await
         .expect("shutdown does not wait for a client that does not read");

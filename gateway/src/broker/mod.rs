@@ -456,14 +456,7 @@ async fn expiry_loop(shared: Arc<Shared>) {
         }
         let router = &shared.router;
         let now = std::time::SystemTime::now();
-        let sessions: Vec<Arc<session::Session>> = router
-            .sessions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        for s in sessions {
+        for s in router.all_sessions() {
             if expired(&s, expiry, now) {
                 Metrics::inc(&router.metrics.sessions_expired);
                 info!(client_id = %s.client_id, expiry_secs = expiry.as_secs(),

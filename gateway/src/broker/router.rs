@@ -584,16 +584,20 @@ impl Router {
             .cloned()
     }
 
-    /// Client ids of the sessions a connection is attached to now.
-    pub fn connected_clients(&self) -> Vec<Arc<str>> {
-        let sessions: Vec<Arc<Session>> = self
-            .sessions
+    /// Every session, online or not (a copy of the list: no lock held).
+    pub fn all_sessions(&self) -> Vec<Arc<Session>> {
+        self.sessions
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
             .cloned()
-            .collect();
-        let mut ids: Vec<Arc<str>> = sessions
+            .collect()
+    }
+
+    /// Client ids of the sessions a connection is attached to now.
+    pub fn connected_clients(&self) -> Vec<Arc<str>> {
+        let mut ids: Vec<Arc<str>> = self
+            .all_sessions()
             .into_iter()
             .filter(|s| s.lock().attached.is_some())
             .map(|s| s.client_id.clone())

@@ -252,15 +252,7 @@ impl Store {
             .map_err(err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
-        let ok: String = conn
-            .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
-            .map_err(err)?;
-        if ok != "ok" {
-            return Err(err(rusqlite::Error::SqliteFailure(
-                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
-                Some(ok),
-            )));
-        }
+        crate::files::quick_check(&conn).map_err(err)?;
         migrate(&conn).map_err(err)?;
         Ok(Store {
             conn,

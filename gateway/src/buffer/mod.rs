@@ -459,15 +459,7 @@ impl Db {
         conn.pragma_update(None, "synchronous", sync).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
-        let ok: String = conn
-            .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
-            .map_err(err)?;
-        if ok != "ok" {
-            return Err(err(rusqlite::Error::SqliteFailure(
-                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
-                Some(ok),
-            )));
-        }
+        crate::files::quick_check(&conn).map_err(err)?;
         let max: Option<u64> = conn
             .query_row("SELECT max(seq) FROM outbox", [], |r| r.get(0))
             .map_err(err)?;

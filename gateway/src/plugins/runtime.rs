@@ -246,28 +246,55 @@ const MAX_TABLE_ELEMENTS: usize = 100_000;
 /// refused growth is an error the guest sees (`memory.grow` returns -1),
 /// not a trap.
 pub struct PluginLimiter {
-    memory_limit: usize,
-    memory_total: usize,
-    table_total: usize,
+    memory: Budget,
+    tables: Budget,
+}
+
+/// One kind of resource, summed over every memory (or table) of a store.
+struct Budget {
+    limit: usize,
+    used: usize,
     /// What the last permitted growth added, taken back if it then failed.
-    last_memory_grant: usize,
-    last_table_grant: usize,
+    last_grant: usize,
+}
+
+impl Budget {
+    fn new(limit: usize) -> Self {
+        Budget {
+            limit,
+            used: 0,
+            last_grant: 0,
+        }
+    }
+
+    /// May one memory (table) grow from `current` to `desired`?
+    fn grow(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> bool {
+        let more = desired.saturating_sub(current);
+        let total = self.used.saturating_add(more);
+        if total > self.limit || maximum.is_some_and(|m| desired > m) {
+            return false;
+        }
+        self.used = total;
+        self.last_grant = more;
+        true
+    }
+
+    fn failed(&mut self) {
+        self.used -= std::mem::take(&mut self.last_grant);
+    }
 }
 
 impl PluginLimiter {
     pub fn new(memory_limit: usize) -> Self {
         PluginLimiter {
-            memory_limit,
-            memory_total: 0,
-            table_total: 0,
-            last_memory_grant: 0,
-            last_table_grant: 0,
+            memory: Budget::new(memory_limit),
+            tables: Budget::new(MAX_TABLE_ELEMENTS),
         }
     }
 
     /// Bytes of linear memory granted so far.
     pub fn memory_used(&self) -> usize {
-        self.memory_total
+        self.memory.used
     }
 }
 
@@ -278,18 +305,11 @@ impl ResourceLimiter for PluginLimiter {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let more = desired.saturating_sub(current);
-        let total = self.memory_total.saturating_add(more);
-        if total > self.memory_limit || maximum.is_some_and(|m| desired > m) {
-            return Ok(false);
-        }
-        self.memory_total = total;
-        self.last_memory_grant = more;
-        Ok(true)
+        Ok(self.memory.grow(current, desired, maximum))
     }
 
     fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
-        self.memory_total -= std::mem::take(&mut self.last_memory_grant);
+        self.memory.failed();
         Ok(())
     }
 
@@ -299,18 +319,11 @@ impl ResourceLimiter for PluginLimiter {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let more = desired.saturating_sub(current);
-        let total = self.table_total.saturating_add(more);
-        if total > MAX_TABLE_ELEMENTS || maximum.is_some_and(|m| desired > m) {
-            return Ok(false);
-        }
-        self.table_total = total;
-        self.last_table_grant = more;
-        Ok(true)
+        Ok(self.tables.grow(current, desired, maximum))
     }
 
     fn table_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
-        self.table_total -= std::mem::take(&mut self.last_table_grant);
+        self.tables.failed();
         Ok(())
     }
 
