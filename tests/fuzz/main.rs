@@ -127,7 +127,9 @@ async fn start(data: &std::path::Path) -> TestBroker {
         s.max_subscriptions_per_client = 6;
         s.max_retained = 8;
         s.max_retained_bytes = 4096;
-        s.max_sessions = 6;
+        // Five persistent client ids, four connections and the witness
+        // pair: the limit is reached now and then.
+        s.max_sessions = 8;
         s.max_topic_levels = 8;
         s.write_timeout = Duration::from_millis(300);
         s.slow_subscriber_timeout = Duration::from_millis(50);
@@ -345,11 +347,25 @@ impl Fuzz {
     /// The broker still serves: a fresh pair exchanges a QoS 1 message.
     async fn witness(&mut self) {
         let addr = self.broker.addr;
+        // The scripts' clients were just dropped: until the broker has seen
+        // them go, their sessions may still count against max_sessions.
+        let connect = |id: &'static str| async move {
+            let o = ConnectOpts::new(id).login("bob", "b");
+            loop {
+                let (c, ack) = RawClient::connect_with(addr, &o).await;
+                match ack.return_code {
+                    ConnectAckReason::ConnectionAccepted => return c,
+                    ConnectAckReason::ServiceUnavailable => {
+                        tokio::time::sleep(Duration::from_millis(20)).await
+                    }
+                    other => panic!("witness refused: {other:?}"),
+                }
+            }
+        };
         let check = async {
-            let o = ConnectOpts::new("witness-sub").login("bob", "b");
-            let mut sub = RawClient::connect(addr, &o).await;
+            let mut sub = connect("witness-sub").await;
             sub.subscribe("b/witness", QoS::AtLeastOnce).await;
-            let mut p = RawClient::connect(addr, &ConnectOpts::new("witness-pub").login("bob", "b")).await;
+            let mut p = connect("witness-pub").await;
             p.publish("b/witness", b"ok", QoS::AtLeastOnce, false).await;
             assert_eq!(sub.receive().await.payload, b"ok");
         };
