@@ -41,7 +41,7 @@ def start_gateway(bin_path, extra=""):
     cfg = os.path.join(d, "gateway.toml")
     with open(cfg, "w") as f:
         f.write(f'[gateway]\ndata_dir = "data"\n[broker]\nlisten = "127.0.0.1:{port}"\n'
-                f'max_sessions = 100000\n{extra}\n[log]\nlevel = "warn"\n')
+                f'{extra}\n[log]\nlevel = "warn"\n')
     p = subprocess.Popen([bin_path, "--config", cfg], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port)
     return p, port, d
@@ -249,9 +249,11 @@ def main():
 
 def start_mosquitto_acl(acl):
     d = tempfile.mkdtemp(prefix="bench-mqacl-")
+    os.chmod(d, 0o755)  # mosquitto started as root reads it as user mosquitto
     path = os.path.join(d, "acl")
     with open(path, "w") as f:
         f.write(acl)
+    os.chmod(path, 0o644)
     return start_mosquitto(f"acl_file {path}")
 
 

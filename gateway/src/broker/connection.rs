@@ -9,11 +9,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use bytestring::ByteString;
 use rmqtt_codec::error::DecodeError;
 use rmqtt_codec::v3::{Connect, ConnectAck, ConnectAckReason, Packet, SubscribeReturnCode};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -132,24 +132,52 @@ impl Conn {
         }
     }
 
-    /// Writes the buffer out. Each write must make progress within
-    /// `limit`, or this fails with `TimedOut`: a client that stopped reading
-    /// costs its connection, never the broker a task stuck forever. Called
-    /// inside the connection's `select!` (see [`Conn::flush_or_end`]).
-    async fn flush_within(&mut self, limit: Duration) -> std::io::Result<()> {
+    /// Writes what the socket takes now, without waiting; true when the
+    /// buffer is empty. The common case (room in the socket) costs no timer
+    /// and no `select!`.
+    fn write_now(&mut self) -> std::io::Result<bool> {
         while !self.wbuf.is_empty() {
-            let n = match tokio::time::timeout(limit, self.writer.write(&self.wbuf)).await {
-                Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
-                Ok(r) => r?,
-            };
-            if n == 0 {
-                return Err(std::io::ErrorKind::WriteZero.into());
+            match self.writer.try_write(&self.wbuf) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    Metrics::add(&self.shared.router.metrics.bytes_sent, n as u64);
+                    self.wbuf.advance(n);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
             }
-            Metrics::add(&self.shared.router.metrics.bytes_sent, n as u64);
-            let _ = self.wbuf.split_to(n);
         }
         self.wbuf.clear();
-        Ok(())
+        Ok(true)
+    }
+
+    /// Writes the buffer out. The socket must take something within
+    /// `limit` each time it is full, or this fails with `TimedOut`: a
+    /// client that stopped reading costs its connection, never the broker
+    /// a task stuck forever. Called inside the connection's `select!` (see
+    /// [`Conn::flush_or_end`]).
+    async fn flush_within(&mut self, limit: Duration) -> std::io::Result<()> {
+        loop {
+            let before = self.wbuf.len();
+            if self.write_now()? {
+                return Ok(());
+            }
+            let deadline = Instant::now() + limit;
+            // Progress resets the clock; only a socket that takes nothing
+            // for `limit` times out.
+            loop {
+                match tokio::time::timeout_at(deadline, self.writer.writable()).await {
+                    Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+                    Ok(r) => r?,
+                }
+                if self.write_now()? {
+                    return Ok(());
+                }
+                if self.wbuf.len() < before {
+                    break;
+                }
+            }
+        }
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
@@ -158,8 +186,14 @@ impl Conn {
     }
 
     /// [`Conn::flush`] that also ends on shutdown and take-over, so a
-    /// client that does not read delays neither.
+    /// client that does not read delays neither. What fits in the socket
+    /// is written at once; only a full socket waits, in the `select!`.
     async fn flush_or_end(&mut self, kick_rx: &mut oneshot::Receiver<Kick>) -> Result<(), End> {
+        match self.write_now() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => return Err(End::Io(e)),
+        }
         let shared = self.shared.clone();
         tokio::select! {
             biased;
@@ -342,9 +376,13 @@ async fn handshake(
             _ = shared.shutdown.cancelled() => return None,
         }
     }
-    // Hashing a password (PBKDF2) and auth plugins are CPU work: on the
-    // blocking pool, not on a worker that serves other connections.
-    let decision = {
+    // Hashing a password (PBKDF2) is CPU work: on the blocking pool, a few
+    // at a time, not on a worker that serves other connections. Without a
+    // password there is nothing to hash: answered here, as fast as before
+    // (auth plugins guard their own slow calls, see plugins::runtime).
+    let decision = if connect.password.is_none() {
+        shared.auth.authenticate(&info, None)
+    } else {
         let _slot = tokio::select! {
             p = shared.login_slots.acquire() => p.expect("never closed"),
             _ = shared.shutdown.cancelled() => return None,

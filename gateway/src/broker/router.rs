@@ -281,20 +281,30 @@ impl Router {
         if message.retain {
             self.retain(&message);
         }
-        let mut targets: Vec<(Arc<Session>, QoS)> = Vec::new();
+        let mut targets: Vec<Target> = Vec::new();
         {
             let tree = self.subscriptions.read().unwrap_or_else(|e| e.into_inner());
-            tree.for_each_match(&message.topic, |s, granted| {
-                targets.push((s.clone(), granted));
+            tree.for_each_match(&message.topic, |s, g| {
+                let (qos, readable) = ungrant(g);
+                targets.push(Target {
+                    session: s.clone(),
+                    qos,
+                    readable,
+                });
             });
         }
         dedup_targets(&mut targets);
         if targets.is_empty() {
             Metrics::inc(&self.metrics.dropped_no_subscriber);
         }
-        for (session, granted) in targets {
+        for Target {
+            session,
+            qos: granted,
+            readable,
+        } in targets
+        {
             let qos = message.qos.min(granted);
-            let full = self.deliver(
+            let full = self.deliver_checked(
                 &session,
                 Delivery {
                     id: 0,
@@ -302,6 +312,7 @@ impl Router {
                     qos,
                     retain: false,
                 },
+                readable,
             );
             if full
                 && !publisher.is_some_and(|p| Arc::ptr_eq(p, &session))
@@ -318,10 +329,16 @@ impl Router {
     /// `max_queued` and publishers should hold back. An offline or slow
     /// session drops its oldest message instead; an online one only past
     /// twice the limit (a publisher ignoring flow control).
-    pub fn deliver(&self, session: &Arc<Session>, mut delivery: Delivery) -> bool {
+    pub fn deliver(&self, session: &Arc<Session>, delivery: Delivery) -> bool {
+        self.deliver_checked(session, delivery, false)
+    }
+
+    /// [`Router::deliver`]; `readable`: the subscription it comes through
+    /// already proves the session may read the topic (no check to make).
+    fn deliver_checked(&self, session: &Arc<Session>, mut delivery: Delivery, readable: bool) -> bool {
         let max = self.limits.max_queued;
         let mut st = session.lock();
-        if let Some(auth) = &self.read_auth {
+        if let Some(auth) = self.read_auth.as_ref().filter(|_| !readable) {
             let generation = self.auth_generation.load(Ordering::Relaxed);
             if st.read_cache_generation != generation {
                 st.read_cache.clear();
@@ -499,10 +516,21 @@ impl Router {
     }
 
     pub fn subscribe(&self, filter: &str, session: &Arc<Session>, qos: QoS) {
+        // Whether every name this filter matches is readable by the
+        // session's owner: then its deliveries skip the receive check. A
+        // session still unclaimed (restored from an older database) gets
+        // its owner at the first login: checked one by one.
+        let readable = match &self.read_auth {
+            None => true,
+            Some(auth) => {
+                let st = session.lock();
+                !st.owner_unclaimed && auth.covers_reads(&st.reader, filter)
+            }
+        };
         self.subscriptions
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(filter, session, qos);
+            .insert(filter, session, grant(qos, readable));
     }
 
     pub fn unsubscribe(&self, filter: &str, session: &Arc<Session>) -> bool {
@@ -614,20 +642,44 @@ impl Router {
     }
 }
 
+/// A matching subscriber: the QoS its filter granted, and whether that
+/// filter proves it may read every name it matches.
+struct Target {
+    session: Arc<Session>,
+    qos: QoS,
+    readable: bool,
+}
+
+/// What the subscription tree keeps per (subscriber, filter): the granted
+/// QoS, and in the high bit whether the filter is readable as a whole.
+const READABLE: u8 = 0x80;
+
+fn grant(qos: QoS, readable: bool) -> u8 {
+    qos | if readable { READABLE } else { 0 }
+}
+
+fn ungrant(g: u8) -> (QoS, bool) {
+    (g & !READABLE, g & READABLE != 0)
+}
+
 /// One delivery per subscriber, at the highest QoS its matching filters
-/// granted. A short list is de-duplicated in place; a long one (thousands
-/// of `#` sessions) through a map, so routing stays linear in subscribers.
-fn dedup_targets(targets: &mut Vec<(Arc<Session>, QoS)>) {
+/// granted (readable if any of them proves it). A short list is
+/// de-duplicated in place; a long one (thousands of `#` sessions) through a
+/// map, so routing stays linear in subscribers.
+fn dedup_targets(targets: &mut Vec<Target>) {
     if targets.len() <= 1 {
         return;
+    }
+    fn merge(into: &mut Target, t: &Target) {
+        into.qos = into.qos.max(t.qos);
+        into.readable |= t.readable;
     }
     if targets.len() <= 16 {
         let mut i = 0;
         while i < targets.len() {
-            if let Some(j) = (0..i).find(|&j| Arc::ptr_eq(&targets[j].0, &targets[i].0)) {
-                let q = targets[i].1;
-                targets[j].1 = targets[j].1.max(q);
-                targets.swap_remove(i);
+            if let Some(j) = (0..i).find(|&j| Arc::ptr_eq(&targets[j].session, &targets[i].session)) {
+                let t = targets.swap_remove(i);
+                merge(&mut targets[j], &t);
             } else {
                 i += 1;
             }
@@ -635,16 +687,13 @@ fn dedup_targets(targets: &mut Vec<(Arc<Session>, QoS)>) {
         return;
     }
     let mut seen: HashMap<*const Session, usize> = HashMap::with_capacity(targets.len());
-    let mut out: Vec<(Arc<Session>, QoS)> = Vec::with_capacity(targets.len());
-    for (s, q) in targets.drain(..) {
-        match seen.entry(Arc::as_ptr(&s)) {
-            std::collections::hash_map::Entry::Occupied(e) => {
-                let slot = &mut out[*e.get()].1;
-                *slot = (*slot).max(q);
-            }
+    let mut out: Vec<Target> = Vec::with_capacity(targets.len());
+    for t in targets.drain(..) {
+        match seen.entry(Arc::as_ptr(&t.session)) {
+            std::collections::hash_map::Entry::Occupied(e) => merge(&mut out[*e.get()], &t),
             std::collections::hash_map::Entry::Vacant(e) => {
                 e.insert(out.len());
-                out.push((s, q));
+                out.push(t);
             }
         }
     }

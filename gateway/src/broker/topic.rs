@@ -205,3 +205,41 @@ mod cover_tests {
         assert!(covers("#", "a/b/#"));
     }
 }
+
+/// Could some topic name match both filters? (A `deny` rule and a
+/// subscription: if they overlap, the subscription's deliveries must be
+/// checked one by one.)
+pub fn overlaps(a: &str, b: &str) -> bool {
+    let wild = |s: &str| s.starts_with('+') || s.starts_with('#');
+    if (a.starts_with('$') && wild(b)) || (b.starts_with('$') && wild(a)) {
+        return false;
+    }
+    let mut x = a.split('/');
+    let mut y = b.split('/');
+    loop {
+        match (x.next(), y.next()) {
+            (Some("#"), _) | (_, Some("#")) => return true,
+            (None, None) => return true,
+            (Some("+"), Some(_)) | (Some(_), Some("+")) => {}
+            (Some(l), Some(r)) if l == r => {}
+            _ => return false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod overlap_tests {
+    use super::overlaps;
+
+    #[test]
+    fn overlapping_filters() {
+        assert!(overlaps("isima/#", "isima/secret"));
+        assert!(overlaps("#", "isima/secret"));
+        assert!(overlaps("a/+/c", "a/b/+"));
+        assert!(overlaps("a/#", "a"));
+        assert!(!overlaps("a/b", "a/c"));
+        assert!(!overlaps("a/+", "a/b/c"));
+        assert!(!overlaps("#", "$SYS/x"));
+        assert!(overlaps("$SYS/#", "$SYS/x"));
+    }
+}

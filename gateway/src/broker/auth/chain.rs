@@ -27,6 +27,12 @@ impl Authenticator for AuthChain {
     fn checks_receive(&self) -> bool {
         self.0.iter().any(|a| a.checks_receive())
     }
+
+    /// The first authenticator's Allow is the chain's answer: when it
+    /// allows every name of the filter, so does the chain.
+    fn covers_reads(&self, client: &ClientInfo, filter: &str) -> bool {
+        self.0.first().is_some_and(|a| a.covers_reads(client, filter))
+    }
 }
 
 #[cfg(test)]

@@ -105,6 +105,14 @@ impl Authenticator for FileAuth {
     fn checks_receive(&self) -> bool {
         self.acl.is_some() || self.defer
     }
+
+    fn covers_reads(&self, client: &ClientInfo, filter: &str) -> bool {
+        match &self.acl {
+            None => !self.defer,
+            // A rule that allows is answered Allow, deferring or not.
+            Some(acl) => acl.covers_reads(client, filter),
+        }
+    }
 }
 
 #[cfg(test)]

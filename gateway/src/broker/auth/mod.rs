@@ -76,4 +76,12 @@ pub trait Authenticator: Send + Sync + 'static {
     fn checks_receive(&self) -> bool {
         true
     }
+
+    /// Would [`Action::Receive`] be allowed for every topic name `filter`
+    /// can match, for this client, now? Then the broker skips the check at
+    /// each delivery of that subscription. False (the default) is always
+    /// safe: every delivery is asked.
+    fn covers_reads(&self, _client: &ClientInfo, _filter: &str) -> bool {
+        false
+    }
 }
