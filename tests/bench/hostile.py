@@ -155,24 +155,29 @@ def sim_bench(sim, port, pid, args):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def acl_throughput(start, sim, duration, reps):
+def acl_throughput(starts, sim, duration, reps):
+    """Each scenario against each broker in turn (before, after, mosquitto,
+    before, after…), so a change in the machine's speed hits all alike."""
     out = {}
     for name, args in [
         ("fan-out q0", ["--publishers", "1", "--subscribers", "100", "--qos", "0"]),
         ("fan-in q0", ["--publishers", "10", "--subscribers", "1", "--qos", "0", "--fan-in"]),
     ]:
-        runs = []
+        runs = {broker: [] for broker in starts}
         for _ in range(reps):
-            p, port, d = start()
-            try:
-                r = sim_bench(sim, port, p.pid, args + ["--duration", str(duration), "--warmup", "1"])
-                runs.append(r)
-            finally:
-                stop(p)
-        vals = sorted(round(r["delivery_rate"]) for r in runs)
-        out[name] = {"delivered_per_sec_median": vals[len(vals) // 2],
-                     "runs": vals, "lost": sum(r["lost"] for r in runs),
-                     "broker_cpu_percent": [round(r["cpu"]["broker_percent"]) for r in runs]}
+            for broker, start in starts.items():
+                p, port, d = start()
+                try:
+                    runs[broker].append(sim_bench(sim, port, p.pid, args + ["--duration", str(duration), "--warmup", "1"]))
+                finally:
+                    stop(p)
+        out[name] = {}
+        for broker, rs in runs.items():
+            vals = sorted(round(r["delivery_rate"]) for r in rs)
+            out[name][broker] = {"delivered_per_sec_median": statistics.median(vals), "runs": vals,
+                                 "lost": sum(r["lost"] for r in rs)}
+        b, a = out[name]["before"], out[name]["after"]
+        out[name]["after_vs_before_percent"] = round(a["delivered_per_sec_median"] / b["delivered_per_sec_median"] * 100, 1)
     return out
 
 
@@ -233,11 +238,11 @@ def main():
                 return start_gateway(bin_path, f'acl_file = "{path}"')
             return start
         acl = "topic readwrite bench/#\n"
-        report["read_acl"] = {
-            "before": acl_throughput(acl_gw(a.before, acl), sim, a.duration, a.reps),
-            "after": acl_throughput(acl_gw(a.after, acl), sim, a.duration, a.reps),
-            "mosquitto": acl_throughput(lambda: start_mosquitto_acl(acl), sim, a.duration, a.reps),
-        }
+        report["read_acl"] = acl_throughput({
+            "before": acl_gw(a.before, acl),
+            "after": acl_gw(a.after, acl),
+            "mosquitto": lambda: start_mosquitto_acl(acl),
+        }, sim, a.duration, a.reps)
         print(json.dumps({"read_acl": report["read_acl"]}), flush=True)
     if "3" in a.only:
         report["bytes_per_message"] = {
