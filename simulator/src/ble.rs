@@ -259,8 +259,8 @@ pub fn run(args: BleArgs) -> anyhow::Result<()> {
         frames += 1;
     }
     eprintln!("frames written {frames} (each {} times)", args.repeat);
-    if args.pty {
-        std::thread::sleep(Duration::from_millis(200));
+    if let Some(slave) = &_keep {
+        crate::serial::drain_pty(slave);
     }
     Ok(())
 }

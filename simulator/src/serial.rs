@@ -157,11 +157,30 @@ pub fn run(args: SerialArgs) -> anyhow::Result<()> {
         "lines written {written}: good {}, garbage {}, cut {}, overlong {}",
         stats[0], stats[1], stats[2], stats[3]
     );
-    // Let a reader drain the pty before it goes away.
-    if args.pty {
-        std::thread::sleep(Duration::from_millis(200));
+    // A reader reads what is in the pty before it goes away.
+    if let Some(slave) = &_keep {
+        drain_pty(slave);
     }
     Ok(())
+}
+
+/// Waits until a reader has taken everything written to the pty (its
+/// slave's input queue stays empty), at most 10 s: closing the master
+/// throws away what is left. (A fixed 200 ms, which a loaded machine
+/// exceeded, lost the last lines.)
+pub(crate) fn drain_pty(slave: &OwnedFd) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut empty_polls = 0;
+    while empty_polls < 2 && std::time::Instant::now() < deadline {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int.
+        let rc = unsafe { libc::ioctl(slave.as_raw_fd(), libc::FIONREAD, &mut n) };
+        if rc != 0 {
+            return;
+        }
+        empty_polls = if n == 0 { empty_polls + 1 } else { 0 };
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// One reading as a line in `format`, newline included.
