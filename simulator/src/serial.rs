@@ -170,8 +170,11 @@ pub fn run(args: SerialArgs) -> anyhow::Result<()> {
 /// exceeded, lost the last lines.)
 pub(crate) fn drain_pty(slave: &OwnedFd) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // Empty for half a second: what the writer put in the pty can sit in
+    // the kernel's flip buffer, not yet counted, while a loaded machine's
+    // worker gets to it.
     let mut empty_polls = 0;
-    while empty_polls < 2 && std::time::Instant::now() < deadline {
+    while empty_polls < 25 && std::time::Instant::now() < deadline {
         let mut n: libc::c_int = 0;
         // SAFETY: FIONREAD writes one int.
         let rc = unsafe { libc::ioctl(slave.as_raw_fd(), libc::FIONREAD, &mut n) };

@@ -698,22 +698,21 @@ async fn sim_ble_adverts_in_every_format_decode_in_the_gateway() {
         let mut sub = RawClient::connect(g.addr, &ConnectOpts::new("sub")).await;
         sub.subscribe("capteurs/+/fr/clermont/#", QoS::AtMostOnce)
             .await;
-        let (mut child, path) = sim_pty(&[
-            "ble",
-            "--advert",
-            format,
-            "--repeat",
-            "3",
-            "--sensors",
-            "2",
-            "--period-ms",
-            "100",
-            "--count",
-            "10",
-            "--seed",
-            "9",
-        ]);
-        std::os::unix::fs::symlink(&path, &link).unwrap();
+        // A FIFO the gateway holds open from its start: the simulator's
+        // lines wait in the pipe until read, nothing is lost at either end
+        // (a pty threw away what was left when the simulator closed it).
+        let c = std::ffi::CString::new(link.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let mut child = std::process::Command::new(SIM)
+            .args(["ble", "--advert", format, "--repeat", "3", "--sensors", "2"])
+            .args(["--period-ms", "100", "--count", "10", "--seed", "9", "--quiet"])
+            .arg("--output")
+            .arg(&link)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
         let per_frame = if format == "ruuvi" { 3 } else { 2 };
         let mut temps = 0;
         for _ in 0..10 * per_frame {
@@ -726,12 +725,24 @@ async fn sim_ble_adverts_in_every_format_decode_in_the_gateway() {
         }
         assert_eq!(temps, 10, "{format}");
         let _ = child.wait();
-        // Its pty number is free for the next pty made (another test's):
-        // the gateway must not reopen this name onto it.
-        std::fs::remove_file(&link).unwrap();
         let s = g.sources().clone();
         assert_eq!(s.published.load(Relaxed), 10 * per_frame, "{format}");
-        eventually("repeats collapsed", || s.collapsed.load(Relaxed) == 20).await;
+        let collapsed = || s.collapsed.load(Relaxed);
+        let replayed = || s.replayed.load(Relaxed);
+        let unauth = || s.unauthenticated.load(Relaxed);
+        let adverts = || s.adverts.load(Relaxed);
+        let d = std::time::Instant::now() + WAIT;
+        while collapsed() != 20 {
+            assert!(
+                std::time::Instant::now() < d,
+                "{format}: collapsed {}, replayed {}, unauthenticated {}, adverts {}",
+                collapsed(),
+                replayed(),
+                unauth(),
+                adverts()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         assert_eq!(
             s.decrypt_failed.load(Relaxed) + s.undecodable.load(Relaxed),
             0
