@@ -326,3 +326,61 @@ async fn a_client_that_stops_reading_is_closed_and_does_not_hold_up_shutdown() {
         .expect("shutdown does not wait for a client that does not read");
     drop(stuck);
 }
+
+/// An authenticator whose receive answer and generation a test sets.
+struct Switch {
+    receive: std::sync::atomic::AtomicBool,
+    generation: std::sync::atomic::AtomicU64,
+}
+
+impl capteurs_gateway::broker::auth::Authenticator for Switch {
+    fn authenticate(
+        &self,
+        _: &capteurs_gateway::broker::auth::ClientInfo,
+        _: Option<&[u8]>,
+    ) -> capteurs_gateway::broker::auth::ConnectDecision {
+        capteurs_gateway::broker::auth::ConnectDecision::Accept
+    }
+
+    fn authorize(
+        &self,
+        _: &capteurs_gateway::broker::auth::ClientInfo,
+        action: capteurs_gateway::broker::auth::Action,
+        _: &str,
+    ) -> capteurs_gateway::broker::auth::AclDecision {
+        use capteurs_gateway::broker::auth::{AclDecision, Action};
+        let ok = action != Action::Receive
+            || self.receive.load(std::sync::atomic::Ordering::SeqCst);
+        if ok {
+            AclDecision::Allow
+        } else {
+            AclDecision::Deny
+        }
+    }
+
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// Cached receive decisions are dropped when the authenticator's answers
+/// change (a reloaded auth plugin): the router kept a generation of its own
+/// that nothing bumped, so a revocation by reload went unseen.
+#[tokio::test]
+async fn a_new_auth_generation_drops_cached_receive_decisions() {
+    let switch = Arc::new(Switch {
+        receive: true.into(),
+        generation: 0.into(),
+    });
+    let b = TestBroker::start(switch.clone(), |_| {}).await;
+    let mut s = RawClient::connect(b.addr, &ConnectOpts::new("s")).await;
+    s.subscribe("t/#", QoS::AtLeastOnce).await;
+    let mut p = RawClient::connect(b.addr, &ConnectOpts::new("p")).await;
+    p.publish("t/1", b"before", QoS::AtLeastOnce, false).await;
+    assert_eq!(s.receive().await.payload, b"before");
+    switch.receive.store(false, std::sync::atomic::Ordering::SeqCst);
+    switch.generation.store(1, std::sync::atomic::Ordering::SeqCst);
+    p.publish("t/1", b"after", QoS::AtLeastOnce, false).await;
+    s.expect_nothing().await;
+    assert_eq!(Metrics::get(&b.handle().metrics().receive_denied), 1);
+}

@@ -180,9 +180,6 @@ pub struct Router {
     /// Asked at delivery whether a subscriber may read a topic (None when
     /// the authenticator's SUBSCRIBE answer already implies it: no ACL).
     pub read_auth: Option<Arc<dyn super::auth::Authenticator>>,
-    /// Bumped when the answers may have changed (plugins reloaded): every
-    /// session's cached receive decisions are then forgotten.
-    pub auth_generation: AtomicU64,
 }
 
 impl Router {
@@ -199,7 +196,6 @@ impl Router {
             outbox: None,
             transform: None,
             read_auth: None,
-            auth_generation: AtomicU64::new(0),
         }
     }
 
@@ -339,7 +335,7 @@ impl Router {
         let max = self.limits.max_queued;
         let mut st = session.lock();
         if let Some(auth) = self.read_auth.as_ref().filter(|_| !readable) {
-            let generation = self.auth_generation.load(Ordering::Relaxed);
+            let generation = auth.generation();
             if st.read_cache_generation != generation {
                 st.read_cache.clear();
                 st.read_cache_generation = generation;

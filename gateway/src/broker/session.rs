@@ -79,7 +79,7 @@ pub struct SessionState {
     /// user name and client id, and the peer of the connection attached last.
     pub reader: super::auth::ClientInfo,
     /// Receive decisions by topic (see `Router::deliver`), valid for
-    /// `read_cache_generation` of the router's auth answers.
+    /// `read_cache_generation` of the authenticator's answers.
     pub read_cache: HashMap<bytestring::ByteString, bool>,
     pub read_cache_generation: u64,
     /// When the last connection detached (persistent sessions expire

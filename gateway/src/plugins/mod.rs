@@ -139,6 +139,8 @@ pub struct Plugins {
     builtin_first: bool,
     /// Swapped whole on reload; read on every message without a lock.
     set: ArcSwap<Set>,
+    /// Bumped at every reload: cached auth answers are then stale.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 impl Plugins {
@@ -164,6 +166,7 @@ impl Plugins {
                 transforms: Vec::new(),
                 auth: Arc::new(AuthChain(Vec::new())),
             }),
+            generation: std::sync::atomic::AtomicU64::new(0),
         };
         let mut entries = Vec::new();
         for c in &configs {
@@ -299,6 +302,8 @@ impl Plugins {
         }
         let set = self.assemble(entries);
         self.set.store(Arc::new(set));
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         info!(failed, "plugins reloaded");
         failed
     }
@@ -404,6 +409,13 @@ impl Authenticator for Plugins {
 
     fn authorize(&self, client: &ClientInfo, action: Action, topic: &str) -> AclDecision {
         self.set.load().auth.authorize(client, action, topic)
+    }
+
+    // covers_reads stays false: a reload would make the broker's marks on
+    // subscriptions stale, so every delivery is asked (and cached).
+
+    fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 

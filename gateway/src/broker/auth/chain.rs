@@ -33,6 +33,10 @@ impl Authenticator for AuthChain {
     fn covers_reads(&self, client: &ClientInfo, filter: &str) -> bool {
         self.0.first().is_some_and(|a| a.covers_reads(client, filter))
     }
+
+    fn generation(&self) -> u64 {
+        self.0.iter().fold(0, |g, a| g.wrapping_add(a.generation()))
+    }
 }
 
 #[cfg(test)]

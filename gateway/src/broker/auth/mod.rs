@@ -84,4 +84,10 @@ pub trait Authenticator: Send + Sync + 'static {
     fn covers_reads(&self, _client: &ClientInfo, _filter: &str) -> bool {
         false
     }
+
+    /// Changes whenever the answers may have changed (plugins reloaded):
+    /// the broker then forgets the receive decisions it cached.
+    fn generation(&self) -> u64 {
+        0
+    }
 }
