@@ -157,25 +157,20 @@ impl Conn {
     /// a task stuck forever. Called inside the connection's `select!` (see
     /// [`Conn::flush_or_end`]).
     async fn flush_within(&mut self, limit: Duration) -> std::io::Result<()> {
+        let mut deadline = Instant::now() + limit;
         loop {
             let before = self.wbuf.len();
             if self.write_now()? {
                 return Ok(());
             }
-            let deadline = Instant::now() + limit;
             // Progress resets the clock; only a socket that takes nothing
             // for `limit` times out.
-            loop {
-                match tokio::time::timeout_at(deadline, self.writer.writable()).await {
-                    Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
-                    Ok(r) => r?,
-                }
-                if self.write_now()? {
-                    return Ok(());
-                }
-                if self.wbuf.len() < before {
-                    break;
-                }
+            if self.wbuf.len() < before {
+                deadline = Instant::now() + limit;
+            }
+            match tokio::time::timeout_at(deadline, self.writer.writable()).await {
+                Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
+                Ok(r) => r?,
             }
         }
     }
@@ -408,9 +403,7 @@ async fn handshake(
     let will = match &connect.last_will {
         None => None,
         Some(w) => {
-            let valid = topic::validate_name(&w.topic)
-                .and_then(|()| topic::check_levels(&w.topic, shared.settings.max_topic_levels));
-            if let Err(e) = valid {
+            if let Err(e) = topic::validate_name_within(&w.topic, shared.settings.max_topic_levels) {
                 if matches!(e, topic::TopicError::TooDeep { .. }) {
                     Metrics::inc(&metrics.topics_too_deep);
                 }
@@ -527,16 +520,15 @@ async fn handshake(
                 match inserted {
                     None => continue,
                     Some(true) => break (s, false, kick_rx, gone_tx),
-                    Some(false) => {}
-                }
-                {
-                    Metrics::inc(&metrics.connections_refused);
-                    if super::router::worth_logging(&metrics.sessions_over_limit) {
-                        warn!(%peer, client_id = %client_id, max_sessions = shared.settings.max_sessions,
-                            "refusing connection: broker.max_sessions reached (CONNACK 3)");
+                    Some(false) => {
+                        Metrics::inc(&metrics.connections_refused);
+                        if super::router::worth_logging(&metrics.sessions_over_limit) {
+                            warn!(%peer, client_id = %client_id, max_sessions = shared.settings.max_sessions,
+                                "refusing connection: broker.max_sessions reached (CONNACK 3)");
+                        }
+                        refuse(conn, ConnectAckReason::ServiceUnavailable).await;
+                        return None;
                     }
-                    refuse(conn, ConnectAckReason::ServiceUnavailable).await;
-                    return None;
                 }
             }
         }
@@ -834,12 +826,11 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
     let metrics = &router.metrics;
     match packet {
         Packet::Publish(p) => {
-            if let Err(e) = topic::validate_name(&p.topic) {
+            if let Err(e) = topic::validate_name_within(&p.topic, shared.settings.max_topic_levels) {
+                if matches!(e, topic::TopicError::TooDeep { .. }) {
+                    Metrics::inc(&metrics.topics_too_deep);
+                }
                 return Some(End::Protocol(format!("invalid topic name in PUBLISH: {e}")));
-            }
-            if let Err(e) = topic::check_levels(&p.topic, shared.settings.max_topic_levels) {
-                Metrics::inc(&metrics.topics_too_deep);
-                return Some(End::Protocol(format!("PUBLISH refused: {e}")));
             }
             Metrics::inc(&metrics.messages_received);
             let qos = p.qos.value();

@@ -153,10 +153,7 @@ impl Publisher {
     /// (a name, at most 65,535 bytes, at most `max_topic_levels` levels);
     /// an invalid one is refused, counted, and not routed.
     pub fn publish(&self, message: Message) -> Result<(), topic::TopicError> {
-        let checked = topic::validate_name(&message.topic).and_then(|()| {
-            topic::check_levels(&message.topic, self.shared.settings.max_topic_levels)
-        });
-        if let Err(e) = checked {
+        if let Err(e) = topic::validate_name_within(&message.topic, self.shared.settings.max_topic_levels) {
             let m = &self.shared.router.metrics;
             if router::worth_logging(&m.invalid_local_topics) {
                 warn!(origin = ?message.origin, error = %e, topic_bytes = message.topic.len(),

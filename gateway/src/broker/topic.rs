@@ -36,6 +36,13 @@ pub fn check_levels(s: &str, max: usize) -> Result<(), TopicError> {
     Ok(())
 }
 
+/// A topic name a client or the gateway may publish to here:
+/// [`validate_name`] and at most `max_levels` levels ([`check_levels`]).
+pub fn validate_name_within(name: &str, max_levels: usize) -> Result<(), TopicError> {
+    validate_name(name)?;
+    check_levels(name, max_levels)
+}
+
 fn check_common(s: &str) -> Result<(), TopicError> {
     if s.is_empty() {
         return Err(TopicError::Empty);
