@@ -736,7 +736,10 @@ impl GatewayConfig {
         for (key, value) in [
             ("write_timeout_ms", b.write_timeout_ms as usize),
             ("max_topic_levels", b.max_topic_levels),
-            ("max_subscriptions_per_client", b.max_subscriptions_per_client),
+            (
+                "max_subscriptions_per_client",
+                b.max_subscriptions_per_client,
+            ),
             ("max_retained", b.max_retained),
             ("max_retained_bytes", b.max_retained_bytes),
             ("max_sessions", b.max_sessions),
@@ -1284,16 +1287,29 @@ mod tests {
     fn password_and_acl_files_are_read_and_checked() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("passwd"), "# users\nG1 no colon\n").unwrap();
-        std::fs::write(dir.path().join("acl"), "topic read a/#\ntopic sometimes b\n").unwrap();
+        std::fs::write(
+            dir.path().join("acl"),
+            "topic read a/#\ntopic sometimes b\n",
+        )
+        .unwrap();
         let text = "[broker]\npassword_file = \"passwd\"\nacl_file = \"acl\"\n";
         let err = GatewayConfig::parse(text, "t.toml", dir.path()).unwrap_err();
         let ConfigError::Invalid { problems, .. } = err else {
             panic!("{err}")
         };
         assert_eq!(problems.len(), 2, "{problems:?}");
-        assert!(problems[0].starts_with("line 2: broker.password_file"), "{problems:?}");
-        assert!(problems[0].contains("line 2: expected user:hash"), "{problems:?}");
-        assert!(problems[1].starts_with("line 3: broker.acl_file"), "{problems:?}");
+        assert!(
+            problems[0].starts_with("line 2: broker.password_file"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[0].contains("line 2: expected user:hash"),
+            "{problems:?}"
+        );
+        assert!(
+            problems[1].starts_with("line 3: broker.acl_file"),
+            "{problems:?}"
+        );
         assert!(problems[1].contains("line 2"), "{problems:?}");
         let text = "[broker]\npassword_file = \"missing\"\n";
         let err = GatewayConfig::parse(text, "t.toml", dir.path()).unwrap_err();

@@ -117,7 +117,11 @@ mod tests {
         }
         private_database(&old).unwrap();
         for f in [old.clone(), dir.join("buffer.sqlite-wal")] {
-            assert_eq!(std::fs::metadata(&f).unwrap().mode() & 0o777, 0o600, "{f:?}");
+            assert_eq!(
+                std::fs::metadata(&f).unwrap().mode() & 0o777,
+                0o600,
+                "{f:?}"
+            );
         }
     }
 }

@@ -706,7 +706,15 @@ async fn sim_ble_adverts_in_every_format_decode_in_the_gateway() {
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let mut child = std::process::Command::new(SIM)
             .args(["ble", "--advert", format, "--repeat", "3", "--sensors", "2"])
-            .args(["--period-ms", "100", "--count", "10", "--seed", "9", "--quiet"])
+            .args([
+                "--period-ms",
+                "100",
+                "--count",
+                "10",
+                "--seed",
+                "9",
+                "--quiet",
+            ])
             .arg("--output")
             .arg(&link)
             .stdout(Stdio::null())

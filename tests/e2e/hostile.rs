@@ -68,8 +68,15 @@ async fn a_filter_deeper_than_max_topic_levels_is_refused_and_nothing_crashes() 
     still_serves(&b).await;
     // A PUBLISH to a topic that deep closes its connection, counted.
     let mut p = RawClient::connect(b.addr, &ConnectOpts::new("deep-pub")).await;
-    p.send(publish_packet(&format!("x{deep}"), b"1", QoS::AtMostOnce, false, None, false))
-        .await;
+    p.send(publish_packet(
+        &format!("x{deep}"),
+        b"1",
+        QoS::AtMostOnce,
+        false,
+        None,
+        false,
+    ))
+    .await;
     p.expect_closed().await;
     assert_eq!(Metrics::get(&b.handle().metrics().topics_too_deep), 3);
     // Saved and restored with its 200-level filter; stopping works.
@@ -92,7 +99,9 @@ async fn subscriptions_per_client_are_capped() {
         ])
         .await;
     assert_eq!(codes[3], SubscribeReturnCode::Failure);
-    assert!(codes[..3].iter().all(|c| *c != SubscribeReturnCode::Failure));
+    assert!(codes[..3]
+        .iter()
+        .all(|c| *c != SubscribeReturnCode::Failure));
     // Re-subscribing to a filter it holds is an update, not one more.
     assert_eq!(
         c.subscribe("a", QoS::AtLeastOnce).await,
@@ -133,7 +142,8 @@ async fn retained_messages_are_capped_by_count_and_bytes() {
     assert_eq!(Metrics::get(&b.handle().metrics().retained_over_limit), 1);
     // Over the bytes: refused, and the topic's old value goes too (it is no
     // longer the last message).
-    p.publish("r/2", &[b'x'; 2000], QoS::AtLeastOnce, true).await;
+    p.publish("r/2", &[b'x'; 2000], QoS::AtLeastOnce, true)
+        .await;
     assert_eq!(usage(), (1, 6));
     assert_eq!(Metrics::get(&b.handle().metrics().retained_over_limit), 2);
     let mut late = RawClient::connect(b.addr, &ConnectOpts::new("late")).await;
@@ -163,9 +173,11 @@ async fn sessions_are_capped_and_expire() {
     assert_eq!(Metrics::get(&b.handle().metrics().sessions_over_limit), 1);
     // s1's offline session expires, which makes room.
     let m = b.handle().metrics();
-    eventually("s1's session expired", || Metrics::get(&m.sessions_expired) == 1).await;
-    let (s1, ack) =
-        RawClient::connect_with(b.addr, &ConnectOpts::new("s1").clean(false)).await;
+    eventually("s1's session expired", || {
+        Metrics::get(&m.sessions_expired) == 1
+    })
+    .await;
+    let (s1, ack) = RawClient::connect_with(b.addr, &ConnectOpts::new("s1").clean(false)).await;
     assert_eq!(ack.return_code, ConnectAckReason::ConnectionAccepted);
     assert!(!ack.session_present, "the expired session is gone");
     // s2 is online: never expired.
@@ -191,11 +203,13 @@ async fn a_client_id_belongs_to_the_user_who_made_its_session() {
     let (_, ack) = RawClient::connect_with(b.addr, &bob).await;
     assert_eq!(ack.return_code, ConnectAckReason::NotAuthorized);
     let mut p = RawClient::connect(b.addr, &ConnectOpts::new("p").login("alice", "a")).await;
-    p.publish("alice/1", b"still mine", QoS::AtLeastOnce, false).await;
+    p.publish("alice/1", b"still mine", QoS::AtLeastOnce, false)
+        .await;
     assert_eq!(a.receive().await.payload, b"still mine");
     // ...nor resume her offline session (with a clean session either).
     a.kill();
-    p.publish("alice/2", b"queued", QoS::AtLeastOnce, false).await;
+    p.publish("alice/2", b"queued", QoS::AtLeastOnce, false)
+        .await;
     for opts in [bob.clone(), bob.clone().clean(true)] {
         let (_, ack) = RawClient::connect_with(b.addr, &opts).await;
         assert_eq!(ack.return_code, ConnectAckReason::NotAuthorized);
@@ -237,7 +251,8 @@ async fn read_permission_holds_at_delivery() {
         ]
     );
     let mut p = RawClient::connect(b.addr, &ConnectOpts::new("p").login("bob", "b")).await;
-    p.publish("test/nosubscribe", b"secret", QoS::AtLeastOnce, true).await;
+    p.publish("test/nosubscribe", b"secret", QoS::AtLeastOnce, true)
+        .await;
     p.publish("test/ok", b"fine", QoS::AtLeastOnce, false).await;
     assert_eq!(a.receive().await.payload, b"fine");
     a.expect_nothing().await;
@@ -255,8 +270,11 @@ async fn a_revoked_read_rule_holds_for_restored_subscriptions() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_owned();
     let before = "user alice\ntopic readwrite shared/#\nuser bob\ntopic readwrite shared/#\n";
-    let mut b = TestBroker::start(users_with_acl(before), |s| s.data_dir = Some(data.clone())).await;
-    let alice = ConnectOpts::new("alice-box").clean(false).login("alice", "a");
+    let mut b =
+        TestBroker::start(users_with_acl(before), |s| s.data_dir = Some(data.clone())).await;
+    let alice = ConnectOpts::new("alice-box")
+        .clean(false)
+        .login("alice", "a");
     let mut a = RawClient::connect(b.addr, &alice).await;
     a.subscribe("shared/#", QoS::AtLeastOnce).await;
     a.disconnect().await;
@@ -264,10 +282,12 @@ async fn a_revoked_read_rule_holds_for_restored_subscriptions() {
     let after = "user alice\ntopic write shared/#\nuser bob\ntopic readwrite shared/#\n";
     let b = TestBroker::start(users_with_acl(after), |s| s.data_dir = Some(data.clone())).await;
     let mut p = RawClient::connect(b.addr, &ConnectOpts::new("p").login("bob", "b")).await;
-    p.publish("shared/x", b"not for alice", QoS::AtLeastOnce, false).await;
+    p.publish("shared/x", b"not for alice", QoS::AtLeastOnce, false)
+        .await;
     let (mut a, ack) = RawClient::connect_with(b.addr, &alice).await;
     assert!(ack.session_present);
-    p.publish("shared/y", b"nor this", QoS::AtLeastOnce, false).await;
+    p.publish("shared/y", b"nor this", QoS::AtLeastOnce, false)
+        .await;
     a.expect_nothing().await;
     assert_eq!(Metrics::get(&b.handle().metrics().receive_denied), 2);
 }
@@ -281,8 +301,15 @@ async fn flood(b: &TestBroker) -> RawClient {
     let payload = vec![0u8; 64 * 1024];
     for _ in 0..1000 {
         assert!(
-            p.try_send(publish_packet("flood", &payload, QoS::AtMostOnce, false, None, false))
-                .await,
+            p.try_send(publish_packet(
+                "flood",
+                &payload,
+                QoS::AtMostOnce,
+                false,
+                None,
+                false
+            ))
+            .await,
             "the publisher was disconnected"
         );
     }
@@ -349,8 +376,8 @@ impl capteurs_gateway::broker::auth::Authenticator for Switch {
         _: &str,
     ) -> capteurs_gateway::broker::auth::AclDecision {
         use capteurs_gateway::broker::auth::{AclDecision, Action};
-        let ok = action != Action::Receive
-            || self.receive.load(std::sync::atomic::Ordering::SeqCst);
+        let ok =
+            action != Action::Receive || self.receive.load(std::sync::atomic::Ordering::SeqCst);
         if ok {
             AclDecision::Allow
         } else {
@@ -378,8 +405,12 @@ async fn a_new_auth_generation_drops_cached_receive_decisions() {
     let mut p = RawClient::connect(b.addr, &ConnectOpts::new("p")).await;
     p.publish("t/1", b"before", QoS::AtLeastOnce, false).await;
     assert_eq!(s.receive().await.payload, b"before");
-    switch.receive.store(false, std::sync::atomic::Ordering::SeqCst);
-    switch.generation.store(1, std::sync::atomic::Ordering::SeqCst);
+    switch
+        .receive
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    switch
+        .generation
+        .store(1, std::sync::atomic::Ordering::SeqCst);
     p.publish("t/1", b"after", QoS::AtLeastOnce, false).await;
     s.expect_nothing().await;
     assert_eq!(Metrics::get(&b.handle().metrics().receive_denied), 1);

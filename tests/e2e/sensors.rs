@@ -381,18 +381,8 @@ async fn a_replay_fifo_without_a_writer_does_not_hold_up_shutdown() {
     // SAFETY: a NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     let cfg = format!("[ble]\nreplay = \"{}\"\n", fifo.display())
-        + &sensor(
-            "balcon",
-            "ble:A4:C1:38:02:83:F4",
-            "\"temperature\"",
-            "",
-        )
-        + &sensor(
-            "ruuvi",
-            "ble:CB:B8:33:4C:88:4F",
-            "\"temperature\"",
-            "",
-        );
+        + &sensor("balcon", "ble:A4:C1:38:02:83:F4", "\"temperature\"", "")
+        + &sensor("ruuvi", "ble:CB:B8:33:4C:88:4F", "\"temperature\"", "");
     let mut g = TestGateway::start(dir.path(), &cfg).await;
     let mut sub = subscriber(&g, "capteurs/temperature/#").await;
     let write = |line: &'static str| {
@@ -421,9 +411,7 @@ async fn a_replay_fifo_without_a_writer_does_not_hold_up_shutdown() {
     let config = dir.path().join("gateway.toml");
     std::fs::write(
         &config,
-        format!(
-            "[gateway]\ndata_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:0\"\n{cfg}"
-        ),
+        format!("[gateway]\ndata_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:0\"\n{cfg}"),
     )
     .unwrap();
     let mut gw = GatewayProcess::start(&config);
@@ -439,11 +427,25 @@ async fn a_replay_fifo_without_a_writer_does_not_hold_up_shutdown() {
 /// (A4:C1:38:CA:00:00, frame counters 0, 1, 2…).
 fn sim_adverts(format: &str, count: u32) -> Vec<String> {
     let out = std::process::Command::new(sim_bin())
-        .args(["ble", "--advert", format, "--sensors", "1", "--period-ms", "10", "--seed", "7"])
+        .args([
+            "ble",
+            "--advert",
+            format,
+            "--sensors",
+            "1",
+            "--period-ms",
+            "10",
+            "--seed",
+            "7",
+        ])
         .args(["--count", &count.to_string()])
         .output()
         .expect("capteurs-sim runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -479,8 +481,12 @@ async fn a_sensor_with_a_key_hears_only_fresh_encrypted_frames_from_itself() {
     pty.write(encrypted[1].as_bytes()); // the same: a repeat
     pty.write(plain[0].as_bytes()); // plaintext from its address
     pty.write(atc[0].as_bytes()); // custom firmware from its address
-    // Custom firmware from another advertiser, naming the sensor's address.
-    pty.write(atc[0].replacen("A4:C1:38:CA:00:00", "11:22:33:44:55:66", 1).as_bytes());
+                                  // Custom firmware from another advertiser, naming the sensor's address.
+    pty.write(
+        atc[0]
+            .replacen("A4:C1:38:CA:00:00", "11:22:33:44:55:66", 1)
+            .as_bytes(),
+    );
     pty.write(encrypted[2].as_bytes());
     sub.receive().await;
     sub.expect_nothing().await;

@@ -348,7 +348,9 @@ async fn in_rule_topics_that_are_invalid_here_are_refused_and_counted() {
     let valid = format!("{deep_prefix}cmd/ok");
     let mut landed = false;
     for _ in 0..40 {
-        cloud_pub.publish("site/cmd/ok", b"1", QoS::AtLeastOnce, false).await;
+        cloud_pub
+            .publish("site/cmd/ok", b"1", QoS::AtLeastOnce, false)
+            .await;
         if let Ok(Some(Packet::Publish(p))) = local_sub.recv_within(QUIET).await {
             assert_eq!(&*p.topic, valid.as_str());
             landed = true;
@@ -362,7 +364,9 @@ async fn in_rule_topics_that_are_invalid_here_are_refused_and_counted() {
     for t in [&too_deep, &too_long] {
         cloud_pub.publish(t, b"bad", QoS::AtLeastOnce, false).await;
     }
-    cloud_pub.publish("site/cmd/after", b"2", QoS::AtLeastOnce, false).await;
+    cloud_pub
+        .publish("site/cmd/after", b"2", QoS::AtLeastOnce, false)
+        .await;
     let p = local_sub.receive().await;
     assert!(
         p.topic == format!("{deep_prefix}cmd/after"),

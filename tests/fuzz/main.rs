@@ -46,10 +46,12 @@ const USERS: [Option<(&str, &str)>; 6] = [
 ];
 const CLIENT_IDS: [&str; 6] = ["c0", "c1", "c2", "c3", "shared", ""];
 const FILTERS: [&str; 14] = [
-    "#", "+/+", "a/#", "a/secret", "b/+", "pub/#", "pub/x", "$SYS/#", "a/+/c", "+",
-    "a/#/b", "bad+", "", "x/y/z",
+    "#", "+/+", "a/#", "a/secret", "b/+", "pub/#", "pub/x", "$SYS/#", "a/+/c", "+", "a/#/b",
+    "bad+", "", "x/y/z",
 ];
-const TOPICS: [&str; 7] = ["a/x", "a/secret", "b/y", "pub/x", "pub/y/z", "a/b/c", "x/y/z"];
+const TOPICS: [&str; 7] = [
+    "a/x", "a/secret", "b/y", "pub/x", "pub/y/z", "a/b/c", "x/y/z",
+];
 /// Topic names a PUBLISH or a will may not have (the connection closes).
 const BAD_TOPICS: [&str; 3] = ["a/+", "", "a/b/c/d/e/f/g/h/i/j"];
 
@@ -150,13 +152,16 @@ impl Fuzz {
 
     /// [`Fuzz::drain`], returning at the CONNACK when `connack`.
     async fn drain_until(&mut self, k: usize, wait: Duration, ack: bool, connack: bool) {
-        let Some(c) = self.clients[k].as_mut() else { return };
+        let Some(c) = self.clients[k].as_mut() else {
+            return;
+        };
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let packet = match c.codec.decode(&mut c.rbuf) {
                 Ok(Some((p, _))) => p,
                 Ok(None) => {
-                    let read = tokio::time::timeout_at(deadline, c.stream.read_buf(&mut c.rbuf)).await;
+                    let read =
+                        tokio::time::timeout_at(deadline, c.stream.read_buf(&mut c.rbuf)).await;
                     match read {
                         Err(_) => return,
                         Ok(Ok(n)) if n > 0 => continue,
@@ -193,7 +198,9 @@ impl Fuzz {
                     match (p.qos, p.packet_id) {
                         (QoS::AtMostOnce, _) | (_, None) => None,
                         (QoS::AtLeastOnce, Some(id)) => Some(Packet::PublishAck { packet_id: id }),
-                        (QoS::ExactlyOnce, Some(id)) => Some(Packet::PublishReceived { packet_id: id }),
+                        (QoS::ExactlyOnce, Some(id)) => {
+                            Some(Packet::PublishReceived { packet_id: id })
+                        }
                     }
                 }
                 Packet::PublishReceived { packet_id } => Some(Packet::PublishRelease { packet_id }),
@@ -211,7 +218,8 @@ impl Fuzz {
 
     async fn send(&mut self, k: usize, bytes: &[u8]) {
         if let Some(c) = self.clients[k].as_mut() {
-            let w = tokio::time::timeout(Duration::from_millis(200), c.stream.write_all(bytes)).await;
+            let w =
+                tokio::time::timeout(Duration::from_millis(200), c.stream.write_all(bytes)).await;
             if !matches!(w, Ok(Ok(()))) {
                 self.clients[k] = None;
             }
@@ -238,15 +246,20 @@ impl Fuzz {
                 let user = s.pick(&USERS);
                 let id = s.pick(&CLIENT_IDS);
                 let flags = s.byte();
-                let mut o = ConnectOpts::new(id).clean(flags & 1 == 0).keep_alive(u16::from(flags >> 5));
+                let mut o = ConnectOpts::new(id)
+                    .clean(flags & 1 == 0)
+                    .keep_alive(u16::from(flags >> 5));
                 if let Some((u, p)) = user {
                     o = o.login(u, p);
                 }
                 if flags & 2 != 0 {
                     o = o.will(s.topic(), "gone", QoS::AtLeastOnce, flags & 4 != 0);
                 }
-                let Ok(Ok(stream)) =
-                    tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(self.broker.addr)).await
+                let Ok(Ok(stream)) = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    tokio::net::TcpStream::connect(self.broker.addr),
+                )
+                .await
                 else {
                     return;
                 };
@@ -260,7 +273,8 @@ impl Fuzz {
                     next_id: 0,
                 });
                 self.send(k, &encode(o.packet())).await;
-                self.drain_until(k, Duration::from_millis(500), true, true).await;
+                self.drain_until(k, Duration::from_millis(500), true, true)
+                    .await;
             }
             2..=4 => {
                 if self.clients[k].is_none() {
@@ -268,10 +282,22 @@ impl Fuzz {
                 }
                 let n = 1 + s.byte() % 3;
                 let filters = (0..n)
-                    .map(|_| (s.pick(&FILTERS).into(), s.pick(&[QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce])))
+                    .map(|_| {
+                        (
+                            s.pick(&FILTERS).into(),
+                            s.pick(&[QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]),
+                        )
+                    })
                     .collect();
                 let packet_id = self.packet_id(k);
-                self.send(k, &encode(Packet::Subscribe { packet_id, topic_filters: filters })).await;
+                self.send(
+                    k,
+                    &encode(Packet::Subscribe {
+                        packet_id,
+                        topic_filters: filters,
+                    }),
+                )
+                .await;
             }
             5 => {
                 if self.clients[k].is_none() {
@@ -279,7 +305,14 @@ impl Fuzz {
                 }
                 let packet_id = self.packet_id(k);
                 let f = s.pick(&FILTERS);
-                self.send(k, &encode(Packet::Unsubscribe { packet_id, topic_filters: vec![f.into()] })).await;
+                self.send(
+                    k,
+                    &encode(Packet::Unsubscribe {
+                        packet_id,
+                        topic_filters: vec![f.into()],
+                    }),
+                )
+                .await;
             }
             6..=10 => {
                 if self.clients[k].is_none() {
@@ -289,7 +322,14 @@ impl Fuzz {
                 let qos = [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce][flags as usize % 3];
                 let id = (qos != QoS::AtMostOnce).then(|| self.packet_id(k));
                 let size = [0usize, 1, 10, 300, 2000][(flags >> 2) as usize % 5];
-                let p = publish_packet(s.topic(), &vec![b'x'; size], qos, flags & 0x80 != 0, id, flags & 0x40 != 0);
+                let p = publish_packet(
+                    s.topic(),
+                    &vec![b'x'; size],
+                    qos,
+                    flags & 0x80 != 0,
+                    id,
+                    flags & 0x40 != 0,
+                );
                 self.send(k, &encode(p)).await;
             }
             11 => {
@@ -310,10 +350,20 @@ impl Fuzz {
                 let bytes: Vec<u8> = match b % 4 {
                     0 => (0..1 + b % 16).map(|_| s.byte()).collect(),
                     1 => {
-                        let full = encode(publish_packet("a/x", b"cut", QoS::AtLeastOnce, false, std::num::NonZeroU16::new(1), false));
+                        let full = encode(publish_packet(
+                            "a/x",
+                            b"cut",
+                            QoS::AtLeastOnce,
+                            false,
+                            std::num::NonZeroU16::new(1),
+                            false,
+                        ));
                         full[..full.len() / 2].to_vec()
                     }
-                    2 => encode(Packet::PublishRelease { packet_id: std::num::NonZeroU16::new(u16::from(b) + 1).unwrap() }).to_vec(),
+                    2 => encode(Packet::PublishRelease {
+                        packet_id: std::num::NonZeroU16::new(u16::from(b) + 1).unwrap(),
+                    })
+                    .to_vec(),
                     _ => encode(Packet::PingRequest).to_vec(),
                 };
                 self.send(k, &bytes).await;
@@ -326,7 +376,8 @@ impl Fuzz {
             _ => {
                 // A second CONNECT on the same connection: a protocol error.
                 if s.byte() % 4 == 0 {
-                    self.send(k, &encode(ConnectOpts::new("again").packet())).await;
+                    self.send(k, &encode(ConnectOpts::new("again").packet()))
+                        .await;
                 }
             }
         }
@@ -389,14 +440,20 @@ impl Rng {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_client_sessions_never_break_the_broker() {
-    let secs: u64 = std::env::var("FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
-    let seed: u64 = std::env::var("FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as u64
-            | 1
-    });
+    let secs: u64 = std::env::var("FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let seed: u64 = std::env::var("FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                | 1
+        });
     eprintln!("session fuzzing: FUZZ_SEED={seed} FUZZ_SECS={secs}");
     // A panic in any broker task is a failure, even one the task absorbed.
     let panicked = Arc::new(AtomicBool::new(false));
@@ -454,5 +511,8 @@ async fn random_client_sessions_never_break_the_broker() {
         "session fuzzing: {scripts} scripts, {ops} operations, {} messages received and checked, in {secs} s",
         f.received
     );
-    assert!(scripts > 0 && f.received > 0, "the fuzzer exercised nothing");
+    assert!(
+        scripts > 0 && f.received > 0,
+        "the fuzzer exercised nothing"
+    );
 }

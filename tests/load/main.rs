@@ -52,7 +52,13 @@ const ATTACKS: [Attack; 8] = [
     Attack::Garbage,
 ];
 
-async fn attack(addr: std::net::SocketAddr, kind: Attack, n: usize, stop: Arc<AtomicBool>, started: Arc<AtomicUsize>) {
+async fn attack(
+    addr: std::net::SocketAddr,
+    kind: Attack,
+    n: usize,
+    stop: Arc<AtomicBool>,
+    started: Arc<AtomicUsize>,
+) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let connect = |id: String, login: Option<(&str, &str)>| {
         let mut o = ConnectOpts::new(&id);
@@ -77,7 +83,9 @@ async fn attack(addr: std::net::SocketAddr, kind: Attack, n: usize, stop: Arc<At
                     }
                 }
                 Attack::NonReader => {
-                    s.write_all(&connect(format!("deaf-{n}"), Some(("mallory", "m")))).await.ok()?;
+                    s.write_all(&connect(format!("deaf-{n}"), Some(("mallory", "m"))))
+                        .await
+                        .ok()?;
                     let sub = Packet::Subscribe {
                         packet_id: std::num::NonZeroU16::new(1).unwrap(),
                         topic_filters: vec![("pair/#".into(), QoS::AtLeastOnce)],
@@ -89,13 +97,17 @@ async fn attack(addr: std::net::SocketAddr, kind: Attack, n: usize, stop: Arc<At
                     }
                 }
                 Attack::DeepFilters | Attack::ManyFilters => {
-                    s.write_all(&connect(format!("greedy-{n}"), None)).await.ok()?;
+                    s.write_all(&connect(format!("greedy-{n}"), None))
+                        .await
+                        .ok()?;
                     let filters: Vec<(bytestring::ByteString, QoS)> = match kind {
                         Attack::DeepFilters => vec![
                             ("/".repeat(10_000).into(), QoS::AtMostOnce),
                             ("/".repeat(199).into(), QoS::AtMostOnce),
                         ],
-                        _ => (0..500).map(|i| (format!("g/{n}/{i}").into(), QoS::AtMostOnce)).collect(),
+                        _ => (0..500)
+                            .map(|i| (format!("g/{n}/{i}").into(), QoS::AtMostOnce))
+                            .collect(),
                     };
                     let sub = Packet::Subscribe {
                         packet_id: std::num::NonZeroU16::new(1).unwrap(),
@@ -106,15 +118,21 @@ async fn attack(addr: std::net::SocketAddr, kind: Attack, n: usize, stop: Arc<At
                     let _ = s.read(&mut buf).await;
                 }
                 Attack::BadPassword => {
-                    s.write_all(&connect(format!("guess-{n}"), Some(("alice", "guess")))).await.ok()?;
+                    s.write_all(&connect(format!("guess-{n}"), Some(("alice", "guess"))))
+                        .await
+                        .ok()?;
                     let _ = s.read(&mut buf).await;
                 }
                 Attack::TakeOver => {
-                    s.write_all(&connect("pair-sub".into(), Some(("mallory", "m")))).await.ok()?;
+                    s.write_all(&connect("pair-sub".into(), Some(("mallory", "m"))))
+                        .await
+                        .ok()?;
                     let _ = s.read(&mut buf).await;
                 }
                 Attack::Garbage => {
-                    s.write_all(&[0x10, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F, 0xDE, 0xAD]).await.ok()?;
+                    s.write_all(&[0x10, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F, 0xDE, 0xAD])
+                        .await
+                        .ok()?;
                     let _ = s.read(&mut buf).await;
                 }
             }
@@ -132,7 +150,11 @@ async fn attack(addr: std::net::SocketAddr, kind: Attack, n: usize, stop: Arc<At
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_hostile_connections_leave_a_well_behaved_pair_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let passwd = format!("alice:{}\nmallory:{}\n", hash_password("a"), hash_password("m"));
+    let passwd = format!(
+        "alice:{}\nmallory:{}\n",
+        hash_password("a"),
+        hash_password("m")
+    );
     std::fs::write(dir.path().join("passwd"), passwd).unwrap();
     std::fs::write(
         dir.path().join("acl"),
@@ -158,30 +180,48 @@ async fn two_hundred_hostile_connections_leave_a_well_behaved_pair_alone() {
     let mut tasks = Vec::new();
     for n in 0..200 {
         let kind = ATTACKS[n % ATTACKS.len()];
-        tasks.push(tokio::spawn(attack(gw.addr, kind, n, stop.clone(), started.clone())));
+        tasks.push(tokio::spawn(attack(
+            gw.addr,
+            kind,
+            n,
+            stop.clone(),
+            started.clone(),
+        )));
     }
     // Every attacker connected at least once before measuring.
-    eventually("200 hostile connections", || started.load(Ordering::Relaxed) >= 200).await;
+    eventually("200 hostile connections", || {
+        started.load(Ordering::Relaxed) >= 200
+    })
+    .await;
     let mut latencies = Vec::new();
     for i in 0..500u32 {
         let body = i.to_string();
         let t = std::time::Instant::now();
-        publ.publish("pair/t", body.as_bytes(), QoS::AtLeastOnce, false).await;
+        publ.publish("pair/t", body.as_bytes(), QoS::AtLeastOnce, false)
+            .await;
         let m = sub.receive().await;
         latencies.push(t.elapsed());
-        assert_eq!(std::str::from_utf8(&m.payload).unwrap(), body, "in order, nothing lost");
+        assert_eq!(
+            std::str::from_utf8(&m.payload).unwrap(),
+            body,
+            "in order, nothing lost"
+        );
     }
     stop.store(true, Ordering::Relaxed);
     latencies.sort();
     let p50 = latencies[latencies.len() / 2];
     let p99 = latencies[latencies.len() * 99 / 100];
-    eprintln!("pair under 200 hostile connections: p50 {p50:?}, p99 {p99:?}, max {:?}", latencies.last().unwrap());
+    eprintln!(
+        "pair under 200 hostile connections: p50 {p50:?}, p99 {p99:?}, max {:?}",
+        latencies.last().unwrap()
+    );
     assert!(p99 < Duration::from_millis(10), "p99 {p99:?} (p50 {p50:?})");
     for t in tasks {
         let _ = tokio::time::timeout(WAIT, t).await;
     }
     // Still there, and still serving.
-    publ.publish("pair/t", b"last", QoS::AtLeastOnce, false).await;
+    publ.publish("pair/t", b"last", QoS::AtLeastOnce, false)
+        .await;
     assert_eq!(sub.receive().await.payload, b"last");
     let status = gw.terminate(WAIT).await;
     assert!(status.success(), "{status:?}");

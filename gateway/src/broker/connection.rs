@@ -65,9 +65,7 @@ impl End {
         match self {
             End::Disconnect | End::Shutdown => false,
             End::Kicked(k) => k.publish_will,
-            End::Eof | End::Io(_) | End::Protocol(_) | End::KeepAlive | End::WriteTimeout => {
-                true
-            }
+            End::Eof | End::Io(_) | End::Protocol(_) | End::KeepAlive | End::WriteTimeout => true,
         }
     }
 }
@@ -316,7 +314,11 @@ async fn refuse(conn: &mut Conn, reason: ConnectAckReason) {
         session_present: false,
     }));
     // A refused client gets a second to read its CONNACK, not more.
-    let limit = conn.shared.settings.write_timeout.min(Duration::from_secs(1));
+    let limit = conn
+        .shared
+        .settings
+        .write_timeout
+        .min(Duration::from_secs(1));
     let _ = conn.flush_within(limit).await;
 }
 
@@ -363,7 +365,9 @@ async fn handshake(
     // An address that failed to log in repeatedly waits first (each
     // further failure doubles the wait), so guessing passwords is slow
     // however many sockets it opens.
-    let wait = shared.login_backoff.wait(peer.ip(), std::time::Instant::now());
+    let wait = shared
+        .login_backoff
+        .wait(peer.ip(), std::time::Instant::now());
     if !wait.is_zero() {
         Metrics::inc(&metrics.logins_delayed);
         tokio::select! {
@@ -398,12 +402,15 @@ async fn handshake(
         ConnectDecision::Abstain => Some(ConnectRefusal::NotAuthorized),
     };
     if refusal.is_some() {
-        shared.login_backoff.failed(peer.ip(), std::time::Instant::now());
+        shared
+            .login_backoff
+            .failed(peer.ip(), std::time::Instant::now());
     }
     let will = match &connect.last_will {
         None => None,
         Some(w) => {
-            if let Err(e) = topic::validate_name_within(&w.topic, shared.settings.max_topic_levels) {
+            if let Err(e) = topic::validate_name_within(&w.topic, shared.settings.max_topic_levels)
+            {
                 if matches!(e, topic::TopicError::TooDeep { .. }) {
                     Metrics::inc(&metrics.topics_too_deep);
                 }
@@ -456,7 +463,9 @@ async fn handshake(
                 // Another user's client id: neither its session nor its
                 // connection is this client's to take. Counted as a failed
                 // login from that address (repeated, it is slowed down).
-                shared.login_backoff.failed(peer.ip(), std::time::Instant::now());
+                shared
+                    .login_backoff
+                    .failed(peer.ip(), std::time::Instant::now());
                 Metrics::inc(&metrics.connections_refused);
                 if super::router::worth_logging(&metrics.client_id_taken) {
                     warn!(%peer, client_id = %client_id, username = ?info.username,
@@ -826,7 +835,8 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
     let metrics = &router.metrics;
     match packet {
         Packet::Publish(p) => {
-            if let Err(e) = topic::validate_name_within(&p.topic, shared.settings.max_topic_levels) {
+            if let Err(e) = topic::validate_name_within(&p.topic, shared.settings.max_topic_levels)
+            {
                 if matches!(e, topic::TopicError::TooDeep { .. }) {
                     Metrics::inc(&metrics.topics_too_deep);
                 }

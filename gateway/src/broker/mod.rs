@@ -153,7 +153,9 @@ impl Publisher {
     /// (a name, at most 65,535 bytes, at most `max_topic_levels` levels);
     /// an invalid one is refused, counted, and not routed.
     pub fn publish(&self, message: Message) -> Result<(), topic::TopicError> {
-        if let Err(e) = topic::validate_name_within(&message.topic, self.shared.settings.max_topic_levels) {
+        if let Err(e) =
+            topic::validate_name_within(&message.topic, self.shared.settings.max_topic_levels)
+        {
             let m = &self.shared.router.metrics;
             if router::worth_logging(&m.invalid_local_topics) {
                 warn!(origin = ?message.origin, error = %e, topic_bytes = message.topic.len(),
@@ -307,8 +309,10 @@ impl Broker {
             }
             None => None,
         };
-        let login_backoff =
-            auth::backoff::LoginBackoff::new(settings.login_free_failures, settings.login_backoff_max);
+        let login_backoff = auth::backoff::LoginBackoff::new(
+            settings.login_free_failures,
+            settings.login_backoff_max,
+        );
         let shared = Arc::new(Shared {
             router,
             auth,

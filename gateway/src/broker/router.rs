@@ -331,7 +331,12 @@ impl Router {
 
     /// [`Router::deliver`]; `readable`: the subscription it comes through
     /// already proves the session may read the topic (no check to make).
-    fn deliver_checked(&self, session: &Arc<Session>, mut delivery: Delivery, readable: bool) -> bool {
+    fn deliver_checked(
+        &self,
+        session: &Arc<Session>,
+        mut delivery: Delivery,
+        readable: bool,
+    ) -> bool {
         let max = self.limits.max_queued;
         let mut st = session.lock();
         if let Some(auth) = self.read_auth.as_ref().filter(|_| !readable) {
@@ -439,7 +444,10 @@ impl Router {
 
     fn retain(&self, message: &Arc<Message>) {
         let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
-        let (old_n, old_b) = retained.map.get(&message.topic).map_or((0, 0), |m| weight(m));
+        let (old_n, old_b) = retained
+            .map
+            .get(&message.topic)
+            .map_or((0, 0), |m| weight(m));
         let (n, b) = weight(message);
         let over = !message.payload.is_empty() && n > 0 && {
             let count = retained.count - old_n + n;
@@ -673,7 +681,8 @@ fn dedup_targets(targets: &mut Vec<Target>) {
     if targets.len() <= 16 {
         let mut i = 0;
         while i < targets.len() {
-            if let Some(j) = (0..i).find(|&j| Arc::ptr_eq(&targets[j].session, &targets[i].session)) {
+            if let Some(j) = (0..i).find(|&j| Arc::ptr_eq(&targets[j].session, &targets[i].session))
+            {
                 let t = targets.swap_remove(i);
                 merge(&mut targets[j], &t);
             } else {

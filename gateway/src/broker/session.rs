@@ -222,5 +222,4 @@ impl Session {
     pub fn take_dirty(&self) -> bool {
         self.dirty.swap(false, Ordering::AcqRel)
     }
-
 }

@@ -329,7 +329,12 @@ impl Store {
             let old = self.index.get(id);
             let Some(s) = saved else {
                 if old.is_some() {
-                    for table in ["sessions", "subscriptions", "session_messages", "incoming_qos2"] {
+                    for table in [
+                        "sessions",
+                        "subscriptions",
+                        "session_messages",
+                        "incoming_qos2",
+                    ] {
                         tx.prepare_cached(&format!("DELETE FROM {table} WHERE client_id = ?1"))
                             .and_then(|mut st| st.execute(params![&**id]))
                             .map_err(err)?;
@@ -355,9 +360,11 @@ impl Store {
             }
             for filter in old.subscriptions.keys() {
                 if !new.subscriptions.contains_key(filter) {
-                    tx.prepare_cached("DELETE FROM subscriptions WHERE client_id = ?1 AND filter = ?2")
-                        .and_then(|mut st| st.execute(params![&**id, filter]))
-                        .map_err(err)?;
+                    tx.prepare_cached(
+                        "DELETE FROM subscriptions WHERE client_id = ?1 AND filter = ?2",
+                    )
+                    .and_then(|mut st| st.execute(params![&**id, filter]))
+                    .map_err(err)?;
                 }
             }
             for (filter, qos) in &new.subscriptions {
@@ -369,9 +376,11 @@ impl Store {
             }
             for seq in old.messages.keys() {
                 if !new.messages.contains_key(seq) {
-                    tx.prepare_cached("DELETE FROM session_messages WHERE client_id = ?1 AND seq = ?2")
-                        .and_then(|mut st| st.execute(params![&**id, *seq as i64]))
-                        .map_err(err)?;
+                    tx.prepare_cached(
+                        "DELETE FROM session_messages WHERE client_id = ?1 AND seq = ?2",
+                    )
+                    .and_then(|mut st| st.execute(params![&**id, *seq as i64]))
+                    .map_err(err)?;
                 }
             }
             for (state, packet_id, d) in message_rows(s) {
@@ -404,14 +413,18 @@ impl Store {
                 }
             }
             for pid in old.incoming_qos2.difference(&new.incoming_qos2) {
-                tx.prepare_cached("DELETE FROM incoming_qos2 WHERE client_id = ?1 AND packet_id = ?2")
-                    .and_then(|mut st| st.execute(params![&**id, pid]))
-                    .map_err(err)?;
+                tx.prepare_cached(
+                    "DELETE FROM incoming_qos2 WHERE client_id = ?1 AND packet_id = ?2",
+                )
+                .and_then(|mut st| st.execute(params![&**id, pid]))
+                .map_err(err)?;
             }
             for pid in new.incoming_qos2.difference(&old.incoming_qos2) {
-                tx.prepare_cached("INSERT OR REPLACE INTO incoming_qos2 (client_id, packet_id) VALUES (?1, ?2)")
-                    .and_then(|mut st| st.execute(params![&**id, pid]))
-                    .map_err(err)?;
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO incoming_qos2 (client_id, packet_id) VALUES (?1, ?2)",
+                )
+                .and_then(|mut st| st.execute(params![&**id, pid]))
+                .map_err(err)?;
             }
             written.push((id.clone(), Some(new)));
         }
@@ -460,7 +473,9 @@ impl Store {
         let mut last_ids: HashMap<String, Head> = HashMap::new();
         let mut stmt = self
             .conn
-            .prepare("SELECT client_id, last_packet_id, owner, owner_known, detached_ms FROM sessions")
+            .prepare(
+                "SELECT client_id, last_packet_id, owner, owner_known, detached_ms FROM sessions",
+            )
             .map_err(&err)?;
         for row in stmt
             .query_map([], |r| {
@@ -618,7 +633,13 @@ fn salvage(broken: &Path, fresh: &Connection) {
         error!(file = %broken.display(), "broker store: nothing salvaged (the file does not open)");
         return;
     };
-    for table in ["retained", "sessions", "subscriptions", "session_messages", "incoming_qos2"] {
+    for table in [
+        "retained",
+        "sessions",
+        "subscriptions",
+        "session_messages",
+        "incoming_qos2",
+    ] {
         let mut copied = 0usize;
         let mut complete = true;
         for order in ["ASC", "DESC"] {
@@ -631,20 +652,33 @@ fn salvage(broken: &Path, fresh: &Connection) {
         if complete {
             info!(table, rows = copied, "broker store: table salvaged whole");
         } else {
-            error!(table, rows = copied, "broker store: table partly salvaged; rows on damaged pages are lost");
+            error!(
+                table,
+                rows = copied,
+                "broker store: table partly salvaged; rows on damaged pages are lost"
+            );
         }
     }
 }
 
 /// Copies `table`'s rows in rowid `order` until one does not read; true if
 /// it reached the end.
-fn copy_rows(old: &Connection, fresh: &Connection, table: &str, order: &str, copied: &mut usize) -> bool {
+fn copy_rows(
+    old: &Connection,
+    fresh: &Connection,
+    table: &str,
+    order: &str,
+    copied: &mut usize,
+) -> bool {
     let Ok(mut st) = old.prepare(&format!("SELECT * FROM {table} ORDER BY rowid {order}")) else {
         return false;
     };
     let columns: Vec<String> = st.column_names().iter().map(|c| c.to_string()).collect();
     let marks = vec!["?"; columns.len()].join(", ");
-    let sql = format!("INSERT OR IGNORE INTO {table} ({}) VALUES ({marks})", columns.join(", "));
+    let sql = format!(
+        "INSERT OR IGNORE INTO {table} ({}) VALUES ({marks})",
+        columns.join(", ")
+    );
     let Ok(mut ins) = fresh.prepare(&sql) else {
         return false;
     };
@@ -735,13 +769,19 @@ mod tests {
         }
         assert!(save_session(&mut store, &s) >= 302);
         let wal = dir.path().join("broker.sqlite-wal");
-        store.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+        store
+            .conn
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+            .unwrap();
         // One more 1-byte message: one row (and the session's head row,
         // whose detach time moves while attached... here it is offline).
         s.lock().queue.push_back(delivery(301, "a/small", b"1"));
         assert_eq!(save_session(&mut store, &s), 1);
         let written = std::fs::metadata(&wal).map_or(0, |m| m.len());
-        assert!(written < 64 * 1024, "{written} bytes of WAL for a 1-byte message");
+        assert!(
+            written < 64 * 1024,
+            "{written} bytes of WAL for a 1-byte message"
+        );
         // Sent: the row is updated in place, not rewritten with its payload.
         {
             let mut st = s.lock();
@@ -814,14 +854,25 @@ mod tests {
         let mut store = Store::open(dir.path()).unwrap();
         let mut batch = Batch::default();
         for i in 0..2000 {
-            let m = Message::new(format!("r/{i:05}"), "x".repeat(200), 1, true, Origin::Broker);
-            batch.retained.push((ByteString::from(format!("r/{i:05}")), Some(Arc::new(m))));
+            let m = Message::new(
+                format!("r/{i:05}"),
+                "x".repeat(200),
+                1,
+                true,
+                Origin::Broker,
+            );
+            batch
+                .retained
+                .push((ByteString::from(format!("r/{i:05}")), Some(Arc::new(m))));
         }
         store.save(&batch).unwrap();
         let s = Session::new(Arc::from("box"), false, None);
         s.lock().subscriptions.insert("r/#".into(), 1);
         save_session(&mut store, &s);
-        store.conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+        store
+            .conn
+            .execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+            .unwrap();
         drop(store);
         let path = dir.path().join("broker.sqlite");
         let mut bytes = std::fs::read(&path).unwrap();
@@ -842,7 +893,13 @@ mod tests {
         assert_eq!(sessions.len(), 1, "the session's pages were not hit");
         let aside = std::fs::read_dir(dir.path())
             .unwrap()
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().contains(".broken-"))
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .contains(".broken-")
+            })
             .count();
         assert!(aside >= 1, "the broken file is kept for inspection");
 

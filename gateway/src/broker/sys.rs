@@ -85,7 +85,10 @@ fn publish_all(shared: &Shared) {
     );
     for (topic, counter) in [
         ("$SYS/broker/limits/topic_levels", &m.topics_too_deep),
-        ("$SYS/broker/limits/subscriptions", &m.subscriptions_over_limit),
+        (
+            "$SYS/broker/limits/subscriptions",
+            &m.subscriptions_over_limit,
+        ),
         ("$SYS/broker/limits/retained", &m.retained_over_limit),
         ("$SYS/broker/limits/sessions", &m.sessions_over_limit),
         ("$SYS/broker/clients/expired", &m.sessions_expired),
@@ -93,7 +96,10 @@ fn publish_all(shared: &Shared) {
         ("$SYS/broker/clients/id_taken", &m.client_id_taken),
         ("$SYS/broker/messages/receive_denied", &m.receive_denied),
         ("$SYS/broker/clients/logins_delayed", &m.logins_delayed),
-        ("$SYS/broker/publish/invalid_local_topics", &m.invalid_local_topics),
+        (
+            "$SYS/broker/publish/invalid_local_topics",
+            &m.invalid_local_topics,
+        ),
         ("$SYS/broker/store/recovered", &m.store_recovered),
         ("$SYS/broker/subscribe/invalid", &m.invalid_filters),
     ] {

@@ -274,7 +274,10 @@ mod tests {
                 assert_eq!(matched(&t, &deep), vec![("a".into(), 1), ("b".into(), 0)]);
                 assert!(t.remove(&deep, &a));
                 assert!(!t.remove(&deep, &a));
-                assert_eq!(matched(&t, &format!("{deep}x")), vec![("b".into(), 0), ("b".into(), 0)]);
+                assert_eq!(
+                    matched(&t, &format!("{deep}x")),
+                    vec![("b".into(), 0), ("b".into(), 0)]
+                );
                 assert!(t.remove(&format!("{deep}x"), &b));
                 assert_eq!(t.len(), 1);
                 // Dropped with a branch 100,000 levels deep still in it.

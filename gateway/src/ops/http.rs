@@ -94,7 +94,11 @@ pub async fn start(addr: SocketAddr, ops: Arc<Ops>) -> Result<HttpHandle, HttpEr
                 Ok(p) => p,
                 Err(_) => {
                     // Shed the oldest connection still sending its head.
-                    let oldest = waiting.lock().unwrap_or_else(|e| e.into_inner()).queue.pop_front();
+                    let oldest = waiting
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .queue
+                        .pop_front();
                     if let Some((_, t)) = oldest {
                         debug!(peer = %peer, "HTTP: all slots taken, closing the oldest idle connection");
                         t.cancel();

@@ -867,7 +867,10 @@ mod tests {
         let mut l = PluginLimiter::new(8 * mb);
         assert!(l.memory_growing(0, 5 * mb, None).unwrap());
         assert!(l.memory_growing(0, 3 * mb, None).unwrap());
-        assert!(!l.memory_growing(0, 1, None).unwrap(), "a third memory over the sum");
+        assert!(
+            !l.memory_growing(0, 1, None).unwrap(),
+            "a third memory over the sum"
+        );
         assert!(!l.memory_growing(5 * mb, 5 * mb + 1, None).unwrap());
         assert_eq!(l.memory_used(), 8 * mb);
         // A permitted growth that then failed is given back.
@@ -875,7 +878,10 @@ mod tests {
         assert!(l.memory_growing(0, 8 * mb, None).unwrap());
         l.memory_grow_failed(wasmtime::Error::msg("no")).unwrap();
         assert_eq!(l.memory_used(), 0);
-        assert!(!l.memory_growing(0, 2 * mb, Some(mb)).unwrap(), "its own maximum");
+        assert!(
+            !l.memory_growing(0, 2 * mb, Some(mb)).unwrap(),
+            "its own maximum"
+        );
         // Table elements, over all tables.
         assert!(l.table_growing(0, MAX_TABLE_ELEMENTS / 2, None).unwrap());
         assert!(l.table_growing(0, MAX_TABLE_ELEMENTS / 2, None).unwrap());

@@ -172,8 +172,16 @@ fn counters_are_serial_numbers() {
     assert_eq!(freshness(Some(5), 4), Replayed);
     assert_eq!(freshness(Some(u32::MAX), 0), New, "wrap");
     assert_eq!(freshness(Some(u32::MAX - 1), 3), New, "wrap");
-    assert_eq!(freshness(Some(3), u32::MAX), Replayed, "from before the wrap");
-    assert_eq!(freshness(Some(0), 1 << 31), Replayed, "half the circle away");
+    assert_eq!(
+        freshness(Some(3), u32::MAX),
+        Replayed,
+        "from before the wrap"
+    );
+    assert_eq!(
+        freshness(Some(0), 1 << 31),
+        Replayed,
+        "half the circle away"
+    );
 }
 
 /// What [`Sources::fresh_counter`] makes of an encrypted frame's counter.

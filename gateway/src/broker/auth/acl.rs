@@ -291,7 +291,9 @@ impl Acl {
             Some(u) => self.users.get(u).map(Vec::as_slice).unwrap_or_default(),
             None => &self.anonymous,
         };
-        let own = own.iter().map(|r| Some((r, Cow::Borrowed(r.filter.as_str()))));
+        let own = own
+            .iter()
+            .map(|r| Some((r, Cow::Borrowed(r.filter.as_str()))));
         let patterns = self
             .patterns
             .iter()
@@ -425,8 +427,14 @@ pattern deny isima/%c/private
         // them and no deny rule overlaps them.
         assert!(acl.covers_reads(&alice, "isima/G1/#"));
         assert!(acl.covers_reads(&alice, "isima/box2/private"));
-        assert!(!acl.covers_reads(&alice, "isima/#"), "isima/secret is denied");
-        assert!(!acl.covers_reads(&alice, "isima/+/private"), "box1's is denied");
+        assert!(
+            !acl.covers_reads(&alice, "isima/#"),
+            "isima/secret is denied"
+        );
+        assert!(
+            !acl.covers_reads(&alice, "isima/+/private"),
+            "box1's is denied"
+        );
         assert!(!acl.covers_reads(&alice, "other/#"), "no read rule");
         // A deny never allows anything by itself.
         let only_deny = Acl::parse("topic deny a\n", "t").unwrap();

@@ -82,9 +82,9 @@ impl LoginBackoff {
     /// How long a login from `ip` must wait before it is checked (zero: now).
     pub fn wait(&self, ip: IpAddr, now: Instant) -> Duration {
         let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        peers
-            .get(&key(ip))
-            .map_or(Duration::ZERO, |e| e.not_before.saturating_duration_since(now))
+        peers.get(&key(ip)).map_or(Duration::ZERO, |e| {
+            e.not_before.saturating_duration_since(now)
+        })
     }
 
     /// Records a failed login from `ip`.
@@ -147,7 +147,11 @@ mod tests {
         b.failed(ip, t);
         assert_eq!(b.wait(ip, t), BASE_DELAY * 2);
         assert_eq!(b.wait(ip, t + BASE_DELAY * 2), Duration::ZERO);
-        assert_eq!(b.wait(other, t), Duration::ZERO, "other addresses are not slowed");
+        assert_eq!(
+            b.wait(other, t),
+            Duration::ZERO,
+            "other addresses are not slowed"
+        );
         for _ in 0..100 {
             b.failed(ip, t);
         }

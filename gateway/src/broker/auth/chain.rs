@@ -31,7 +31,9 @@ impl Authenticator for AuthChain {
     /// The first authenticator's Allow is the chain's answer: when it
     /// allows every name of the filter, so does the chain.
     fn covers_reads(&self, client: &ClientInfo, filter: &str) -> bool {
-        self.0.first().is_some_and(|a| a.covers_reads(client, filter))
+        self.0
+            .first()
+            .is_some_and(|a| a.covers_reads(client, filter))
     }
 
     fn generation(&self) -> u64 {

@@ -284,7 +284,10 @@ pub fn advert(sources: &Sources, a: &Advert) {
     // could forge.
     if let Some(i) = known.filter(|&i| sources.registry.sensors[i].key.is_some()) {
         if !d.encrypted {
-            let why = format!("{} frame refused: this sensor has a key, only encrypted BTHome is accepted", d.format);
+            let why = format!(
+                "{} frame refused: this sensor has a key, only encrypted BTHome is accepted",
+                d.format
+            );
             sources.dropped(&stats.unauthenticated, &source, "unauthenticated", &why);
             return;
         }
@@ -293,7 +296,8 @@ pub fn advert(sources: &Sources, a: &Advert) {
             crate::sources::Freshness::New => {}
             crate::sources::Freshness::Repeat => return,
             crate::sources::Freshness::Replayed => {
-                let why = format!("frame counter {counter} is not newer than the last one accepted");
+                let why =
+                    format!("frame counter {counter} is not newer than the last one accepted");
                 sources.dropped(&stats.replayed, &source, "replayed", &why);
                 return;
             }
@@ -317,7 +321,10 @@ pub fn advert(sources: &Sources, a: &Advert) {
         return;
     };
     if known.is_none() && sources.registry.sensors[index].key.is_some() {
-        let why = format!("{} frame from another address naming this sensor, which has a key", d.format);
+        let why = format!(
+            "{} frame from another address naming this sensor, which has a key",
+            d.format
+        );
         sources.dropped(&stats.unauthenticated, &source, "unauthenticated", &why);
         return;
     }
