@@ -5,146 +5,46 @@
 //! (sessions saved), buffer (last group commit).
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
 
 use crate::broker::auth::Authenticator;
-use crate::broker::auth::{AuthError, FileAuth};
 use crate::broker::Publisher;
-use crate::broker::{Broker, BrokerError, BrokerHandle, BrokerSettings};
-use crate::buffer::{Buffer, BufferError, BufferSettings};
-use crate::config::{GatewayConfig, PluginKind};
+use crate::broker::{Broker, BrokerError, BrokerHandle};
+use crate::buffer::{Buffer, BufferError};
+use crate::config::GatewayConfig;
 use crate::health::{self, Health};
 use crate::ops::discovery;
 use crate::ops::http::HttpHandle;
 use crate::ops::Ops;
 use crate::plugins::runtime::PluginError;
-use crate::plugins::Plugins;
-use crate::sources::{self, Registry, Sources, SourcesHandle, SourcesSettings};
+use crate::plugins::{PluginKind, Plugins};
+use crate::problems::Problems;
+use crate::sources::{self, Sources, SourcesHandle};
 use crate::systemd;
-use crate::upstream::{self, Outlet, Rules, ServerUrl, UpstreamHandle, UpstreamSettings};
+use crate::upstream::{self, Outlet, Rules, UpstreamHandle};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Error)]
 pub enum Error {
     #[error(transparent)]
     Broker(#[from] BrokerError),
-    #[error(transparent)]
-    Auth(#[from] AuthError),
-    #[error("invalid {0} address {1:?}")]
-    Listen(&'static str, String),
+    /// A setting refused when its stage started (the file is checked at
+    /// load; this is what changed since, or what the command line set).
+    #[error("configuration: {0}")]
+    Config(#[from] Problems),
     #[error(transparent)]
     Buffer(#[from] BufferError),
-    #[error("upstream: {0}")]
-    Upstream(String),
-    #[error("sensors: {0}")]
-    Sources(String),
+    #[error("{0} task: {1}")]
+    Task(&'static str, tokio::task::JoinError),
     #[error(transparent)]
     Plugin(#[from] PluginError),
     #[error("installing the SIGHUP handler: {0}")]
     Signal(std::io::Error),
     #[error(transparent)]
     Http(#[from] crate::ops::http::HttpError),
-}
-
-/// Broker settings from the configuration.
-pub fn broker_settings(cfg: &GatewayConfig) -> Result<BrokerSettings, Error> {
-    let b = &cfg.broker;
-    let listen: SocketAddr = b
-        .listen
-        .parse()
-        .map_err(|_| Error::Listen("broker.listen", b.listen.clone()))?;
-    Ok(BrokerSettings {
-        listen,
-        max_packet_size: b.max_packet_size,
-        max_connections: b.max_connections,
-        max_inflight: b.max_inflight,
-        max_queued: b.max_queued,
-        queue_qos0_offline: b.queue_qos0_offline,
-        slow_subscriber_timeout: Duration::from_millis(b.slow_subscriber_timeout_ms),
-        connect_timeout: Duration::from_millis(b.connect_timeout_ms),
-        write_timeout: Duration::from_millis(b.write_timeout_ms),
-        max_topic_levels: b.max_topic_levels,
-        max_subscriptions_per_client: b.max_subscriptions_per_client,
-        max_retained: b.max_retained,
-        max_retained_bytes: b.max_retained_bytes,
-        max_sessions: b.max_sessions,
-        session_expiry: Duration::from_secs(b.session_expiry_secs),
-        login_free_failures: b.login_free_failures,
-        login_backoff_max: Duration::from_millis(b.login_backoff_max_ms),
-        sys_interval: Duration::from_secs(b.sys_interval_secs),
-        persist_interval: Duration::from_millis(b.persist_interval_ms),
-        data_dir: b.persistence.then(|| cfg.resolve(&cfg.gateway.data_dir)),
-    })
-}
-
-/// The built-in authenticator from the configuration.
-pub fn authenticator(cfg: &GatewayConfig) -> Result<FileAuth, Error> {
-    let b = &cfg.broker;
-    let passwd = b.password_file.as_ref().map(|p| cfg.resolve(p));
-    let acl = b.acl_file.as_ref().map(|p| cfg.resolve(p));
-    Ok(FileAuth::new(
-        b.allow_anonymous,
-        passwd.as_deref(),
-        acl.as_deref(),
-    )?)
-}
-
-/// The upstream's settings from the configuration (reads the TLS files).
-pub fn upstream_settings(cfg: &GatewayConfig) -> Result<UpstreamSettings, Error> {
-    let u = &cfg.upstream;
-    let read = |key: &str, p: &std::path::PathBuf| {
-        std::fs::read(cfg.resolve(p))
-            .map_err(|e| Error::Upstream(format!("upstream.{key}: {}: {e}", p.display())))
-    };
-    let servers = u
-        .servers
-        .iter()
-        .map(|s| ServerUrl::parse(s).map_err(Error::Upstream))
-        .collect::<Result<Vec<_>, _>>()?;
-    let client_auth = match (&u.client_cert, &u.client_key) {
-        (Some(c), Some(k)) => Some((read("client_cert", c)?, read("client_key", k)?)),
-        _ => None,
-    };
-    Ok(UpstreamSettings {
-        gateway_id: cfg.gateway.id.clone(),
-        servers,
-        client_id: if u.client_id.is_empty() {
-            cfg.gateway.id.clone()
-        } else {
-            u.client_id.clone()
-        },
-        username: u.username.clone(),
-        password: u.password.clone(),
-        ca: u.ca_file.as_ref().map(|p| read("ca_file", p)).transpose()?,
-        client_auth,
-        keep_alive: Duration::from_secs(u.keep_alive_secs.max(1)),
-        clean_session: u.clean_session,
-        connect_timeout: Duration::from_millis(u.connect_timeout_ms),
-        status_prefix: u.status_prefix.clone(),
-        stats_interval: Duration::from_secs(u.stats_interval_secs),
-        reconnect_min: Duration::from_millis(u.reconnect_min_ms),
-        reconnect_max: Duration::from_millis(u.reconnect_max_ms),
-        max_inflight: u.max_inflight,
-        max_rate: u.max_rate,
-        envelope: u.envelope,
-    })
-}
-
-/// The buffer's settings from the configuration.
-pub fn buffer_settings(cfg: &GatewayConfig) -> BufferSettings {
-    let b = &cfg.buffer;
-    BufferSettings {
-        path: cfg.resolve(&cfg.gateway.data_dir).join("buffer.sqlite"),
-        max_bytes: b.max_bytes,
-        max_age: (b.max_age_secs > 0).then(|| Duration::from_secs(b.max_age_secs)),
-        when_full: b.when_full,
-        sync: b.sync,
-        memory_first: b.memory_first.then_some(b.memory_max_messages),
-    }
 }
 
 /// Every stage, running.
@@ -192,8 +92,10 @@ impl Gateway {
 
 /// Starts every stage.
 pub async fn start(cfg: &GatewayConfig) -> Result<Gateway, Error> {
-    let settings = broker_settings(cfg)?;
-    let mut builtin = authenticator(cfg)?;
+    let data_dir = &cfg.gateway.data_dir;
+    let ops = crate::ops::config::settings(&cfg.http, &cfg.homeassistant)?;
+    let settings = cfg.broker.settings(data_dir)?;
+    let mut builtin = cfg.broker.authenticator()?;
     let auth_plugins = cfg.plugins.iter().any(|p| p.kind == PluginKind::Auth);
     if cfg.broker.builtin_auth_first && auth_plugins {
         builtin = builtin.deferring();
@@ -209,12 +111,12 @@ pub async fn start(cfg: &GatewayConfig) -> Result<Gateway, Error> {
         .map(|p| p as Arc<dyn crate::broker::Transform>);
     let status_topic = upstream::status_topic(&cfg.upstream.status_prefix, &cfg.gateway.id);
     let (broker, buffer, upstream) = if cfg.upstream.enabled {
-        let up = upstream_settings(cfg)?;
+        let up = cfg.upstream.settings(&cfg.gateway.id)?;
         let rules = Arc::new(Rules::new(cfg.upstream.rules.clone()));
-        let bs = buffer_settings(cfg);
+        let bs = cfg.buffer.settings(data_dir)?;
         let buffer = tokio::task::spawn_blocking(move || Buffer::open(bs))
             .await
-            .map_err(|e| Error::Upstream(e.to_string()))??;
+            .map_err(|e| Error::Task("buffer", e))??;
         let outlet = Arc::new(Outlet::new(
             rules.clone(),
             buffer.clone(),
@@ -249,39 +151,37 @@ pub async fn start(cfg: &GatewayConfig) -> Result<Gateway, Error> {
     // Home Assistant's availability topic: the same as the upstream's, kept
     // on the local broker too (not otherwise: `capteurs/#` subscribers of
     // the course would get it among their readings).
-    let local_status = cfg.homeassistant.discovery.then(|| {
+    let local_status = ops.discovery.as_ref().map(|prefix| {
         discovery::status(&broker.publisher(), &status_topic, "online");
         if let Some(s) = &sources {
             discovery::announce(
                 &broker.publisher(),
                 &s.sources.registry,
-                &cfg.homeassistant.prefix,
+                prefix,
                 &cfg.gateway.id,
                 &status_topic,
             );
         }
         status_topic.clone()
     });
-    let http = if cfg.http.listen.is_empty() {
-        None
-    } else {
-        let addr: SocketAddr = cfg
-            .http
-            .listen
-            .parse()
-            .map_err(|_| Error::Listen("http.listen", cfg.http.listen.clone()))?;
-        let ops = Ops::new(
-            cfg.gateway.id.clone(),
-            broker.view(),
-            buffer.clone(),
-            cfg.buffer.max_bytes,
-            upstream.as_ref().map(|u| u.stats().clone()),
-            sources.as_ref().map(|s| s.sources.clone()),
-            plugins.clone(),
-            health.clone(),
-            health::stale_after(systemd::watchdog_interval().unwrap_or(Duration::from_secs(30))),
-        );
-        Some(crate::ops::http::start(addr, Arc::new(ops)).await?)
+    let http = match ops.http {
+        None => None,
+        Some(addr) => {
+            let ops = Ops::new(
+                cfg.gateway.id.clone(),
+                broker.view(),
+                buffer.clone(),
+                cfg.buffer.max_bytes,
+                upstream.as_ref().map(|u| u.stats().clone()),
+                sources.as_ref().map(|s| s.sources.clone()),
+                plugins.clone(),
+                health.clone(),
+                health::stale_after(
+                    systemd::watchdog_interval().unwrap_or(Duration::from_secs(30)),
+                ),
+            );
+            Some(crate::ops::http::start(addr, Arc::new(ops)).await?)
+        }
     };
     Ok(Gateway {
         broker,
@@ -306,14 +206,13 @@ pub async fn load_plugins(
         return Ok(None);
     }
     let configs = cfg.plugins.clone();
-    let base = cfg.base_dir.clone();
-    let cache = cfg.resolve(&cfg.gateway.data_dir).join("plugins-cache");
+    let cache = cfg.gateway.data_dir.join("plugins-cache");
     let builtin_first = cfg.broker.builtin_auth_first;
     let p = tokio::task::spawn_blocking(move || {
-        Plugins::load(configs, &base, Some(cache), builtin, builtin_first)
+        Plugins::load(configs, Some(cache), builtin, builtin_first)
     })
     .await
-    .map_err(|e| Error::Plugin(PluginError::Engine(format!("plugin loader: {e}"))))??;
+    .map_err(|e| Error::Task("plugin loader", e))??;
     Ok(Some(Arc::new(p)))
 }
 
@@ -324,60 +223,15 @@ pub fn start_sources(
     publisher: Publisher,
     plugins: Option<Arc<Plugins>>,
 ) -> Result<Option<SourcesHandle>, Error> {
-    if cfg.sensors.is_empty() && cfg.serial.is_empty() && cfg.ble.replay.is_none() && !cfg.ble.scan
-    {
+    let decoders = crate::plugins::config::decoders(&cfg.plugins);
+    let input = cfg.sources_input(&decoders);
+    if !input.any() {
         return Ok(None);
     }
-    let registry = Registry::new(&cfg.sources, &cfg.sensors).map_err(Error::Sources)?;
-    let mut ports = Vec::new();
-    for p in &cfg.serial {
-        let here = registry.on_port(&p.port);
-        let default_sensor = match &p.sensor {
-            Some(id) => registry.serial(&p.port, id),
-            None if here.len() == 1 => Some(here[0]),
-            None => None,
-        };
-        let default_grandeur = p.grandeur.clone().or_else(|| {
-            default_sensor.and_then(|i| {
-                registry.sensors[i]
-                    .quantities
-                    .first()
-                    .map(|q| q.grandeur.clone())
-            })
-        });
-        ports.push(sources::serial::PortSettings {
-            port: p.port.clone(),
-            path: cfg.resolve(&p.port),
-            baud: p.baud,
-            data_bits: p.data_bits,
-            parity: p.parity,
-            stop_bits: p.stop_bits,
-            line_ending: p.line_ending,
-            format: p.format,
-            checksum: p.checksum,
-            default_sensor,
-            default_grandeur,
-            decoder: p.decoder.clone(),
-            max_line_bytes: p.max_line_bytes,
-            reopen_min: Duration::from_millis(p.reopen_min_ms),
-            reopen_max: Duration::from_millis(p.reopen_max_ms),
-        });
-    }
-    let settings = SourcesSettings {
-        serial: ports,
-        ble_replay: cfg.ble.replay.as_ref().map(|p| cfg.resolve(p)),
-        ble_scan: cfg.ble.scan.then(|| sources::ble::ScanSettings {
-            adapter: cfg.ble.adapter.clone(),
-        }),
-        stats_interval: Duration::from_secs(cfg.sources.stats_interval_secs),
-    };
-    let s = Sources::new(
-        registry,
-        publisher,
-        Duration::from_secs(cfg.sources.log_interval_secs),
-    )
-    .with_plugins(plugins, cfg.ble.decoder.clone());
-    Ok(Some(sources::start(settings, s)))
+    let plan = input.plan()?;
+    let s = Sources::new(plan.registry, publisher, plan.log_interval)
+        .with_plugins(plugins, plan.ble_decoder);
+    Ok(Some(sources::start(plan.settings, s)))
 }
 
 /// Runs the gateway until `shutdown` resolves, then stops cleanly.

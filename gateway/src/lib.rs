@@ -30,6 +30,7 @@ pub mod logging;
 pub mod message;
 pub mod ops;
 pub mod plugins;
+pub mod problems;
 pub mod sources;
 pub mod systemd;
 pub mod upstream;

@@ -5,12 +5,42 @@
 
 use std::fmt::Write as _;
 
+use serde::Deserialize;
 use systemd_journal_logger::{connected_to_journal, JournalLog};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
+
+use crate::problems::Problems;
+
+/// `[log]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// A `tracing` filter: `info`, `debug`, `capteurs_gateway::broker=debug`…
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+        }
+    }
+}
+
+impl LogConfig {
+    pub fn validate(&self, problems: &mut Problems) {
+        if let Err(e) = EnvFilter::try_new(&self.level) {
+            problems.add(
+                "log.level",
+                format!("{:?} is not a log filter ({e})", self.level),
+            );
+        }
+    }
+}
 
 /// Where [`init`] sent the logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

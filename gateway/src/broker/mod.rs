@@ -1,6 +1,7 @@
 //! The embedded MQTT 3.1/3.1.1 broker.
 //!
 //! # Layout
+//! - [`config`]: `[broker]` of the configuration, checked into [`BrokerSettings`].
 //! - [`codec`]: framing and packet checks on top of `rmqtt-codec`.
 //! - [`topic`], [`trie`]: topic names, filters, and the subscription tree.
 //! - [`session`]: per-client state that outlives a connection.
@@ -16,6 +17,7 @@
 
 pub mod auth;
 pub mod codec;
+pub mod config;
 mod connection;
 pub mod router;
 pub mod session;
@@ -38,6 +40,7 @@ use tracing::{error, info, warn};
 
 use crate::message::Message;
 use auth::Authenticator;
+pub use config::BrokerConfig;
 use router::{Metrics, QueueLimits, Router};
 use store::{Batch, Store};
 
@@ -54,7 +57,7 @@ pub enum BrokerError {
     Auth(#[from] auth::AuthError),
 }
 
-/// Runtime settings of the broker, resolved from [`crate::config::BrokerConfig`].
+/// Runtime settings of the broker, built from [`BrokerConfig`].
 #[derive(Debug, Clone)]
 pub struct BrokerSettings {
     pub listen: SocketAddr,
@@ -92,34 +95,6 @@ pub struct BrokerSettings {
     pub persist_interval: Duration,
     /// None: sessions and retained messages live in memory only.
     pub data_dir: Option<PathBuf>,
-}
-
-impl BrokerSettings {
-    /// Settings for tests and quick trials: loopback port 0, in-memory.
-    pub fn ephemeral() -> Self {
-        BrokerSettings {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
-            max_packet_size: 1024 * 1024,
-            max_connections: 10_000,
-            max_inflight: 32,
-            max_queued: 1000,
-            queue_qos0_offline: false,
-            slow_subscriber_timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(10),
-            write_timeout: Duration::from_secs(10),
-            max_topic_levels: 200,
-            max_subscriptions_per_client: 1000,
-            max_retained: 100_000,
-            max_retained_bytes: 64 * 1024 * 1024,
-            max_sessions: 20_000,
-            session_expiry: Duration::from_secs(7 * 86400),
-            login_free_failures: auth::backoff::FREE_FAILURES,
-            login_backoff_max: auth::backoff::MAX_DELAY,
-            sys_interval: Duration::from_secs(10),
-            persist_interval: Duration::from_secs(1),
-            data_dir: None,
-        }
-    }
 }
 
 /// State shared by every connection task.

@@ -13,6 +13,10 @@
 //! restarts (kept in the database even when the buffer is empty): the
 //! upstream can send them along so consumers drop duplicates.
 
+pub mod config;
+
+pub use config::{BufferConfig, SyncMode, WhenFull};
+
 use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,7 +29,6 @@ use thiserror::Error;
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
-use crate::config::{SyncMode, WhenFull};
 use crate::health::Heartbeat;
 
 #[derive(Debug, Error)]

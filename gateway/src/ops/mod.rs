@@ -2,9 +2,11 @@
 //! One HTTP listener (`[http] listen`) serves Prometheus metrics
 //! ([`metrics`]), a status page ([`page`]), the same summary as JSON (which
 //! `capteurs-gateway status` prints) and a health check; [`discovery`]
-//! announces the sensors to Home Assistant. Everything here only reads the
+//! announces the sensors to Home Assistant; [`config`] holds `[http]` and
+//! `[homeassistant]`. Everything here only reads the
 //! stages' own counters and state: nothing on a message's path waits for it.
 
+pub mod config;
 pub mod discovery;
 pub mod http;
 pub mod metrics;
@@ -20,8 +22,8 @@ use serde::{Deserialize, Serialize};
 use crate::broker::router::Metrics;
 use crate::broker::BrokerView;
 use crate::buffer::{Buffer, BufferStats};
-use crate::config::PluginKind;
 use crate::health::Health;
+use crate::plugins::PluginKind;
 use crate::plugins::Plugins;
 use crate::sources::{registry, SourceStats, Sources};
 use crate::upstream::UpstreamStats;

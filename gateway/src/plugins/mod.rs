@@ -2,6 +2,7 @@
 //! between the sources/clients and the broker, auth in front of the
 //! built-in password file and ACL.
 //!
+//! - [`config`]: `[[plugins]]` of the configuration and its checks;
 //! - [`runtime`]: the engine, the compiled-component cache, store state and
 //!   host imports, and [`runtime::Guarded`]: limits, faults, restarts;
 //! - [`transform`]: the `transform-plugin` world, chained by [`Plugins`];
@@ -12,12 +13,13 @@
 //! plugin that fails to load keeps its previous version running.
 
 pub mod auth;
+pub mod config;
 pub mod decoder;
 pub mod runtime;
 pub mod transform;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -26,13 +28,13 @@ use std::time::{Duration, SystemTime};
 use tracing::{error, info, warn};
 
 use self::auth::AuthPlugin;
+pub use self::config::{OnErrorConfig, PluginConfig, PluginKind};
 use self::decoder::Decoder;
 use self::runtime::{GuardSettings, Limits, PluginError};
 use self::transform::{OnError, Output, Transform, TransformSettings};
 use crate::broker::auth::{
     AclDecision, Action, AuthChain, Authenticator, ClientInfo, ConnectDecision,
 };
-use crate::config::{OnErrorConfig, PluginConfig, PluginKind};
 use crate::message::Message;
 
 /// Bindings of the `transform-plugin` world; they also hold the shared
@@ -133,7 +135,6 @@ struct Set {
 /// [`crate::broker::Transform`] (the transform chain) and
 /// [`Authenticator`] (auth plugins, then the built-in one).
 pub struct Plugins {
-    base_dir: PathBuf,
     cache_dir: Option<PathBuf>,
     builtin: Arc<dyn Authenticator>,
     builtin_first: bool,
@@ -149,7 +150,6 @@ impl Plugins {
     /// message instead of running without it.
     pub fn load(
         configs: Vec<PluginConfig>,
-        base_dir: &Path,
         cache_dir: Option<PathBuf>,
         builtin: Arc<dyn Authenticator>,
         builtin_first: bool,
@@ -157,7 +157,6 @@ impl Plugins {
         let mut configs = configs;
         configs.sort_by_key(|c| c.order);
         let p = Plugins {
-            base_dir: base_dir.to_owned(),
             cache_dir,
             builtin,
             builtin_first,
@@ -179,7 +178,7 @@ impl Plugins {
 
     fn load_one(&self, c: &PluginConfig) -> Result<Entry, PluginError> {
         let engine = runtime::engine(c.fuel > 0)?;
-        let path = resolve(&self.base_dir, &c.path);
+        let path = c.path.clone();
         let modified = std::fs::metadata(&path).and_then(|m| m.modified()).ok();
         let component = runtime::load(&engine, &c.name, &path, self.cache_dir.as_deref())?;
         let guard = GuardSettings {
@@ -339,14 +338,6 @@ impl Plugins {
             Loaded::Decoder(d) if e.config.name == name => Some(d.clone()),
             _ => None,
         })
-    }
-}
-
-fn resolve(base: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_owned()
-    } else {
-        base.join(p)
     }
 }
 

@@ -7,13 +7,16 @@
 //! - [`ble`]: BLE advertisements (BlueZ, or recorded frames), decoded;
 //! - [`registry`]: the `[[sensors]]` table: which device is which sensor,
 //!   where it is, what it measures, and how its messages look;
-//! - [`place`]: place names to topic levels.
+//! - [`place`]: place names to topic levels;
+//! - [`config`]: `[sources]`, `[[sensors]]`, `[[serial]]`, `[ble]`, checked
+//!   into the registry and the inputs' settings.
 //!
 //! Every source hands its readings to [`Sources`], which checks them
 //! (registry, quantity, physical bounds, duplicates), counts what it drops
 //! and why, and publishes the rest as [`Message`]s.
 
 pub mod ble;
+pub mod config;
 pub mod place;
 pub mod registry;
 pub mod serial;
@@ -30,6 +33,7 @@ use tracing::{info, warn};
 
 use crate::broker::Publisher;
 use crate::message::{Message, Origin};
+pub use config::{SourcesInput, SourcesPlan};
 pub use registry::{Registry, SourceKey};
 
 /// One measurement from a device, before the registry turns it into a

@@ -7,10 +7,13 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use thiserror::Error;
+
 use super::ble::{format_mac, parse_hex, parse_mac};
+pub use super::config::SensorPayload as Payload;
+use super::config::{SensorConfig, SourcesConfig};
 use super::place::topic_level;
-pub use crate::config::SensorPayload as Payload;
-use crate::config::{SensorConfig, SourcesConfig};
+use crate::problems::Problems;
 
 /// Where a sensor's readings come from.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -19,21 +22,32 @@ pub enum SourceKey {
     Ble([u8; 6]),
 }
 
+/// Why a sensor's `source` was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SourceKeyError {
+    #[error("serial: needs a port path")]
+    NoPort,
+    #[error("{0:?} is not a MAC address (AA:BB:CC:DD:EE:FF)")]
+    Mac(String),
+    #[error("{0:?}: expected serial:<port> or ble:<MAC>")]
+    Kind(String),
+}
+
 impl SourceKey {
     /// `serial:/dev/ttyUSB0` or `ble:A4:C1:38:02:83:F4`.
-    pub fn parse(s: &str) -> Result<SourceKey, String> {
+    pub fn parse(s: &str) -> Result<SourceKey, SourceKeyError> {
         if let Some(port) = s.strip_prefix("serial:") {
             if port.is_empty() {
-                return Err("serial: needs a port path".into());
+                return Err(SourceKeyError::NoPort);
             }
             return Ok(SourceKey::Serial(PathBuf::from(port)));
         }
         if let Some(mac) = s.strip_prefix("ble:") {
             return parse_mac(&mac.to_ascii_uppercase())
                 .map(SourceKey::Ble)
-                .ok_or_else(|| format!("{mac:?} is not a MAC address (AA:BB:CC:DD:EE:FF)"));
+                .ok_or_else(|| SourceKeyError::Mac(mac.to_owned()));
         }
-        Err(format!("{s:?}: expected serial:<port> or ble:<MAC>"))
+        Err(SourceKeyError::Kind(s.to_owned()))
     }
 }
 
@@ -108,6 +122,89 @@ impl SensorState {
 }
 
 impl Sensor {
+    /// The `index`-th `[[sensors]]` entry, checked; `None` with its
+    /// problems recorded.
+    fn new(
+        index: usize,
+        s: &SensorConfig,
+        template: &str,
+        now: Instant,
+        p: &mut Problems,
+    ) -> Option<Sensor> {
+        let key = |k: &str| format!("sensors[{index}].{k}");
+        let before = p.len();
+        let source = p.check(&key("source"), SourceKey::parse(&s.source));
+        let mut level =
+            |k: &str, v: &str| p.check(&key(k), topic_level(v).map_err(|e| format!("{v:?} {e}")));
+        let id = level("id", &s.id);
+        let pays = level("pays", &s.pays);
+        let ville = level("ville", &s.ville);
+        let rue = level("rue", &s.rue);
+        let grandeurs: Vec<Option<String>> =
+            s.grandeurs.iter().map(|g| level("grandeurs", g)).collect();
+        if s.grandeurs.is_empty() {
+            p.add(key("grandeurs"), "must list at least one quantity");
+        }
+        if s.qos > 2 {
+            p.add(key("qos"), "must be 0, 1 or 2");
+        }
+        if s.change_threshold.is_nan() || s.change_threshold < 0.0 {
+            p.add(key("change_threshold"), "must be 0 or more");
+        }
+        let bindkey = match &s.key {
+            None => None,
+            Some(k) => {
+                let parsed = parse_hex(k).and_then(|b| <[u8; 16]>::try_from(b).ok());
+                if parsed.is_none() {
+                    p.add(
+                        key("key"),
+                        "must be 32 hex digits (a 16-byte BTHome bindkey)",
+                    );
+                }
+                parsed
+            }
+        };
+        let (Some(source), Some(id), Some(pays), Some(ville), Some(rue)) =
+            (source, id, pays, ville, rue)
+        else {
+            return None;
+        };
+        if p.len() > before {
+            return None;
+        }
+        let quantities = grandeurs
+            .into_iter()
+            .flatten()
+            .map(|g| Quantity {
+                topic: render(template, &g, &pays, &ville, &rue, &id),
+                grandeur: g,
+            })
+            .collect();
+        Some(Sensor {
+            id: s.id.clone(),
+            source,
+            place: [s.pays.clone(), s.ville.clone(), s.rue.clone()],
+            quantities,
+            payload: s.payload,
+            qos: s.qos,
+            retain: s.retain,
+            min_interval: Duration::from_millis(s.min_interval_ms),
+            change_threshold: s.change_threshold,
+            silence_timeout: (s.silence_timeout_secs > 0)
+                .then(|| Duration::from_secs(s.silence_timeout_secs)),
+            key: bindkey,
+            state: Mutex::new(SensorState {
+                last: HashMap::new(),
+                last_frame: None,
+                last_seen: now,
+                silent: false,
+                history: HashMap::new(),
+                rssi: None,
+                battery: None,
+            }),
+        })
+    }
+
     pub fn quantity(&self, grandeur: &str) -> Option<&Quantity> {
         self.quantities.iter().find(|q| q.grandeur == grandeur)
     }
@@ -178,15 +275,54 @@ pub fn render(
         .replace("{id}", id)
 }
 
+/// `[sources]`: the topic template gives a valid topic once filled in, the
+/// prefixes are topic prefixes.
+fn check_topics(cfg: &SourcesConfig, p: &mut Problems) {
+    let topic_ok = |t: &str| !t.is_empty() && !t.contains(['+', '#', '\0']) && !t.starts_with('$');
+    let t = &cfg.topic_template;
+    if !t.contains("{grandeur}") {
+        p.add("sources.topic_template", "must contain {grandeur}");
+    } else if !topic_ok(&render(t, "g", "p", "v", "r", "i")) || t.contains("//") {
+        p.add(
+            "sources.topic_template",
+            format!("{t:?} is not a valid topic once filled in"),
+        );
+    }
+    for (key, v) in [
+        ("status_prefix", &cfg.status_prefix),
+        ("discovery_prefix", &cfg.discovery_prefix),
+    ] {
+        if !topic_ok(v) || v.ends_with('/') {
+            p.add(
+                format!("sources.{key}"),
+                format!("{v:?} is not a topic prefix"),
+            );
+        }
+    }
+}
+
 impl Registry {
-    /// Builds the registry; errors name the sensor and key (the config
-    /// check reports them with their line first).
-    pub fn new(cfg: &SourcesConfig, sensors: &[SensorConfig]) -> Result<Registry, String> {
+    /// Builds the registry from `[sources]` and `[[sensors]]`; every
+    /// problem is named by its key (`sensors[3].ville`).
+    pub fn new(cfg: &SourcesConfig, sensors: &[SensorConfig]) -> Result<Registry, Problems> {
+        let mut p = Problems::new();
+        check_topics(cfg, &mut p);
         let mut bounds: HashMap<String, (f64, f64)> = BOUNDS
             .iter()
             .map(|(g, lo, hi)| (g.to_string(), (*lo, *hi)))
             .collect();
         for (g, [lo, hi]) in &cfg.bounds {
+            if topic_level(g).as_deref() != Ok(g.as_str()) {
+                p.add(
+                    format!("sources.bounds.{g}"),
+                    "is not a quantity name (lower case, no accents)",
+                );
+            } else if lo.partial_cmp(hi) != Some(std::cmp::Ordering::Less) {
+                p.add(
+                    format!("sources.bounds.{g}"),
+                    format!("[{lo}, {hi}]: the low bound must be below the high one"),
+                );
+            }
             bounds.insert(g.clone(), (*lo, *hi));
         }
         let mut reg = Registry {
@@ -199,73 +335,32 @@ impl Registry {
         };
         let now = Instant::now();
         for (i, s) in sensors.iter().enumerate() {
-            let at = |key: &str, e: String| format!("sensors[{i}].{key}: {e}");
-            let source = SourceKey::parse(&s.source).map_err(|e| at("source", e))?;
-            let level =
-                |key: &str, v: &str| topic_level(v).map_err(|e| at(key, format!("{v:?} {e}")));
-            let (pays, ville, rue) = (
-                level("pays", &s.pays)?,
-                level("ville", &s.ville)?,
-                level("rue", &s.rue)?,
-            );
-            let id = level("id", &s.id)?;
-            let mut quantities = Vec::new();
-            for g in &s.grandeurs {
-                let g = level("grandeurs", g)?;
-                let topic = render(&cfg.topic_template, &g, &pays, &ville, &rue, &id);
-                quantities.push(Quantity { grandeur: g, topic });
-            }
-            let key = match &s.key {
-                None => None,
-                Some(k) => Some(
-                    parse_hex(k)
-                        .and_then(|b| <[u8; 16]>::try_from(b).ok())
-                        .ok_or_else(|| {
-                            at(
-                                "key",
-                                "must be 32 hex digits (a 16-byte BTHome bindkey)".into(),
-                            )
-                        })?,
-                ),
+            let Some(sensor) = Sensor::new(i, s, &cfg.topic_template, now, &mut p) else {
+                continue;
             };
             let index = reg.sensors.len();
+            let source = &sensor.source;
             if reg
                 .by_source
                 .insert((source.clone(), s.id.clone()), index)
                 .is_some()
             {
-                return Err(at("id", format!("{:?} is listed twice on {source}", s.id)));
+                p.add(
+                    format!("sensors[{i}].id"),
+                    format!("{:?} is listed twice on {source}", s.id),
+                );
             }
             if let SourceKey::Ble(mac) = source {
-                if reg.by_mac.insert(mac, index).is_some() {
-                    return Err(at("source", format!("{source} is listed twice")));
+                if reg.by_mac.insert(*mac, index).is_some() {
+                    p.add(
+                        format!("sensors[{i}].source"),
+                        format!("{source} is listed twice"),
+                    );
                 }
             }
-            reg.sensors.push(Sensor {
-                id: s.id.clone(),
-                source,
-                place: [s.pays.clone(), s.ville.clone(), s.rue.clone()],
-                quantities,
-                payload: s.payload,
-                qos: s.qos,
-                retain: s.retain,
-                min_interval: Duration::from_millis(s.min_interval_ms),
-                change_threshold: s.change_threshold,
-                silence_timeout: (s.silence_timeout_secs > 0)
-                    .then(|| Duration::from_secs(s.silence_timeout_secs)),
-                key,
-                state: Mutex::new(SensorState {
-                    last: HashMap::new(),
-                    last_frame: None,
-                    last_seen: now,
-                    silent: false,
-                    history: HashMap::new(),
-                    rssi: None,
-                    battery: None,
-                }),
-            });
+            reg.sensors.push(sensor);
         }
-        Ok(reg)
+        p.or(|| reg)
     }
 
     /// The sensor `id` on serial `port`.
@@ -360,24 +455,28 @@ mod tests {
         s.ville = "Aubière/Nord".into();
         let e = Registry::new(&SourcesConfig::default(), &[s])
             .err()
-            .unwrap();
+            .unwrap()
+            .to_string();
         assert!(e.starts_with("sensors[0].ville:"), "{e}");
         let e = Registry::new(&SourcesConfig::default(), &[sensor("x", "usb:0")])
             .err()
-            .unwrap();
+            .unwrap()
+            .to_string();
         assert!(e.starts_with("sensors[0].source:"), "{e}");
         let mut s = sensor("x", "ble:A4:C1:38:02:83:F4");
         s.key = Some("abcd".into());
         let e = Registry::new(&SourcesConfig::default(), &[s])
             .err()
-            .unwrap();
+            .unwrap()
+            .to_string();
         assert!(e.starts_with("sensors[0].key:"), "{e}");
         let e = Registry::new(
             &SourcesConfig::default(),
             &[sensor("x", "serial:/a"), sensor("x", "serial:/a")],
         )
         .err()
-        .unwrap();
+        .unwrap()
+        .to_string();
         assert!(e.starts_with("sensors[1].id:"), "{e}");
     }
 }

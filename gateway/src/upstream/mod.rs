@@ -13,7 +13,9 @@
 //! again from the oldest, so a lost acknowledgement or a forgotten session
 //! costs a duplicate, never a message.
 
+pub mod config;
 mod rules;
+mod url;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -32,59 +34,16 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+pub use config::{Direction, UpstreamConfig, UpstreamRule};
 pub use rules::Rules;
+pub use url::{ServerUrl, UrlError};
 
 use crate::broker::{Outbox, Publisher};
 use crate::buffer::{Buffer, BufferStats, Row};
 use crate::health::{Heartbeat, BEAT_EVERY};
 use crate::message::{Message, Origin};
 
-/// `mqtt://host[:port]` or `mqtts://host[:port]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServerUrl {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
-}
-
-impl ServerUrl {
-    pub fn parse(url: &str) -> Result<ServerUrl, String> {
-        let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
-            (true, r)
-        } else if let Some(r) = url.strip_prefix("mqtt://") {
-            (false, r)
-        } else {
-            return Err(format!("{url:?}: must start with mqtt:// or mqtts://"));
-        };
-        let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (
-                h,
-                p.parse()
-                    .map_err(|_| format!("{url:?}: {p:?} is not a port"))?,
-            ),
-            _ => (rest, if tls { 8883 } else { 1883 }),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() || host.contains('/') {
-            return Err(format!("{url:?}: no host"));
-        }
-        Ok(ServerUrl {
-            tls,
-            host: host.to_owned(),
-            port,
-        })
-    }
-}
-
-impl std::fmt::Display for ServerUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let scheme = if self.tls { "mqtts" } else { "mqtt" };
-        write!(f, "{scheme}://{}:{}", self.host, self.port)
-    }
-}
-
-/// The upstream's settings, resolved from [`crate::config::UpstreamConfig`].
+/// The upstream's settings, built from [`UpstreamConfig`].
 #[derive(Debug, Clone)]
 pub struct UpstreamSettings {
     pub gateway_id: String,
@@ -689,24 +648,6 @@ fn backoff(min: Duration, max: Duration, failures: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn server_urls() {
-        assert_eq!(
-            ServerUrl::parse("mqtt://127.0.0.1:1884").unwrap(),
-            ServerUrl {
-                tls: false,
-                host: "127.0.0.1".into(),
-                port: 1884
-            }
-        );
-        let s = ServerUrl::parse("mqtts://iot.example.com").unwrap();
-        assert_eq!((s.tls, s.port), (true, 8883));
-        assert_eq!(ServerUrl::parse("mqtt://h").unwrap().port, 1883);
-        assert!(ServerUrl::parse("http://h").is_err());
-        assert!(ServerUrl::parse("mqtt://h:x").is_err());
-        assert!(ServerUrl::parse("mqtt://").is_err());
-    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap_with_jitter() {

@@ -4,8 +4,8 @@
 //! `remote_prefix + T`; a cloud topic `remote_prefix + T` comes in as
 //! `local_prefix + T`. The first matching rule wins.
 
+use super::config::{Direction, UpstreamRule};
 use crate::broker::topic;
-use crate::config::{Direction, UpstreamRule};
 
 #[derive(Debug, Clone)]
 pub struct Rules {

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use self::lines::{Checksum, LineFormat, Piece, Splitter};
+use super::config::{LineEnding, Parity};
 use super::{Reading, SourceStats, Sources};
-use crate::config::{LineEnding, Parity};
 
 /// One port, as configured and resolved against the registry.
 #[derive(Debug, Clone)]
