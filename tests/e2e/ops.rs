@@ -86,14 +86,17 @@ async fn metrics_move_by_exactly_what_was_sent_and_dropped() {
     let link = dir.path().join("ttySIM");
     // The cloud is a port nobody listens on: the buffer fills. 1,200 bytes
     // hold 50 messages of "capteurs/f/NNN" (14 bytes) + 10 bytes.
-    let dead = free_port();
+    // Held (bound, not listening) for the whole test: refused, and no
+    // other test's server can take it.
+    let dead = ReservedPort::new();
     let cfg = format!(
         "[http]\nlisten = \"127.0.0.1:0\"\n\
          [upstream]\nenabled = true\nservers = [\"mqtt://127.0.0.1:{dead}\"]\n\
          [[upstream.rules]]\npattern = \"capteurs/f/#\"\ndirection = \"out\"\nqos = 1\n\
          [buffer]\nmax_bytes = 1200\nwhen_full = \"drop_oldest\"\n\
          [[serial]]\nport = \"{}\"\nformat = \"kv\"\nreopen_min_ms = 20\nreopen_max_ms = 50\n",
-        link.display()
+        link.display(),
+        dead = dead.port()
     ) + &sensor(
         "temperature-1-1",
         &format!("serial:{}", link.display()),
@@ -251,12 +254,13 @@ async fn chromium(profile: &std::path::Path, args: &[&str], url: &str) -> String
 async fn status_page_renders_real_values_in_headless_chromium() {
     let dir = tempfile::tempdir().unwrap();
     let link = dir.path().join("adverts");
+    let dead = ReservedPort::new();
     let cfg = format!(
         "[http]\nlisten = \"127.0.0.1:0\"\n[ble]\nreplay = \"{}\"\n\
          [upstream]\nenabled = true\nservers = [\"mqtt://127.0.0.1:{}\"]\n\
          [[upstream.rules]]\npattern = \"capteurs/#\"\ndirection = \"out\"\nqos = 1\n",
         link.display(),
-        free_port()
+        dead.port()
     ) + &sensor(
         "cuisine",
         "ble:A4:C1:38:CA:00:00",
@@ -542,6 +546,7 @@ fn watchdog_is_withheld_while_the_buffer_writer_is_stuck() {
         .unwrap();
     let data = dir.path().join("data");
     let conf = dir.path().join("gw.toml");
+    let dead = ReservedPort::new();
     std::fs::write(
         &conf,
         format!(
@@ -549,7 +554,7 @@ fn watchdog_is_withheld_while_the_buffer_writer_is_stuck() {
              [upstream]\nenabled = true\nservers = [\"mqtt://127.0.0.1:{}\"]\n\
              [[upstream.rules]]\npattern = \"#\"\ndirection = \"out\"\nqos = 1\n",
             data.display().to_string(),
-            free_port()
+            dead.port()
         ),
     )
     .unwrap();

@@ -82,9 +82,9 @@ async fn steady_state_qos1_arrives_in_order() {
 
 #[tokio::test]
 async fn outage_backlog_survives_a_restart_and_drains_in_order_at_the_set_rate() {
-    let port = free_port();
+    let port = ReservedPort::new();
     let dir = tempfile::tempdir().unwrap();
-    let cfg = upstream(&[port], "max_rate = 1000");
+    let cfg = upstream(&[port.port()], "max_rate = 1000");
     // The cloud is down: messages are acknowledged locally and kept.
     let mut g = TestGateway::start(dir.path(), &cfg).await;
     let mut local = RawClient::connect(g.addr, &ConnectOpts::new("sensor")).await;
@@ -94,7 +94,7 @@ async fn outage_backlog_survives_a_restart_and_drains_in_order_at_the_set_rate()
     local.disconnect().await;
     g.stop().await;
     // The cloud comes back; so does the gateway, with its buffer.
-    let cloud = Mosquitto::start_on(port, "").await;
+    let cloud = Mosquitto::start_on(port.release(), "").await;
     let mut sub = RawClient::connect(cloud.addr, &ConnectOpts::new("cloud-sub")).await;
     sub.subscribe("capteurs/#", QoS::AtLeastOnce).await;
     let started = Instant::now();
@@ -149,7 +149,7 @@ async fn failover_to_the_next_server_loses_nothing() {
 
 #[tokio::test]
 async fn qos2_rule_forwards_in_order_through_an_outage() {
-    let mut cloud = Mosquitto::start_on(free_port(), "persistence false").await;
+    let mut cloud = Mosquitto::start_with("persistence false").await;
     let port = cloud.addr.port();
     let dir = tempfile::tempdir().unwrap();
     // Default window (20): mosquitto drops QoS 2 messages beyond its own
@@ -230,13 +230,13 @@ async fn session_present_0_after_the_cloud_lost_our_session_loses_nothing() {
 
 #[tokio::test]
 async fn full_buffer_drops_by_policy_and_counts_exactly() {
-    let port = free_port();
+    let port = ReservedPort::new();
     let dir = tempfile::tempdir().unwrap();
     // "capteurs/f/NNN" (14 bytes) + 10-byte payload = 24 bytes; 1,200 bytes
     // hold 50 of them.
     let cfg = format!(
         "{}[buffer]\nmax_bytes = 1200\nwhen_full = \"drop_oldest\"\n",
-        upstream(&[port], "")
+        upstream(&[port.port()], "")
     );
     let mut g = TestGateway::start(dir.path(), &cfg).await;
     let mut local = RawClient::connect(g.addr, &ConnectOpts::new("sensor")).await;
@@ -254,7 +254,7 @@ async fn full_buffer_drops_by_policy_and_counts_exactly() {
     assert_eq!(BufferStats::get(&stats.dropped_oldest), 30);
     assert_eq!(BufferStats::get(&stats.depth), 50);
     // The cloud comes up: the 50 newest arrive, the 30 oldest never do.
-    let cloud = Mosquitto::start_on(port, "").await;
+    let cloud = Mosquitto::start_on(port.release(), "").await;
     buffer_empty(&g).await;
     let mut sub = RawClient::connect(cloud.addr, &ConnectOpts::new("late")).await;
     sub.subscribe("capteurs/f/#", QoS::AtMostOnce).await;
@@ -526,14 +526,14 @@ async fn try_publish_qos1(c: &mut RawClient, topic: &str, payload: &str) -> bool
 
 #[tokio::test]
 async fn sigkill_at_many_points_loses_no_acknowledged_message() {
-    let port = free_port();
+    let port = ReservedPort::new();
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("gateway.toml");
     std::fs::write(
         &config,
         format!(
             "[gateway]\ndata_dir = \"data\"\n[broker]\nlisten = \"127.0.0.1:0\"\n{}",
-            upstream(&[port], "")
+            upstream(&[port.port()], "")
         ),
     )
     .unwrap();
@@ -571,7 +571,7 @@ async fn sigkill_at_many_points_loses_no_acknowledged_message() {
         gw.kill();
     }
     // The cloud comes back, then the gateway: everything acknowledged arrives.
-    let cloud = Mosquitto::start_on(port, "").await;
+    let cloud = Mosquitto::start_on(port.release(), "").await;
     let mut sub = RawClient::connect(cloud.addr, &ConnectOpts::new("cloud-sub")).await;
     sub.subscribe("capteurs/#", QoS::AtLeastOnce).await;
     let _gw = GatewayProcess::start(&config);
@@ -824,10 +824,10 @@ impl Drop for SmallDisk {
 async fn disk_full_holds_publishers_and_loses_nothing_once_there_is_room() {
     let dir = tempfile::tempdir().unwrap();
     let disk = SmallDisk::mount(&dir.path().join("disk"), "256k");
-    let port = free_port();
+    let port = ReservedPort::new();
     // Right after TestGateway's own `[broker]` lines: only the buffer
     // writes to the small disk.
-    let cfg = format!("persistence = false\n{}", upstream(&[port], ""));
+    let cfg = format!("persistence = false\n{}", upstream(&[port.port()], ""));
     let mut g = TestGateway::start(&disk.0, &cfg).await;
     let mut c = RawClient::connect(g.addr, &ConnectOpts::new("sensor")).await;
     let payload = "v".repeat(1000);
@@ -880,7 +880,7 @@ async fn disk_full_holds_publishers_and_loses_nothing_once_there_is_room() {
     c.disconnect().await;
     g.stop().await;
     // Everything reaches the cloud, in order.
-    let cloud = Mosquitto::start_on(port, "").await;
+    let cloud = Mosquitto::start_on(port.release(), "").await;
     let mut sub = RawClient::connect(cloud.addr, &ConnectOpts::new("cloud-sub")).await;
     sub.subscribe("capteurs/#", QoS::AtLeastOnce).await;
     let mut g = TestGateway::start(&disk.0, &cfg).await;
