@@ -1,0 +1,55 @@
+//! The broker's side of the upstream: which local messages go out, and
+//! into the buffer with them.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use super::Rules;
+use crate::broker::Outbox;
+use crate::buffer::Buffer;
+use crate::message::{Message, Origin};
+
+/// The broker's side of the upstream: decides which messages go out and
+/// appends them to the buffer.
+pub struct Outlet {
+    rules: Arc<Rules>,
+    buffer: Buffer,
+    /// The gateway's status topic: the forwarder publishes it upstream
+    /// itself (birth, will); the local copy must not follow it out late.
+    status_topic: String,
+}
+
+impl Outlet {
+    pub fn new(rules: Arc<Rules>, buffer: Buffer, status_topic: String) -> Outlet {
+        Outlet {
+            rules,
+            buffer,
+            status_topic,
+        }
+    }
+}
+
+impl Outbox for Outlet {
+    fn offer(&self, m: &Arc<Message>, publisher_waits: bool) -> Option<u64> {
+        if m.origin == Origin::Upstream {
+            return None; // came from the cloud: never sent back (no loops)
+        }
+        if m.origin == Origin::Broker && m.topic == self.status_topic {
+            return None;
+        }
+        let (remote, qos) = self.rules.outbound(&m.topic)?;
+        Some(self.buffer.append(
+            remote,
+            m.payload.clone(),
+            qos,
+            m.retain,
+            m.received_at,
+            publisher_waits,
+        ))
+    }
+
+    fn settled(&self) -> watch::Receiver<u64> {
+        self.buffer.settled()
+    }
+}
