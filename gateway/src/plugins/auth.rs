@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use wasmtime::component::Component;
 use wasmtime::Engine;
 
-use super::auth_bindings::exports::capteurs::plugins::auth as wit;
-use super::auth_bindings::{AuthPlugin as World, AuthPluginPre};
 use super::runtime::{GuardSettings, Guarded, HostState, PluginError, PluginStats};
+use super::wit::auth_bindings::exports::capteurs::plugins::auth as wit;
+use super::wit::auth_bindings::{AuthPlugin as World, AuthPluginPre};
 use crate::broker::auth::{
     AclDecision, Action, Authenticator, ClientInfo, ConnectDecision, ConnectRefusal,
 };

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use wasmtime::component::Component;
 use wasmtime::Engine;
 
-use super::decoder_bindings::{DecoderPlugin as World, DecoderPluginPre};
 use super::runtime::{GuardSettings, Guarded, HostState, PluginError, PluginStats};
+use super::wit::decoder_bindings::{DecoderPlugin as World, DecoderPluginPre};
 
 /// One reading out of a decoder.
 #[derive(Debug, Clone, PartialEq)]

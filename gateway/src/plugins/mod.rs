@@ -6,7 +6,9 @@
 //! - [`runtime`]: the engine, the compiled-component cache, store state and
 //!   host imports, and [`runtime::Guarded`]: limits, faults, restarts;
 //! - [`transform`]: the `transform-plugin` world, chained by [`Plugins`];
-//! - [`auth`]: the `auth-plugin` world behind the broker's `Authenticator`.
+//! - [`auth`]: the `auth-plugin` world behind the broker's `Authenticator`;
+//! - [`decoder`]: the `decoder-plugin` world the sources call;
+//! - [`wit`]: the bindings wasmtime generates from `wit/`, one module per world.
 //!
 //! [`Plugins`] holds the running set and swaps it whole on reload: each
 //! message goes through the old set or the new one, never half of each; a
@@ -17,6 +19,7 @@ pub mod config;
 pub mod decoder;
 pub mod runtime;
 pub mod transform;
+pub mod wit;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -36,66 +39,6 @@ use crate::broker::auth::{
     AclDecision, Action, AuthChain, Authenticator, ClientInfo, ConnectDecision,
 };
 use crate::message::Message;
-
-/// Bindings of the `transform-plugin` world; they also hold the shared
-/// `types` and `host` interfaces every other world reuses.
-pub mod bindings {
-    wasmtime::component::bindgen!({
-        world: "transform-plugin",
-        path: "../wit",
-        // The message goes in as borrowed topic and payload: no host-side
-        // copies before the guest's own (it is lowered straight from ours).
-        ownership: Borrowing {
-            duplicate_if_necessary: true
-        },
-    });
-}
-
-/// Bindings of the `batch-transform-plugin` world: `transform` and
-/// `transform-batch`.
-pub mod batch_bindings {
-    wasmtime::component::bindgen!({
-        world: "batch-transform-plugin",
-        path: "../wit",
-        ownership: Borrowing {
-            duplicate_if_necessary: true
-        },
-        with: {
-            "capteurs:plugins/types": super::bindings::capteurs::plugins::types,
-            "capteurs:plugins/host": super::bindings::capteurs::plugins::host,
-        },
-    });
-}
-
-/// Bindings of the `auth-plugin` world.
-pub mod auth_bindings {
-    wasmtime::component::bindgen!({
-        world: "auth-plugin",
-        path: "../wit",
-        ownership: Borrowing {
-            duplicate_if_necessary: true
-        },
-        with: {
-            "capteurs:plugins/types": super::bindings::capteurs::plugins::types,
-            "capteurs:plugins/host": super::bindings::capteurs::plugins::host,
-        },
-    });
-}
-
-/// Bindings of the `decoder-plugin` world.
-pub mod decoder_bindings {
-    wasmtime::component::bindgen!({
-        world: "decoder-plugin",
-        path: "../wit",
-        ownership: Borrowing {
-            duplicate_if_necessary: true
-        },
-        with: {
-            "capteurs:plugins/types": super::bindings::capteurs::plugins::types,
-            "capteurs:plugins/host": super::bindings::capteurs::plugins::host,
-        },
-    });
-}
 
 /// Which world a component implements, by its exports.
 pub fn world_of(

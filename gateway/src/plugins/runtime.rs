@@ -16,8 +16,8 @@ use wasmtime::component::{Component, ResourceTable};
 use wasmtime::{Config, Engine, ResourceLimiter, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::capteurs::plugins::host::{self, Level};
-use super::bindings::capteurs::plugins::types::{self, ParamParam, ParamResult};
+use super::wit::bindings::capteurs::plugins::host::{self, Level};
+use super::wit::bindings::capteurs::plugins::types::{self, ParamParam, ParamResult};
 
 #[derive(Debug, Error)]
 pub enum PluginError {

@@ -18,11 +18,11 @@ use bytestring::ByteString;
 use wasmtime::component::Component;
 use wasmtime::{Engine, Store};
 
-use super::batch_bindings::exports::capteurs::plugins::transform_batch as batch;
-use super::batch_bindings::{BatchTransformPlugin, BatchTransformPluginPre};
-use super::bindings::capteurs::plugins::types::{self, Verdict};
-use super::bindings::{TransformPlugin, TransformPluginPre};
 use super::runtime::{GuardSettings, Guarded, HostState, PluginError, PluginStats};
+use super::wit::batch_bindings::exports::capteurs::plugins::transform_batch as batch;
+use super::wit::batch_bindings::{BatchTransformPlugin, BatchTransformPluginPre};
+use super::wit::bindings::capteurs::plugins::types::{self, Verdict};
+use super::wit::bindings::{TransformPlugin, TransformPluginPre};
 use crate::broker::topic;
 use crate::message::{Message, Origin};
 

@@ -8,8 +8,8 @@
 //! - [`registry`]: the `[[sensors]]` table: which device is which sensor,
 //!   where it is, what it measures, and how its messages look;
 //! - [`place`]: place names to topic levels;
-//! - [`config`]: `[sources]`, `[[sensors]]`, `[[serial]]`, `[ble]`, checked
-//!   into the registry and the inputs' settings.
+//! - [`config`]: `[sources]`, `[[sensors]]`, `[[serial]]`, `[ble]` as written;
+//! - [`plan`]: those tables checked into the registry and the inputs' settings.
 //!
 //! Every source hands its readings to [`Sources`], which checks them
 //! (registry, quantity, physical bounds, duplicates), counts what it drops
@@ -18,6 +18,7 @@
 pub mod ble;
 pub mod config;
 pub mod place;
+pub mod plan;
 pub mod registry;
 pub mod serial;
 
@@ -33,7 +34,7 @@ use tracing::{info, warn};
 
 use crate::broker::Publisher;
 use crate::message::{Message, Origin};
-pub use config::{SourcesInput, SourcesPlan};
+pub use plan::{SourcesInput, SourcesPlan};
 pub use registry::{Registry, SourceKey};
 
 /// One measurement from a device, before the registry turns it into a

@@ -11,14 +11,34 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use serde::Deserialize;
 use tokio::io::AsyncReadExt;
 use tokio_serial::SerialPortBuilderExt;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use self::lines::{Checksum, LineFormat, Piece, Splitter};
-use super::config::{LineEnding, Parity};
 use super::{Reading, SourceStats, Sources};
+
+/// A serial line's parity (`[[serial]] parity`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Parity {
+    #[default]
+    None,
+    Even,
+    Odd,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+/// How lines end (`[[serial]] line_ending`).
+pub enum LineEnding {
+    #[default]
+    Lf,
+    Crlf,
+    Cr,
+}
 
 /// One port, as configured and resolved against the registry.
 #[derive(Debug, Clone)]

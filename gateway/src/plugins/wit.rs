@@ -1,0 +1,63 @@
+//! The bindings wasmtime generates from `wit/`, one module per world. The
+//! `types` and `host` interfaces are generated once (in [`bindings`]) and
+//! shared by the other worlds.
+
+/// Bindings of the `transform-plugin` world; they also hold the shared
+/// `types` and `host` interfaces every other world reuses.
+pub mod bindings {
+    wasmtime::component::bindgen!({
+        world: "transform-plugin",
+        path: "../wit",
+        // The message goes in as borrowed topic and payload: no host-side
+        // copies before the guest's own (it is lowered straight from ours).
+        ownership: Borrowing {
+            duplicate_if_necessary: true
+        },
+    });
+}
+
+/// Bindings of the `batch-transform-plugin` world: `transform` and
+/// `transform-batch`.
+pub mod batch_bindings {
+    wasmtime::component::bindgen!({
+        world: "batch-transform-plugin",
+        path: "../wit",
+        ownership: Borrowing {
+            duplicate_if_necessary: true
+        },
+        with: {
+            "capteurs:plugins/types": crate::plugins::wit::bindings::capteurs::plugins::types,
+            "capteurs:plugins/host": crate::plugins::wit::bindings::capteurs::plugins::host,
+        },
+    });
+}
+
+/// Bindings of the `auth-plugin` world.
+pub mod auth_bindings {
+    wasmtime::component::bindgen!({
+        world: "auth-plugin",
+        path: "../wit",
+        ownership: Borrowing {
+            duplicate_if_necessary: true
+        },
+        with: {
+            "capteurs:plugins/types": crate::plugins::wit::bindings::capteurs::plugins::types,
+            "capteurs:plugins/host": crate::plugins::wit::bindings::capteurs::plugins::host,
+        },
+    });
+}
+
+/// Bindings of the `decoder-plugin` world.
+pub mod decoder_bindings {
+    wasmtime::component::bindgen!({
+        world: "decoder-plugin",
+        path: "../wit",
+        ownership: Borrowing {
+            duplicate_if_necessary: true
+        },
+        with: {
+            "capteurs:plugins/types": crate::plugins::wit::bindings::capteurs::plugins::types,
+            "capteurs:plugins/host": crate::plugins::wit::bindings::capteurs::plugins::host,
+        },
+    });
+}
