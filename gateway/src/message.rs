@@ -26,6 +26,38 @@ pub enum Origin {
     Sensor(ByteString),
 }
 
+/// What the gateway does with a message, by where it came from: the one
+/// place that decides it (the router asks; the outlet and the transforms
+/// do not decide again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// The transform plugins see it. Not the broker's own messages (`$SYS`,
+    /// the gateway's status, discovery): they are the gateway's word.
+    pub transform: bool,
+    /// The upstream rules may send it to the cloud. Never what came from
+    /// the cloud: no loops.
+    pub upstream: bool,
+}
+
+impl Origin {
+    pub fn policy(&self) -> Policy {
+        match self {
+            Origin::Broker => Policy {
+                transform: false,
+                upstream: true,
+            },
+            Origin::Upstream => Policy {
+                transform: true,
+                upstream: false,
+            },
+            Origin::Client(_) | Origin::Will(_) | Origin::Sensor(_) => Policy {
+                transform: true,
+                upstream: true,
+            },
+        }
+    }
+}
+
 /// A message: topic, payload and the publish flags, plus where and when it
 /// entered the gateway. Cheap to clone (`Bytes` are reference counted), and
 /// shared between subscribers behind an `Arc`.
@@ -54,6 +86,32 @@ impl Message {
             retain,
             origin,
             received_at: SystemTime::now(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cloud_never_gets_its_own_back_and_plugins_leave_the_broker_alone() {
+        assert!(!Origin::Upstream.policy().upstream);
+        assert!(Origin::Upstream.policy().transform);
+        assert!(!Origin::Broker.policy().transform);
+        assert!(Origin::Broker.policy().upstream);
+        for o in [
+            Origin::Client("c".into()),
+            Origin::Will("c".into()),
+            Origin::Sensor("s".into()),
+        ] {
+            assert_eq!(
+                o.policy(),
+                Policy {
+                    transform: true,
+                    upstream: true
+                }
+            );
         }
     }
 }

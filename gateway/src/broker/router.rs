@@ -218,10 +218,8 @@ impl Router {
         congested: &mut Vec<Arc<Session>>,
         publisher_waits: bool,
     ) -> Option<u64> {
-        // The broker's own messages ($SYS, the gateway's status, Home
-        // Assistant discovery) are the gateway's word: no plugin rewrites them.
         let t = match &self.transform {
-            Some(t) if message.origin != crate::message::Origin::Broker => t,
+            Some(t) if message.origin.policy().transform => t,
             _ => return self.route(message, publisher, congested, publisher_waits),
         };
         // What the transforms make of it: zero, one or many messages; the
@@ -242,12 +240,7 @@ impl Router {
         congested: &mut Vec<Arc<Session>>,
     ) {
         match &self.transform {
-            // The broker's own messages skip the transforms (publish_from).
-            Some(t)
-                if messages
-                    .iter()
-                    .all(|m| m.origin != crate::message::Origin::Broker) =>
-            {
+            Some(t) if messages.iter().all(|m| m.origin.policy().transform) => {
                 for m in t.apply_batch(messages) {
                     self.route(m, publisher, congested, false);
                 }
@@ -269,9 +262,7 @@ impl Router {
     ) -> Option<u64> {
         let message = Arc::new(message);
         let upstream = match &self.outbox {
-            Some(o) if message.origin != crate::message::Origin::Upstream => {
-                o.offer(&message, publisher_waits)
-            }
+            Some(o) if message.origin.policy().upstream => o.offer(&message, publisher_waits),
             _ => None,
         };
         if message.retain {

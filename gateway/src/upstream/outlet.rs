@@ -32,9 +32,9 @@ impl Outlet {
 
 impl Outbox for Outlet {
     fn offer(&self, m: &Arc<Message>, publisher_waits: bool) -> Option<u64> {
-        if m.origin == Origin::Upstream {
-            return None; // came from the cloud: never sent back (no loops)
-        }
+        // The router offers only what may go up (`Origin::policy`). The
+        // gateway's status is published upstream by the forwarder itself
+        // (birth, will): the local copy must not follow it out late.
         if m.origin == Origin::Broker && m.topic == self.status_topic {
             return None;
         }
