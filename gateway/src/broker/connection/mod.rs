@@ -29,6 +29,10 @@ use super::Shared;
 use crate::message::{Message, Origin};
 use tokio_util::codec::{Decoder, Encoder};
 
+mod flow;
+
+pub use flow::Inflight;
+
 static NEXT_CONN_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Flush the write buffer once it holds this much, even mid-batch.
@@ -638,7 +642,7 @@ fn pump(conn: &mut Conn, session: &Session) -> bool {
         let Some(front) = st.queue.front() else {
             break false;
         };
-        if front.qos > 0 && st.outgoing.len() >= max_inflight {
+        if front.qos > 0 && st.outgoing.blocked(max_inflight) {
             break false;
         }
         if conn.wbuf.len() >= WRITE_HIGH_WATER {
@@ -651,18 +655,8 @@ fn pump(conn: &mut Conn, session: &Session) -> bool {
         if d.qos == 0 {
             encode_publish(&mut conn.wbuf, &d, None, false);
         } else {
-            let id = st.next_packet_id();
-            encode_publish(&mut conn.wbuf, &d, Some(id), false);
-            let state = if d.qos == 1 {
-                OutState::AwaitPuback
-            } else {
-                OutState::AwaitPubrec
-            };
-            st.outgoing.push_back(Outgoing {
-                packet_id: id,
-                delivery: d,
-                state,
-            });
+            let o = st.outgoing.start(d);
+            encode_publish(&mut conn.wbuf, &o.delivery, Some(o.packet_id), false);
             persistent_change = true;
         }
         sent += 1;
@@ -906,14 +900,12 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
             }
         }
         Packet::PublishAck { packet_id } => {
-            ack_outgoing(conn, session, packet_id.get(), OutState::AwaitPuback);
+            ack_outgoing(conn, session, packet_id.get(), Inflight::puback);
         }
         Packet::PublishReceived { packet_id } => {
             let id = packet_id.get();
             let mut st = session.lock();
-            if let Some(o) = st.outgoing.iter_mut().find(|o| o.packet_id == id) {
-                o.state = OutState::AwaitPubcomp;
-            }
+            st.outgoing.pubrec(id);
             let clean = st.clean;
             drop(st);
             if !clean {
@@ -932,7 +924,7 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
             conn.send(Packet::PublishComplete { packet_id });
         }
         Packet::PublishComplete { packet_id } => {
-            ack_outgoing(conn, session, packet_id.get(), OutState::AwaitPubcomp);
+            ack_outgoing(conn, session, packet_id.get(), Inflight::pubcomp);
         }
         Packet::Subscribe {
             packet_id,
@@ -1035,19 +1027,16 @@ fn handle(conn: &mut Conn, session: &Arc<Session>, client: &Client, packet: Pack
     None
 }
 
-fn ack_outgoing(conn: &Conn, session: &Session, id: u16, expected: OutState) {
+/// PUBACK or PUBCOMP: `ack` ends the exchange in the session's window.
+fn ack_outgoing(
+    conn: &Conn,
+    session: &Session,
+    id: u16,
+    ack: impl FnOnce(&mut Inflight, u16) -> bool,
+) {
     let mut st = session.lock();
-    match st
-        .outgoing
-        .iter()
-        .position(|o| o.packet_id == id && o.state == expected)
-    {
-        Some(i) => {
-            st.outgoing.remove(i);
-        }
-        None => {
-            debug!(client_id = %session.client_id, packet_id = id, "acknowledgement for an unknown packet id ignored")
-        }
+    if !ack(&mut st.outgoing, id) {
+        debug!(client_id = %session.client_id, packet_id = id, "acknowledgement for an unknown packet id ignored")
     }
     let clean = st.clean;
     drop(st);
