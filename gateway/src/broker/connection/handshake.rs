@@ -16,8 +16,8 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use super::inbound::publish_allowed;
+use super::io::{Conn, ReadError};
 use super::outbound;
-use super::{Conn, ReadError};
 use crate::broker::auth::{ClientInfo, ConnectDecision, ConnectRefusal};
 use crate::broker::codec::CodecError;
 use crate::broker::router::{worth_logging, Metrics};

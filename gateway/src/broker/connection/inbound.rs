@@ -13,8 +13,8 @@ use rmqtt_codec::types::Publish;
 use rmqtt_codec::v3::{Packet, QoS, SubscribeReturnCode};
 use tracing::{debug, info};
 
-use super::Client;
-use super::Conn;
+use super::handshake::Client;
+use super::io::Conn;
 use super::{nz, End};
 use crate::broker::auth::{AclDecision, Action, ClientInfo};
 use crate::broker::router::{worth_logging, Metrics};

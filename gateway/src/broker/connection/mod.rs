@@ -3,43 +3,46 @@
 //! client disconnects, breaks the protocol, is taken over, or the broker
 //! shuts down. Bad input closes this connection only, with a log line and a
 //! counter.
+//!
+//! This file holds [`serve`], the select loop ([`run`]) and the teardown.
+//! The rest, in the order data flows:
+//! - [`io`]: the socket, its buffers and codec ([`io::Conn`]);
+//! - [`handshake`]: the CONNECT, up to CONNACK;
+//! - [`inbound`]: one handler per packet a connected client sends, on to
+//!   the router, and the publisher flow control;
+//! - [`outbound`]: the pump from the session's queue to the socket;
+//! - [`flow`]: the session's outgoing in-flight window ([`Inflight`]).
+
+mod flow;
+mod handshake;
+mod inbound;
+mod io;
+mod outbound;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use rmqtt_codec::v3::Packet;
 use tokio::io::AsyncReadExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tokio_util::codec::Decoder;
 use tracing::{debug, info, warn};
-
-use super::codec::{CodecError, MqttCodec};
-use super::router::Metrics;
-use super::session::{Kick, Session};
-use super::Shared;
-use crate::message::Message;
-use tokio_util::codec::{Decoder, Encoder};
-
-mod flow;
-mod handshake;
-mod inbound;
-mod outbound;
 
 pub use flow::Inflight;
 use handshake::{handshake, read_connect, Client};
 use inbound::{flush_batch, handle, release};
+use io::{Conn, READ_MAX, READ_MIN};
 use outbound::pump;
 
-/// Socket reads start this large and double, up to `READ_MAX`, while they
-/// come back full (a busy publisher: fewer reads, longer batches); an idle
-/// connection keeps the small buffer.
-const READ_MIN: usize = 1024;
-const READ_MAX: usize = 16 * 1024;
+use super::router::Metrics;
+use super::session::{Kick, Session};
+use super::Shared;
+use crate::message::Message;
 
 /// Why a connection ended; decides whether the will is published.
 #[derive(Debug)]
@@ -64,170 +67,9 @@ impl End {
     }
 }
 
-struct Conn {
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
-    rbuf: BytesMut,
-    /// How much the next read asks for (READ_MIN..=READ_MAX).
-    read_chunk: usize,
-    wbuf: BytesMut,
-    codec: MqttCodec,
-    shared: Arc<Shared>,
-    /// Flow control: online subscribers whose queue this client's
-    /// publishes filled. While any is left, QoS 1/2 acknowledgements are
-    /// held in `held_acks` (the client's own in-flight window then stops it)
-    /// and after a QoS 0 publish the socket is not read (TCP stops it).
-    congested: Vec<Arc<Session>>,
-    held_acks: Vec<Packet>,
-    pause_reading: bool,
-    congested_since: Option<Instant>,
-    /// Outbox sequence number this client's held acknowledgements wait
-    /// for (its messages bound upstream stored durably), and the watch of
-    /// what is settled.
-    durable_needed: u64,
-    durable: tokio::sync::watch::Receiver<u64>,
-    /// QoS 0 messages decoded but not routed yet ([`flush_batch`]), and
-    /// their bytes.
-    batch: Vec<Message>,
-    batch_bytes: usize,
-    /// A packet decoded but held back by flow control.
-    stashed: Option<Packet>,
-}
-
-impl Conn {
-    fn send(&mut self, packet: Packet) {
-        // Encoding server packets built here cannot fail (ids are set,
-        // sizes are bounded by what was accepted).
-        if let Err(e) = self.codec.encode(packet, &mut self.wbuf) {
-            warn!(error = %e, "cannot encode packet");
-        }
-    }
-
-    /// Writes what the socket takes now, without waiting; true when the
-    /// buffer is empty. The common case (room in the socket) costs no timer
-    /// and no `select!`.
-    fn write_now(&mut self) -> std::io::Result<bool> {
-        while !self.wbuf.is_empty() {
-            match self.writer.try_write(&self.wbuf) {
-                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    Metrics::add(&self.shared.router.metrics.bytes_sent, n as u64);
-                    self.wbuf.advance(n);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
-                Err(e) => return Err(e),
-            }
-        }
-        self.wbuf.clear();
-        Ok(true)
-    }
-
-    /// Writes the buffer out. The socket must take something within
-    /// `limit` each time it is full, or this fails with `TimedOut`: a
-    /// client that stopped reading costs its connection, never the broker
-    /// a task stuck forever. Called inside the connection's `select!` (see
-    /// [`Conn::flush_or_end`]).
-    async fn flush_within(&mut self, limit: Duration) -> std::io::Result<()> {
-        let mut deadline = Instant::now() + limit;
-        loop {
-            let before = self.wbuf.len();
-            if self.write_now()? {
-                return Ok(());
-            }
-            // Progress resets the clock; only a socket that takes nothing
-            // for `limit` times out.
-            if self.wbuf.len() < before {
-                deadline = Instant::now() + limit;
-            }
-            match tokio::time::timeout_at(deadline, self.writer.writable()).await {
-                Err(_) => return Err(std::io::ErrorKind::TimedOut.into()),
-                Ok(r) => r?,
-            }
-        }
-    }
-
-    async fn flush(&mut self) -> std::io::Result<()> {
-        let limit = self.shared.settings.write_timeout;
-        self.flush_within(limit).await
-    }
-
-    /// [`Conn::flush`] that also ends on shutdown and take-over, so a
-    /// client that does not read delays neither. What fits in the socket
-    /// is written at once; only a full socket waits, in the `select!`.
-    async fn flush_or_end(&mut self, kick_rx: &mut oneshot::Receiver<Kick>) -> Result<(), End> {
-        match self.write_now() {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(e) => return Err(End::Io(e)),
-        }
-        let shared = self.shared.clone();
-        tokio::select! {
-            biased;
-            _ = shared.shutdown.cancelled() => Err(End::Shutdown),
-            k = kick_rx => Err(End::Kicked(k.unwrap_or(Kick { publish_will: false }))),
-            r = self.flush() => r.map_err(|e| {
-                if e.kind() == std::io::ErrorKind::TimedOut {
-                    End::WriteTimeout
-                } else {
-                    End::Io(e)
-                }
-            }),
-        }
-    }
-
-    /// Reads until one whole packet is decoded. `Ok(None)` on clean EOF.
-    async fn read_packet(&mut self) -> Result<Option<Packet>, ReadError> {
-        loop {
-            if let Some(p) = self.codec.decode(&mut self.rbuf)? {
-                return Ok(Some(p));
-            }
-            let n = self.reader.read_buf(&mut self.rbuf).await?;
-            if n == 0 {
-                return if self.rbuf.is_empty() {
-                    Ok(None)
-                } else {
-                    Err(ReadError::Truncated)
-                };
-            }
-            Metrics::add(&self.shared.router.metrics.bytes_received, n as u64);
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-enum ReadError {
-    #[error(transparent)]
-    Codec(#[from] CodecError),
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-    #[error("connection closed in the middle of a packet")]
-    Truncated,
-}
-
 /// Serves one accepted TCP connection to the end.
 pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    let (reader, writer) = stream.into_split();
-    let mut conn = Conn {
-        reader,
-        writer,
-        rbuf: BytesMut::with_capacity(READ_MIN),
-        read_chunk: READ_MIN,
-        wbuf: BytesMut::with_capacity(1024),
-        codec: MqttCodec::new(shared.settings.max_packet_size),
-        shared: shared.clone(),
-        congested: Vec::new(),
-        held_acks: Vec::new(),
-        pause_reading: false,
-        congested_since: None,
-        durable_needed: 0,
-        durable: match &shared.router.outbox {
-            Some(o) => o.settled(),
-            None => tokio::sync::watch::channel(u64::MAX).1,
-        },
-        batch: Vec::new(),
-        batch_bytes: 0,
-        stashed: None,
-    };
+    let mut conn = Conn::new(stream, shared.clone());
     let Some(connect) = read_connect(&mut conn, peer).await else {
         return;
     };
@@ -248,6 +90,9 @@ pub(crate) async fn serve(stream: TcpStream, peer: SocketAddr, shared: Arc<Share
     drop(gone_tx);
 }
 
+/// The select loop: handles the packets read, pumps the session's queue
+/// out, and waits for the socket, the session, flow control, keep-alive,
+/// take-over or shutdown, until the connection ends.
 async fn run(
     conn: &mut Conn,
     session: &Arc<Session>,

@@ -6,8 +6,8 @@
 use bytes::{BufMut, BytesMut};
 use rmqtt_codec::v3::Packet;
 
+use super::io::Conn;
 use super::nz;
-use super::Conn;
 use crate::broker::router::Metrics;
 use crate::broker::session::{Delivery, OutState, Outgoing, Session};
 
