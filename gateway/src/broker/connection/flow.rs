@@ -289,9 +289,9 @@ mod tests {
 
     #[test]
     fn restore_keeps_the_order_states_and_next_id() {
-        let mut w = Inflight::default();
-        let a = send(&mut w, 2);
-        let b = send(&mut w, 1);
+        let mut w = Inflight::restore(VecDeque::new(), 10);
+        let (a, b) = (send(&mut w, 2), send(&mut w, 1));
+        assert_eq!((a, b), (11, 12), "ids go on from the saved one");
         assert!(w.pubrec(a));
         let saved: VecDeque<Outgoing> = w.iter().cloned().collect();
         let mut w = Inflight::restore(saved, w.last_packet_id());
