@@ -7,7 +7,7 @@
 //! This file holds [`serve`], the select loop ([`run`]) and the teardown.
 //! The rest, in the order data flows:
 //! - [`io`]: the socket, its buffers and codec ([`io::Conn`]);
-//! - [`handshake`]: the CONNECT, up to CONNACK;
+//! - [`handshake`](mod@handshake): the CONNECT, up to CONNACK;
 //! - [`inbound`]: one handler per packet a connected client sends, on to
 //!   the router, and the publisher flow control;
 //! - [`outbound`]: the pump from the session's queue to the socket;
