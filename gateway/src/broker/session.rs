@@ -4,10 +4,11 @@
 //!
 //! The router pushes deliveries into [`SessionState::queue`] and wakes the
 //! connection task through [`Session::notify`]; the connection task moves
-//! them to `outgoing` as it sends them and removes them on PUBACK/PUBCOMP.
-//! Because the queue and the in-flight table live here rather than in the
-//! connection task, a disconnect loses nothing and a resume redelivers the
-//! in-flight messages with the same packet ids.
+//! them to [`SessionState::outgoing`] as it sends them and removes them on
+//! PUBACK/PUBCOMP (the rules of that window are the connection's, see
+//! [`Inflight`]). Because the queue and the in-flight window live here
+//! rather than in the connection task, a disconnect loses nothing and a
+//! resume redelivers the in-flight messages with the same packet ids.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{oneshot, Notify};
 
+pub use super::connection::Inflight;
 use crate::message::{Message, QoS};
 
 /// One message on its way to one client.
@@ -69,7 +71,8 @@ pub struct SessionState {
     pub attached: Option<Attached>,
     pub subscriptions: HashMap<String, QoS>,
     pub queue: VecDeque<Delivery>,
-    pub outgoing: VecDeque<Outgoing>,
+    /// The QoS 1/2 messages sent and not yet acknowledged.
+    pub outgoing: Inflight,
     /// QoS 2 packet ids received and PUBREC'd, waiting for PUBREL.
     pub incoming_qos2: HashSet<u16>,
     /// Marked by the router when this online client kept publishers waiting
@@ -93,7 +96,6 @@ pub struct SessionState {
     pub owner_unclaimed: bool,
     /// The next [`Delivery::id`] of this session.
     pub next_delivery_id: u64,
-    next_packet_id: u16,
 }
 
 impl SessionState {
@@ -114,22 +116,8 @@ impl SessionState {
 }
 
 impl SessionState {
-    /// A packet id not in use by an outgoing exchange.
-    pub fn next_packet_id(&mut self) -> u16 {
-        loop {
-            self.next_packet_id = self.next_packet_id.wrapping_add(1);
-            if self.next_packet_id == 0 {
-                self.next_packet_id = 1;
-            }
-            let id = self.next_packet_id;
-            if !self.outgoing.iter().any(|o| o.packet_id == id) {
-                return id;
-            }
-        }
-    }
-
     pub fn last_packet_id(&self) -> u16 {
-        self.next_packet_id
+        self.outgoing.last_packet_id()
     }
 }
 
@@ -156,7 +144,7 @@ impl Session {
                 attached: None,
                 subscriptions: HashMap::new(),
                 queue: VecDeque::new(),
-                outgoing: VecDeque::new(),
+                outgoing: Inflight::default(),
                 incoming_qos2: HashSet::new(),
                 slow: false,
                 reader,
@@ -166,7 +154,6 @@ impl Session {
                 owner,
                 owner_unclaimed: false,
                 next_delivery_id: 1,
-                next_packet_id: 0,
             }),
             notify: Notify::new(),
             dirty: AtomicBool::new(false),
@@ -200,9 +187,8 @@ impl Session {
                 .unwrap_or(0)
                 + 1;
             st.queue = queue;
-            st.outgoing = outgoing;
+            st.outgoing = Inflight::restore(outgoing, last_packet_id);
             st.incoming_qos2 = incoming_qos2;
-            st.next_packet_id = last_packet_id;
         }
         s
     }
