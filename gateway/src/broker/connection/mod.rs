@@ -11,9 +11,10 @@
 //! - [`inbound`]: one handler per packet a connected client sends, on to
 //!   the router, and the publisher flow control;
 //! - [`outbound`]: the pump from the session's queue to the socket;
-//! - [`flow`]: the session's outgoing in-flight window ([`Inflight`]).
+//!
+//! The outgoing in-flight window is the session's (`session/flow.rs`): it
+//! outlives the connection.
 
-mod flow;
 mod handshake;
 mod inbound;
 mod io;
@@ -33,7 +34,6 @@ use tokio::time::Instant;
 use tokio_util::codec::Decoder;
 use tracing::{debug, info, warn};
 
-pub use flow::Inflight;
 use handshake::{handshake, read_connect, Client};
 use inbound::{flush_batch, handle, release};
 use io::{Conn, READ_MAX, READ_MIN};

@@ -7,16 +7,16 @@
 //! The window is a field of the session ([`SessionState::outgoing`]), under
 //! its lock, so that it outlives the connection, is saved with the session,
 //! and is sent again on resume. Its rules are here: the pump
-//! ([`super::outbound`]) starts exchanges, the PUBACK / PUBREC / PUBCOMP
-//! handlers ([`super::inbound`]) move them on. Nothing here allocates
+//! (`connection/outbound.rs`) starts exchanges, the PUBACK / PUBREC /
+//! PUBCOMP handlers (`connection/inbound.rs`) move them on. Nothing here allocates
 //! beyond the window's own deque, and nothing locks: callers hold the
 //! session lock.
 //!
-//! [`SessionState::outgoing`]: crate::broker::session::SessionState::outgoing
+//! [`SessionState::outgoing`]: super::SessionState::outgoing
 
 use std::collections::VecDeque;
 
-use crate::broker::session::{Delivery, OutState, Outgoing};
+use super::{Delivery, OutState, Outgoing};
 
 /// The QoS 1/2 exchanges in flight to a client, in the order sent.
 #[derive(Debug, Default)]

@@ -16,8 +16,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{oneshot, Notify};
 
-pub use super::connection::Inflight;
+mod flow;
+
 use crate::message::{Message, QoS};
+pub use flow::Inflight;
 
 /// One message on its way to one client.
 #[derive(Debug, Clone)]
