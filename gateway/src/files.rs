@@ -125,3 +125,18 @@ mod tests {
         }
     }
 }
+
+/// A QoS is kept in SQLite as its number; a number above 2 (a file written
+/// by hand, or damaged) reads as 2, as the broker and buffer always did.
+impl rusqlite::types::ToSql for crate::message::QoS {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(u8::from(*self).into())
+    }
+}
+
+impl rusqlite::types::FromSql for crate::message::QoS {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        let n = u8::column_result(value)?;
+        Ok(crate::message::QoS::from_u8(n.min(2)).expect("0..=2 is a QoS"))
+    }
+}

@@ -7,8 +7,112 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use bytestring::ByteString;
 
-/// MQTT quality of service, as a plain number 0..=2.
-pub type QoS = u8;
+/// MQTT quality of service. Ordered: the lower of two is `min`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[repr(u8)]
+pub enum QoS {
+    #[default]
+    AtMostOnce = 0,
+    AtLeastOnce = 1,
+    ExactlyOnce = 2,
+}
+
+impl QoS {
+    /// The QoS of the wire's (and the database's, and WIT's) number.
+    pub fn from_u8(n: u8) -> Option<QoS> {
+        match n {
+            0 => Some(QoS::AtMostOnce),
+            1 => Some(QoS::AtLeastOnce),
+            2 => Some(QoS::ExactlyOnce),
+            _ => None,
+        }
+    }
+
+    /// The wire's number, 0..=2.
+    pub fn as_u8(self) -> u8 {
+        self as u8
+    }
+}
+
+impl std::fmt::Display for QoS {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        u8::from(*self).fmt(f)
+    }
+}
+
+/// In configuration files a QoS is its number: `qos = 1`.
+impl<'de> serde::Deserialize<'de> for QoS {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<QoS, D::Error> {
+        let n = u8::deserialize(d)?;
+        QoS::from_u8(n).ok_or_else(|| {
+            serde::de::Error::invalid_value(serde::de::Unexpected::Unsigned(n.into()), &"0, 1 or 2")
+        })
+    }
+}
+
+impl From<QoS> for u8 {
+    fn from(q: QoS) -> u8 {
+        q as u8
+    }
+}
+
+/// For counters indexed by QoS.
+impl From<QoS> for usize {
+    fn from(q: QoS) -> usize {
+        q as usize
+    }
+}
+
+impl From<rmqtt_codec::types::QoS> for QoS {
+    fn from(q: rmqtt_codec::types::QoS) -> QoS {
+        match q {
+            rmqtt_codec::types::QoS::AtMostOnce => QoS::AtMostOnce,
+            rmqtt_codec::types::QoS::AtLeastOnce => QoS::AtLeastOnce,
+            rmqtt_codec::types::QoS::ExactlyOnce => QoS::ExactlyOnce,
+        }
+    }
+}
+
+impl From<QoS> for rmqtt_codec::types::QoS {
+    fn from(q: QoS) -> rmqtt_codec::types::QoS {
+        match q {
+            QoS::AtMostOnce => rmqtt_codec::types::QoS::AtMostOnce,
+            QoS::AtLeastOnce => rmqtt_codec::types::QoS::AtLeastOnce,
+            QoS::ExactlyOnce => rmqtt_codec::types::QoS::ExactlyOnce,
+        }
+    }
+}
+
+/// A message's place in the store-and-forward buffer: strictly increasing
+/// per gateway, across restarts; the upstream can send it along so that
+/// consumers drop duplicates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Seq(pub u64);
+
+impl std::fmt::Display for Seq {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// Whether the publisher's acknowledgement waits for the buffer to hold
+/// the message (QoS 1/2 from a client: PUBACK after the group commit), or
+/// nobody waits (QoS 0, the gateway's own messages). A full buffer with
+/// `when_full = "block"` holds the first and drops the second (counted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Nobody waits: stored with the next group commit, or dropped when
+    /// the buffer would have to block.
+    BestEffort,
+    /// The publisher's acknowledgement waits until it is stored.
+    PublisherWaits,
+}
+
+impl Durability {
+    pub fn publisher_waits(self) -> bool {
+        self == Durability::PublisherWaits
+    }
+}
 
 /// Where a message came from.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -784,7 +784,7 @@ fn deadband_in_batches_answers_as_one_by_one() {
             Message::new(
                 format!("capteurs/temperature/fr/aubiere/rue_{}", i % 3),
                 format!("{value:.2}"),
-                0,
+                capteurs_gateway::message::QoS::AtMostOnce,
                 false,
                 Origin::Client("sonde".into()),
             )

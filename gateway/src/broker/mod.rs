@@ -268,7 +268,7 @@ impl Broker {
                         router.mark_session_id(&s.client_id);
                         continue;
                     }
-                    let subs: Vec<(String, u8)> = s
+                    let subs: Vec<(String, crate::message::QoS)> = s
                         .lock()
                         .subscriptions
                         .iter()

@@ -364,7 +364,9 @@ impl Router {
             }
         }
         let online = st.attached.is_some();
-        if !online && (st.clean || (delivery.qos == 0 && !self.limits.queue_qos0_offline)) {
+        if !online
+            && (st.clean || (delivery.qos == QoS::AtMostOnce && !self.limits.queue_qos0_offline))
+        {
             return false;
         }
         let throttle = online && self.limits.backpressure && !st.slow;
@@ -373,7 +375,7 @@ impl Router {
             st.queue.pop_front();
             Metrics::inc(&self.metrics.dropped_queue_full);
         }
-        let persist = !st.clean && delivery.qos > 0;
+        let persist = !st.clean && delivery.qos > QoS::AtMostOnce;
         delivery.id = st.next_delivery_id;
         st.next_delivery_id += 1;
         st.queue.push_back(delivery);
@@ -650,11 +652,14 @@ struct Target {
 const READABLE: u8 = 0x80;
 
 fn grant(qos: QoS, readable: bool) -> u8 {
-    qos | if readable { READABLE } else { 0 }
+    u8::from(qos) | if readable { READABLE } else { 0 }
 }
 
 fn ungrant(g: u8) -> (QoS, bool) {
-    (g & !READABLE, g & READABLE != 0)
+    (
+        QoS::from_u8(g & !READABLE).unwrap_or(QoS::ExactlyOnce),
+        g & READABLE != 0,
+    )
 }
 
 /// One delivery per subscriber, at the highest QoS its matching filters

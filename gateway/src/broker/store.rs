@@ -25,7 +25,7 @@ use tracing::{error, info};
 
 use super::router::Router;
 use super::session::{Delivery, OutState, Outgoing, Session};
-use crate::message::{Message, Origin};
+use crate::message::{Message, Origin, QoS};
 
 #[derive(Debug, Error)]
 pub enum StoreError {
@@ -89,7 +89,7 @@ CREATE TABLE IF NOT EXISTS incoming_qos2 (
 #[derive(Debug, Clone)]
 pub struct SavedSession {
     pub client_id: Arc<str>,
-    pub subscriptions: Vec<(String, u8)>,
+    pub subscriptions: Vec<(String, QoS)>,
     pub outgoing: Vec<Outgoing>,
     pub queue: Vec<Delivery>,
     pub incoming_qos2: Vec<u16>,
@@ -113,7 +113,12 @@ impl SavedSession {
                 .map(|(f, q)| (f.clone(), *q))
                 .collect(),
             outgoing: st.outgoing.iter().cloned().collect(),
-            queue: st.queue.iter().filter(|d| d.qos > 0).cloned().collect(),
+            queue: st
+                .queue
+                .iter()
+                .filter(|d| d.qos > QoS::AtMostOnce)
+                .cloned()
+                .collect(),
             incoming_qos2: st.incoming_qos2.iter().copied().collect(),
             last_packet_id: st.last_packet_id(),
             owner: (!st.owner_unclaimed).then(|| st.owner.clone()),
@@ -176,7 +181,7 @@ pub struct Store {
 #[derive(Debug, Default, Clone)]
 struct SavedRows {
     head: Option<SavedHead>,
-    subscriptions: HashMap<String, u8>,
+    subscriptions: HashMap<String, QoS>,
     /// Delivery id (the row's `seq`) -> (state, packet id).
     messages: HashMap<u64, (u8, u16)>,
     incoming_qos2: HashSet<u16>,
@@ -451,20 +456,14 @@ impl Store {
             .query_map([], |r| {
                 let topic: String = r.get(0)?;
                 let payload: Vec<u8> = r.get(1)?;
-                let qos: u8 = r.get(2)?;
+                let qos: QoS = r.get(2)?;
                 let ts: i64 = r.get(3)?;
                 Ok((topic, payload, qos, ts))
             })
             .map_err(&err)?;
         for row in rows {
             let (topic, payload, qos, ts) = row.map_err(&err)?;
-            let mut m = Message::new(
-                topic,
-                Bytes::from(payload),
-                qos.min(2),
-                true,
-                Origin::Broker,
-            );
+            let mut m = Message::new(topic, Bytes::from(payload), qos, true, Origin::Broker);
             m.received_at = SystemTime::UNIX_EPOCH + Duration::from_millis(ts.max(0) as u64);
             retained.push(m);
         }
@@ -504,7 +503,7 @@ impl Store {
             };
             last_ids.insert(id, (last, owner, detached));
         }
-        let mut subs: HashMap<String, HashMap<String, u8>> = HashMap::new();
+        let mut subs: HashMap<String, HashMap<String, QoS>> = HashMap::new();
         let mut stmt = self
             .conn
             .prepare("SELECT client_id, filter, qos FROM subscriptions")
@@ -514,7 +513,7 @@ impl Store {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, String>(1)?,
-                    r.get::<_, u8>(2)?,
+                    r.get::<_, QoS>(2)?,
                 ))
             })
             .map_err(&err)?
@@ -523,7 +522,7 @@ impl Store {
             if let Some(rows) = index.get_mut(id.as_str()) {
                 rows.subscriptions.insert(filter.clone(), qos);
             }
-            subs.entry(id).or_default().insert(filter, qos.min(2));
+            subs.entry(id).or_default().insert(filter, qos);
         }
         let mut queues: HashMap<String, (VecDeque<Outgoing>, VecDeque<Delivery>)> = HashMap::new();
         let mut stmt = self
@@ -538,7 +537,7 @@ impl Store {
                     r.get::<_, u16>(2)?,
                     r.get::<_, String>(3)?,
                     r.get::<_, Vec<u8>>(4)?,
-                    r.get::<_, u8>(5)?,
+                    r.get::<_, QoS>(5)?,
                     r.get::<_, bool>(6)?,
                     r.get::<_, i64>(7)?,
                 ))
@@ -553,14 +552,14 @@ impl Store {
             let message = Arc::new(Message::new(
                 topic,
                 Bytes::from(payload),
-                qos.min(2),
+                qos,
                 retain,
                 Origin::Broker,
             ));
             let delivery = Delivery {
                 id: seq,
                 message,
-                qos: qos.min(2),
+                qos: qos,
                 retain,
             };
             let entry = queues.entry(id).or_default();
@@ -733,11 +732,11 @@ mod tests {
             message: Arc::new(Message::new(
                 topic.to_owned(),
                 Bytes::copy_from_slice(payload),
-                1,
+                QoS::AtLeastOnce,
                 false,
                 Origin::Broker,
             )),
-            qos: 1,
+            qos: QoS::AtLeastOnce,
             retain: false,
         }
     }
@@ -762,7 +761,7 @@ mod tests {
         let s = Session::new(Arc::from("box"), false, Some(Arc::from("alice")));
         {
             let mut st = s.lock();
-            st.subscriptions.insert("a/#".into(), 1);
+            st.subscriptions.insert("a/#".into(), QoS::AtLeastOnce);
             for id in 1..=300 {
                 st.queue.push_back(delivery(id, "a/big", &[7u8; 20_000]));
             }
@@ -798,7 +797,7 @@ mod tests {
             let mut st = s.lock();
             st.outgoing.clear();
             st.subscriptions.clear();
-            st.subscriptions.insert("b".into(), 0);
+            st.subscriptions.insert("b".into(), QoS::AtMostOnce);
         }
         assert_eq!(save_session(&mut store, &s), 3);
         assert_eq!(save_session(&mut store, &s), 0, "nothing changed");
@@ -857,7 +856,7 @@ mod tests {
             let m = Message::new(
                 format!("r/{i:05}"),
                 "x".repeat(200),
-                1,
+                QoS::AtLeastOnce,
                 true,
                 Origin::Broker,
             );
@@ -867,7 +866,9 @@ mod tests {
         }
         store.save(&batch).unwrap();
         let s = Session::new(Arc::from("box"), false, None);
-        s.lock().subscriptions.insert("r/#".into(), 1);
+        s.lock()
+            .subscriptions
+            .insert("r/#".into(), QoS::AtLeastOnce);
         save_session(&mut store, &s);
         store
             .conn

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::router::Metrics;
 use super::Shared;
-use crate::message::{Message, Origin};
+use crate::message::{Message, Origin, QoS};
 
 pub const VERSION: &str = concat!("capteurs-gateway ", env!("CARGO_PKG_VERSION"));
 
@@ -15,7 +15,7 @@ fn put(shared: &Shared, topic: &str, value: String) {
     shared.router.publish(Message::new(
         topic.to_owned(),
         value,
-        0,
+        QoS::AtMostOnce,
         true,
         Origin::Broker,
     ));

@@ -86,7 +86,7 @@ fn parse_params(params: &[String]) -> anyhow::Result<Vec<(String, String)>> {
 
 pub fn run(command: PluginCommand) -> anyhow::Result<()> {
     use capteurs_gateway::broker::auth::{Action, Authenticator, ClientInfo};
-    use capteurs_gateway::message::{Message, Origin};
+    use capteurs_gateway::message::{Message, Origin, QoS};
     use capteurs_gateway::plugins::runtime::{self, GuardSettings, Limits};
     use capteurs_gateway::plugins::{auth::AuthPlugin, transform};
     use std::time::Duration;
@@ -190,6 +190,7 @@ pub fn run(command: PluginCommand) -> anyhow::Result<()> {
                 None if origin == "broker" => Origin::Broker,
                 _ => bail!("--origin {origin:?}: client:<id>, sensor:<id>, upstream or broker"),
             };
+            let qos = QoS::from_u8(qos).with_context(|| format!("--qos {qos}: 0, 1 or 2"))?;
             let m = Message::new(topic, payload.into_bytes(), qos, retain, origin);
             let out = match t
                 .process(&m)
@@ -279,7 +280,7 @@ pub fn run(command: PluginCommand) -> anyhow::Result<()> {
                     let m = Message::new(
                         topic,
                         payload.into_bytes(),
-                        0,
+                        QoS::AtMostOnce,
                         false,
                         Origin::Sensor("bench".into()),
                     );

@@ -7,7 +7,7 @@
 use serde_json::json;
 
 use crate::broker::Publisher;
-use crate::message::{Message, Origin};
+use crate::message::{Message, Origin, QoS};
 use crate::sources::registry::{self, Payload, Registry, SourceKey};
 
 /// Home Assistant's device class of a quantity, where it has one.
@@ -89,7 +89,13 @@ pub fn announce(
     let n = configs.len();
     for (topic, body) in configs {
         // Topics made from the checked config; a refusal is counted by the broker.
-        let _ = publisher.publish(Message::new(topic, body, 1, true, Origin::Broker));
+        let _ = publisher.publish(Message::new(
+            topic,
+            body,
+            QoS::AtLeastOnce,
+            true,
+            Origin::Broker,
+        ));
     }
     tracing::info!(
         sensors = registry.sensors.len(),
@@ -106,7 +112,7 @@ pub fn status(publisher: &Publisher, status_topic: &str, state: &'static str) {
     let _ = publisher.publish(Message::new(
         status_topic.to_owned(),
         state,
-        1,
+        QoS::AtLeastOnce,
         true,
         Origin::Broker,
     ));

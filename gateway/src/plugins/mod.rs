@@ -381,7 +381,7 @@ pub async fn watch(
                     let _ = publisher.publish(Message::new(
                         "$SYS/capteurs/plugins",
                         serde_json::Value::Object(stats).to_string(),
-                        0,
+                        crate::message::QoS::AtMostOnce,
                         true,
                         crate::message::Origin::Broker,
                     ));

@@ -24,7 +24,7 @@ use super::wit::batch_bindings::{BatchTransformPlugin, BatchTransformPluginPre};
 use super::wit::bindings::capteurs::plugins::types::{self, Verdict};
 use super::wit::bindings::{TransformPlugin, TransformPluginPre};
 use crate::broker::topic;
-use crate::message::{Message, Origin};
+use crate::message::{Message, Origin, QoS};
 
 /// What to do with a message a plugin failed on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -260,7 +260,7 @@ impl Transform {
         }
         let input = batch::Batch {
             origin: origin(&ms[0].origin),
-            qos: ms[0].qos,
+            qos: ms[0].qos.into(),
             retain: ms[0].retain,
             received_ms: received_ms(ms[0]),
             data: &data,
@@ -384,7 +384,7 @@ fn to_wasm(m: &Message) -> types::MessageParam<'_> {
     types::MessageParam {
         topic: &m.topic,
         payload: &m.payload,
-        qos: m.qos,
+        qos: m.qos.into(),
         retain: m.retain,
         origin: origin(&m.origin),
         received_ms: received_ms(m),
@@ -418,13 +418,11 @@ fn from_wasm(out: Vec<types::MessageResult>, input: &Message) -> Result<Vec<Mess
         .map(|o| {
             topic::validate_name(&o.topic)
                 .map_err(|e| format!("returned an invalid topic {:?}: {e}", o.topic))?;
-            if o.qos > 2 {
-                return Err(format!("returned QoS {}", o.qos));
-            }
+            let qos = QoS::from_u8(o.qos).ok_or_else(|| format!("returned QoS {}", o.qos))?;
             Ok(Message {
                 topic: ByteString::from(o.topic),
                 payload: Bytes::from(o.payload),
-                qos: o.qos,
+                qos,
                 retain: o.retain,
                 origin: input.origin.clone(),
                 received_at: if o.received_ms == 0 {

@@ -33,7 +33,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::broker::Publisher;
-use crate::message::{Message, Origin};
+use crate::message::{Message, Origin, QoS};
 pub use plan::{SourcesInput, SourcesPlan};
 pub use registry::{Registry, SourceKey};
 
@@ -286,7 +286,7 @@ impl Sources {
         let _ = self.publisher.publish(Message::new(
             topic,
             body.to_string(),
-            0,
+            QoS::AtMostOnce,
             false,
             Origin::Sensor(ByteString::from(format!("{kind}:{id}"))),
         ));
@@ -457,7 +457,7 @@ impl Sources {
                 registry::id_level(&sensor.id)
             ),
             what.to_owned(),
-            1,
+            QoS::AtLeastOnce,
             true,
             Origin::Sensor(ByteString::from(sensor.id.as_str())),
         ));
@@ -491,7 +491,7 @@ impl Sources {
         let _ = self.publisher.publish(Message::new(
             "$SYS/capteurs/sources",
             self.stats.to_json().to_string(),
-            0,
+            QoS::AtMostOnce,
             true,
             Origin::Broker,
         ));

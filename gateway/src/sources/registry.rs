@@ -13,6 +13,7 @@ use super::ble::{format_mac, parse_hex, parse_mac};
 pub use super::config::SensorPayload as Payload;
 use super::config::{SensorConfig, SourcesConfig};
 use super::place::topic_level;
+use crate::message::QoS;
 use crate::problems::Problems;
 
 /// Where a sensor's readings come from.
@@ -75,7 +76,7 @@ pub struct Sensor {
     pub place: [String; 3],
     pub quantities: Vec<Quantity>,
     pub payload: Payload,
-    pub qos: u8,
+    pub qos: QoS,
     pub retain: bool,
     pub min_interval: Duration,
     pub change_threshold: f64,
@@ -145,7 +146,8 @@ impl Sensor {
         if s.grandeurs.is_empty() {
             p.add(key("grandeurs"), "must list at least one quantity");
         }
-        if s.qos > 2 {
+        let qos = QoS::from_u8(s.qos);
+        if qos.is_none() {
             p.add(key("qos"), "must be 0, 1 or 2");
         }
         if s.change_threshold.is_nan() || s.change_threshold < 0.0 {
@@ -164,8 +166,8 @@ impl Sensor {
                 parsed
             }
         };
-        let (Some(source), Some(id), Some(pays), Some(ville), Some(rue)) =
-            (source, id, pays, ville, rue)
+        let (Some(source), Some(id), Some(pays), Some(ville), Some(rue), Some(qos)) =
+            (source, id, pays, ville, rue, qos)
         else {
             return None;
         };
@@ -186,7 +188,7 @@ impl Sensor {
             place: [s.pays.clone(), s.ville.clone(), s.rue.clone()],
             quantities,
             payload: s.payload,
-            qos: s.qos,
+            qos,
             retain: s.retain,
             min_interval: Duration::from_millis(s.min_interval_ms),
             change_threshold: s.change_threshold,

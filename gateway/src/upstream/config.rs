@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use super::{ServerUrl, UpstreamSettings};
+use crate::message::QoS;
 use crate::problems::Problems;
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -75,7 +76,7 @@ impl Default for UpstreamConfig {
 pub struct UpstreamRule {
     pub pattern: String,
     pub direction: Direction,
-    pub qos: u8,
+    pub qos: QoS,
     pub local_prefix: String,
     pub remote_prefix: String,
 }
@@ -85,7 +86,7 @@ impl Default for UpstreamRule {
         UpstreamRule {
             pattern: "capteurs/#".into(),
             direction: Direction::Out,
-            qos: 1,
+            qos: QoS::AtLeastOnce,
             local_prefix: String::new(),
             remote_prefix: String::new(),
         }
@@ -207,13 +208,7 @@ impl UpstreamRule {
                 format!("{:?} is not a topic filter ({e})", self.pattern),
             );
         }
-        if self.qos > 2 {
-            p.add(
-                format!("{at}.qos"),
-                format!("must be 0, 1 or 2, not {}", self.qos),
-            );
-        }
-        if self.qos == 2 && !clean_session && self.direction != Direction::In {
+        if self.qos == QoS::ExactlyOnce && !clean_session && self.direction != Direction::In {
             p.add(
                 format!("{at}.qos"),
                 "QoS 2 out rules need upstream.clean_session = true (a resumed session's packet ids would collide with the resent messages)",

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, LastWill, MqttOptions,
-    NetworkOptions, Outgoing, QoS, TlsConfiguration, Transport,
+    NetworkOptions, Outgoing, QoS as MqttQoS, TlsConfiguration, Transport,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -22,7 +22,7 @@ use super::{Rules, ServerUrl, UpstreamSettings, UpstreamStats};
 use crate::broker::Publisher;
 use crate::buffer::{Buffer, BufferStats, Row};
 use crate::health::{Heartbeat, BEAT_EVERY};
-use crate::message::{Message, Origin};
+use crate::message::{Message, Origin, QoS};
 
 pub(super) struct Forwarder {
     pub(super) settings: UpstreamSettings,
@@ -45,11 +45,19 @@ enum End {
     },
 }
 
-fn qos(n: u8) -> QoS {
-    match n {
-        0 => QoS::AtMostOnce,
-        1 => QoS::AtLeastOnce,
-        _ => QoS::ExactlyOnce,
+fn qos(q: QoS) -> MqttQoS {
+    match q {
+        QoS::AtMostOnce => MqttQoS::AtMostOnce,
+        QoS::AtLeastOnce => MqttQoS::AtLeastOnce,
+        QoS::ExactlyOnce => MqttQoS::ExactlyOnce,
+    }
+}
+
+fn ours(q: MqttQoS) -> QoS {
+    match q {
+        MqttQoS::AtMostOnce => QoS::AtMostOnce,
+        MqttQoS::AtLeastOnce => QoS::AtLeastOnce,
+        MqttQoS::ExactlyOnce => QoS::ExactlyOnce,
     }
 }
 
@@ -114,7 +122,7 @@ impl Forwarder {
             .set_last_will(LastWill::new(
                 s.status_topic(),
                 "offline",
-                QoS::AtLeastOnce,
+                MqttQoS::AtLeastOnce,
                 true,
             ));
         if let Some(u) = &s.username {
@@ -181,7 +189,7 @@ impl Forwarder {
         let mut acks = Acks::default();
         let status = s.status_topic();
         if client
-            .try_publish(&status, QoS::AtLeastOnce, true, "online")
+            .try_publish(&status, MqttQoS::AtLeastOnce, true, "online")
             .is_ok()
         {
             acks.handed_own();
@@ -225,7 +233,12 @@ impl Forwarder {
             while acks.len() < window && pace.available() > 0 {
                 let Some(row) = ready.pop_front() else { break };
                 let payload = self.payload(&row);
-                if let Err(e) = client.try_publish(&row.topic, qos(row.qos), row.retain, payload) {
+                if let Err(e) = client.try_publish(
+                    &row.topic,
+                    qos(QoS::from_u8(row.qos).unwrap_or(QoS::ExactlyOnce)),
+                    row.retain,
+                    payload,
+                ) {
                     return End::Lost {
                         error: format!("rumqttc request queue: {e}"),
                         connected: true,
@@ -274,7 +287,7 @@ impl Forwarder {
                 _ = beat.tick() => {}
                 _ = stats_tick.tick() => {
                     let body = self.stats_json().await;
-                    if client.try_publish(s.stats_topic(), QoS::AtMostOnce, true, body).is_ok() {
+                    if client.try_publish(s.stats_topic(), MqttQoS::AtMostOnce, true, body).is_ok() {
                         acks.handed_own();
                     }
                 }
@@ -295,7 +308,7 @@ impl Forwarder {
                 let published = self.local.publish(Message::new(
                     local,
                     p.payload,
-                    p.qos as u8,
+                    ours(p.qos),
                     p.retain,
                     Origin::Upstream,
                 ));
@@ -365,7 +378,7 @@ impl Forwarder {
     async fn goodbye(&self, client: &AsyncClient, events: &mut EventLoop) {
         let _ = client.try_publish(
             self.settings.status_topic(),
-            QoS::AtLeastOnce,
+            MqttQoS::AtLeastOnce,
             true,
             "offline",
         );

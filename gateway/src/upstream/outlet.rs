@@ -42,7 +42,7 @@ impl Outbox for Outlet {
         Some(self.buffer.append(
             remote,
             m.payload.clone(),
-            qos,
+            qos.into(),
             m.retain,
             m.received_at,
             publisher_waits,

@@ -6,6 +6,7 @@
 
 use super::config::{Direction, UpstreamRule};
 use crate::broker::topic;
+use crate::message::QoS;
 
 #[derive(Debug, Clone)]
 pub struct Rules {
@@ -18,7 +19,7 @@ impl Rules {
     }
 
     /// The cloud topic and QoS for a local message, if a rule sends it out.
-    pub fn outbound(&self, local: &str) -> Option<(String, u8)> {
+    pub fn outbound(&self, local: &str) -> Option<(String, QoS)> {
         self.rules
             .iter()
             .filter(|r| r.direction != Direction::In)
@@ -30,7 +31,7 @@ impl Rules {
     }
 
     /// The local topic for a message from the cloud, if a rule brings it in.
-    pub fn inbound(&self, remote: &str) -> Option<(String, u8)> {
+    pub fn inbound(&self, remote: &str) -> Option<(String, QoS)> {
         self.rules
             .iter()
             .filter(|r| r.direction != Direction::Out)
@@ -43,7 +44,7 @@ impl Rules {
 
     /// What to subscribe to on the cloud broker: `remote_prefix + pattern`
     /// of every `in` and `both` rule.
-    pub fn subscriptions(&self) -> Vec<(String, u8)> {
+    pub fn subscriptions(&self) -> Vec<(String, QoS)> {
         self.rules
             .iter()
             .filter(|r| r.direction != Direction::Out)
@@ -66,7 +67,7 @@ mod tests {
         UpstreamRule {
             pattern: pattern.into(),
             direction,
-            qos,
+            qos: QoS::from_u8(qos).unwrap(),
             local_prefix: local.into(),
             remote_prefix: remote.into(),
         }
@@ -87,7 +88,10 @@ mod tests {
         ]);
         assert_eq!(
             r.outbound("capteurs/temperature/france/clermont/rue_1"),
-            Some(("sites/clermont/temperature/france/clermont/rue_1".into(), 1))
+            Some((
+                "sites/clermont/temperature/france/clermont/rue_1".into(),
+                QoS::AtLeastOnce
+            ))
         );
         assert_eq!(r.outbound("capteurs/humidite/x"), None);
         assert_eq!(
@@ -97,16 +101,22 @@ mod tests {
         );
         assert_eq!(
             r.inbound("sites/clermont/cmd/reboot"),
-            Some(("capteurs/cmd/reboot".into(), 2))
+            Some(("capteurs/cmd/reboot".into(), QoS::ExactlyOnce))
         );
         assert_eq!(r.inbound("sites/clermont/temperature/x"), None);
-        assert_eq!(r.outbound("config"), Some(("gw/config".into(), 1)));
-        assert_eq!(r.inbound("gw/config"), Some(("config".into(), 1)));
+        assert_eq!(
+            r.outbound("config"),
+            Some(("gw/config".into(), QoS::AtLeastOnce))
+        );
+        assert_eq!(
+            r.inbound("gw/config"),
+            Some(("config".into(), QoS::AtLeastOnce))
+        );
         assert_eq!(
             r.subscriptions(),
             [
-                ("sites/clermont/cmd/+".to_string(), 2),
-                ("gw/config".to_string(), 1)
+                ("sites/clermont/cmd/+".to_string(), QoS::ExactlyOnce),
+                ("gw/config".to_string(), QoS::AtLeastOnce)
             ]
         );
     }

@@ -159,7 +159,7 @@ pub(super) async fn handshake(
             Some(Message::new(
                 w.topic.clone(),
                 w.message.clone(),
-                w.qos.value(),
+                w.qos.into(),
                 w.retain,
                 Origin::Will(ByteString::from(&*client_id)),
             ))

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytestring::ByteString;
 use rmqtt_codec::types::Publish;
-use rmqtt_codec::v3::{Packet, QoS, SubscribeReturnCode};
+use rmqtt_codec::v3::{Packet, SubscribeReturnCode};
 use tracing::{debug, info};
 
 use super::handshake::Client;
@@ -20,7 +20,7 @@ use crate::broker::auth::{AclDecision, Action, ClientInfo};
 use crate::broker::router::{worth_logging, Metrics};
 use crate::broker::session::{Delivery, Inflight, Session};
 use crate::broker::{topic, Shared};
-use crate::message::Message;
+use crate::message::{Message, QoS};
 
 /// QoS 0 messages of one read routed together (so that a transform plugin
 /// taking batches is entered once for them), at most this many / bytes, and
@@ -76,8 +76,8 @@ fn publish(conn: &mut Conn, session: &Arc<Session>, client: &Client, p: &Publish
         return Some(End::Protocol(format!("invalid topic name in PUBLISH: {e}")));
     }
     Metrics::inc(&metrics.messages_received);
-    let qos = p.qos.value();
-    Metrics::inc(&metrics.received_by_qos[usize::from(qos.min(2))]);
+    let qos = QoS::from(p.qos);
+    Metrics::inc(&metrics.received_by_qos[usize::from(qos)]);
     let packet_id = p.packet_id.map(|id| id.get());
     let allowed = publish_allowed(&shared, &client.info, &p.topic);
     if !allowed && worth_logging(&metrics.publish_denied) {
@@ -92,7 +92,7 @@ fn publish(conn: &mut Conn, session: &Arc<Session>, client: &Client, p: &Publish
         received_at: std::time::SystemTime::now(),
     };
     match (qos, packet_id) {
-        (0, _) => {
+        (QoS::AtMostOnce, _) => {
             if allowed {
                 conn.batch_bytes += p.topic.len() + p.payload.len();
                 conn.batch.push(message());
@@ -102,14 +102,14 @@ fn publish(conn: &mut Conn, session: &Arc<Session>, client: &Client, p: &Publish
                 }
             }
         }
-        (1, Some(id)) => {
+        (QoS::AtLeastOnce, Some(id)) => {
             if allowed {
                 let seq = router.publish_from(message(), Some(session), &mut conn.congested, true);
                 conn.wait_durable(seq);
             }
             conn.ack_publish(Packet::PublishAck { packet_id: nz(id) });
         }
-        (2, Some(id)) => {
+        (QoS::ExactlyOnce, Some(id)) => {
             let mut st = session.lock();
             let first_time = st.incoming_qos2.insert(id);
             let clean = st.clean;
@@ -193,7 +193,7 @@ fn subscribe(
     session: &Arc<Session>,
     client: &Client,
     packet_id: NonZeroU16,
-    topic_filters: Vec<(ByteString, QoS)>,
+    topic_filters: Vec<(ByteString, rmqtt_codec::types::QoS)>,
 ) {
     let shared = conn.shared.clone();
     let router = &shared.router;
@@ -240,13 +240,13 @@ fn subscribe(
             codes.push(SubscribeReturnCode::Failure);
             continue;
         }
-        let granted = qos.value();
+        let granted = QoS::from(qos);
         session
             .lock()
             .subscriptions
             .insert(filter.to_string(), granted);
         router.subscribe(&filter, session, granted);
-        debug!(client_id = %client.info.client_id, %filter, qos = granted, "subscribed");
+        debug!(client_id = %client.info.client_id, %filter, qos = u8::from(granted), "subscribed");
         for m in router.retained_matching(&filter) {
             let q = m.qos.min(granted);
             retained.push(Delivery {

@@ -10,6 +10,7 @@ use super::io::Conn;
 use super::nz;
 use crate::broker::router::Metrics;
 use crate::broker::session::{Delivery, OutState, Outgoing, Session};
+use crate::message::QoS;
 
 /// Flush the write buffer once it holds this much, even mid-batch.
 const WRITE_HIGH_WATER: usize = 64 * 1024;
@@ -27,7 +28,7 @@ pub(super) fn pump(conn: &mut Conn, session: &Session) -> bool {
         let Some(front) = st.queue.front() else {
             break false;
         };
-        if front.qos > 0 && st.outgoing.blocked(max_inflight) {
+        if front.qos > QoS::AtMostOnce && st.outgoing.blocked(max_inflight) {
             break false;
         }
         if conn.wbuf.len() >= WRITE_HIGH_WATER {
@@ -36,8 +37,8 @@ pub(super) fn pump(conn: &mut Conn, session: &Session) -> bool {
         let Some(d) = st.queue.pop_front() else {
             break false;
         };
-        sent_by_qos[usize::from(d.qos.min(2))] += 1;
-        if d.qos == 0 {
+        sent_by_qos[usize::from(d.qos)] += 1;
+        if d.qos == QoS::AtMostOnce {
             encode_publish(&mut conn.wbuf, &d, None, false);
         } else {
             let o = st.outgoing.start(d);
@@ -87,7 +88,7 @@ fn encode_publish(buf: &mut BytesMut, d: &Delivery, packet_id: Option<u16>, dup:
     let topic = d.message.topic.as_bytes();
     let payload = &d.message.payload;
     let remaining = 2 + topic.len() + if packet_id.is_some() { 2 } else { 0 } + payload.len();
-    let mut first = 0x30 | (d.qos << 1);
+    let mut first = 0x30 | (u8::from(d.qos) << 1);
     if d.retain {
         first |= 0x01;
     }

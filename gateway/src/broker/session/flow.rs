@@ -17,6 +17,7 @@
 use std::collections::VecDeque;
 
 use super::{Delivery, OutState, Outgoing};
+use crate::message::QoS;
 
 /// The QoS 1/2 exchanges in flight to a client, in the order sent.
 #[derive(Debug, Default)]
@@ -46,9 +47,12 @@ impl Inflight {
     /// Records a QoS 1/2 delivery as sent, under a packet id no exchange in
     /// flight uses; returns the exchange, to be encoded.
     pub fn start(&mut self, delivery: Delivery) -> &Outgoing {
-        debug_assert!(delivery.qos > 0, "QoS 0 messages are not acknowledged");
+        debug_assert!(
+            delivery.qos > QoS::AtMostOnce,
+            "QoS 0 messages are not acknowledged"
+        );
         let packet_id = self.next_packet_id();
-        let state = if delivery.qos == 1 {
+        let state = if delivery.qos == QoS::AtLeastOnce {
             OutState::AwaitPuback
         } else {
             OutState::AwaitPubrec
@@ -152,6 +156,7 @@ mod tests {
     use crate::message::{Message, Origin};
 
     fn delivery(qos: u8) -> Delivery {
+        let qos = QoS::from_u8(qos).unwrap();
         Delivery {
             id: 0,
             message: Arc::new(Message::new("t", &b"x"[..], qos, false, Origin::Broker)),
