@@ -14,7 +14,7 @@
 //! upstream can send them along so consumers drop duplicates.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -28,9 +28,11 @@ use tracing::{error, info, warn};
 use crate::config::{SyncMode, WhenFull};
 use crate::health::Heartbeat;
 
+mod recovery;
 mod sqlite;
 mod stats;
 
+use recovery::is_corrupt;
 use sqlite::Db;
 pub use sqlite::Row;
 pub use stats::BufferStats;
@@ -110,23 +112,7 @@ impl Buffer {
             })?;
         }
         let stats = Arc::new(BufferStats::default());
-        let (db, next_seq) = match Db::open(&settings) {
-            Ok(x) => x,
-            // Only a broken file is moved aside; a full disk or a
-            // permission problem is reported as it is, the file untouched.
-            Err(e) if is_corrupt(&e) => {
-                error!(error = %e, "buffer database corrupted; keeping it aside and starting a fresh one");
-                let aside = crate::files::move_aside(&settings.path, "buffer");
-                stats.recovered.fetch_add(1, Ordering::Relaxed);
-                let (mut db, next) = Db::open(&settings)?;
-                let next = match aside {
-                    Some(aside) => next.max(salvage(&aside, &mut db)),
-                    None => next,
-                };
-                (db, next)
-            }
-            Err(e) => return Err(e),
-        };
+        let (db, next_seq) = recovery::open(&settings, &stats)?;
         let (depth, bytes) = db.depth()?;
         stats.depth.store(depth, Ordering::Relaxed);
         stats.bytes.store(bytes, Ordering::Relaxed);
@@ -273,70 +259,6 @@ fn ms(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-/// Copies every row still readable in a broken buffer file into `db`:
-/// from the start up to the first unreadable page, then from the end back
-/// to it. Returns the next sequence number the broken file implies, so
-/// numbers never go back.
-fn salvage(broken: &Path, db: &mut Db) -> u64 {
-    let Ok(old) = Connection::open(broken) else {
-        return 1;
-    };
-    let read = |order: &str, rows: &mut Vec<Row>, stop_at: u64| {
-        let sql = format!(
-            "SELECT seq, topic, payload, qos, retain, ts_ms FROM outbox ORDER BY seq {order}"
-        );
-        let Ok(mut st) = old.prepare(&sql) else {
-            return;
-        };
-        let Ok(mut it) = st.query([]) else { return };
-        while let Ok(Some(r)) = it.next() {
-            let row = Row::from_sql(r);
-            match row {
-                Ok(row) if row.seq > stop_at => rows.push(row),
-                _ => return,
-            }
-        }
-    };
-    let mut head = Vec::new();
-    read("ASC", &mut head, 0);
-    let mut tail = Vec::new();
-    read("DESC", &mut tail, head.last().map_or(0, |r| r.seq));
-    tail.reverse();
-    let saved: u64 = old
-        .query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
-            r.get(0)
-        })
-        .unwrap_or(1);
-    let rows: Vec<Row> = head.into_iter().chain(tail).collect();
-    let next = rows.last().map_or(1, |r| r.seq + 1).max(saved);
-    let stored = (|| {
-        let tx = db.conn.transaction()?;
-        {
-            let mut ins = tx.prepare(
-                "INSERT OR IGNORE INTO outbox (seq, topic, payload, qos, retain, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
-            for r in &rows {
-                r.insert(&mut ins)?;
-            }
-            tx.execute(
-                "INSERT INTO meta (key, value) VALUES ('next_seq', ?1)
-                 ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
-                params![next],
-            )?;
-        }
-        tx.commit()
-    })();
-    match stored {
-        Ok(()) => error!(
-            salvaged = rows.len(),
-            from = %broken.display(),
-            "rows still readable in the broken buffer file copied to the fresh one; any others stay in the kept file"
-        ),
-        Err(e) => error!(error = %e, "cannot copy rows out of the broken buffer file"),
-    }
-    next
 }
 
 /// QoS 0 messages kept in memory at most while the file cannot be written.
@@ -820,18 +742,13 @@ impl Writer {
     fn recover(&mut self) {
         let lost = BufferStats::get(&self.stats.depth);
         error!(path = %self.db.path.display(), messages_in_broken_file = lost, "buffer database corrupted");
-        let (dead, _) = match Connection::open_in_memory() {
-            Ok(c) => (c, ()),
-            Err(_) => return,
+        // Close the broken file before moving it aside.
+        let Ok(dead) = Connection::open_in_memory() else {
+            return;
         };
         drop(std::mem::replace(&mut self.db.conn, dead));
-        let aside = crate::files::move_aside(&self.settings.path, "buffer");
-        match Db::open(&self.settings) {
-            Ok((mut db, next)) => {
-                let next = match aside {
-                    Some(aside) => next.max(salvage(&aside, &mut db)),
-                    None => next,
-                };
+        match recovery::start_fresh(&self.settings) {
+            Ok((db, next)) => {
                 let (depth, bytes) = db.depth().unwrap_or((0, 0));
                 self.db = db;
                 self.next_seq = self.next_seq.max(next);
@@ -847,13 +764,10 @@ impl Writer {
     }
 }
 
-fn is_corrupt(e: &BufferError) -> bool {
-    matches!(e, BufferError::Sqlite { source: rusqlite::Error::SqliteFailure(f, _), .. }
-        if matches!(f.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn settings(dir: &Path, max_bytes: u64, when_full: WhenFull) -> BufferSettings {

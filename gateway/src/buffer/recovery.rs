@@ -1,0 +1,114 @@
+//! A buffer file SQLite reports as corrupt is moved aside
+//! (`buffer.sqlite.broken-<ms>`, with its `-wal` and `-shm`, kept for
+//! inspection) and a fresh one started, into which every row still readable
+//! in the broken file is copied.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use rusqlite::{params, Connection};
+use tracing::error;
+
+use super::sqlite::{Db, Row};
+use super::{BufferError, BufferSettings, BufferStats};
+
+/// SQLite says the file is damaged or not a database at all.
+pub(super) fn is_corrupt(e: &BufferError) -> bool {
+    matches!(e, BufferError::Sqlite { source: rusqlite::Error::SqliteFailure(f, _), .. }
+        if matches!(f.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase))
+}
+
+/// Opens the database. Only a broken file is moved aside (and counted in
+/// `recovered`); a full disk or a permission problem is reported as it is,
+/// the file untouched.
+pub(super) fn open(
+    settings: &BufferSettings,
+    stats: &BufferStats,
+) -> Result<(Db, u64), BufferError> {
+    match Db::open(settings) {
+        Ok(x) => Ok(x),
+        Err(e) if is_corrupt(&e) => {
+            error!(error = %e, "buffer database corrupted; keeping it aside and starting a fresh one");
+            stats.recovered.fetch_add(1, Ordering::Relaxed);
+            start_fresh(settings)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Moves the (closed) broken file aside and opens a fresh one with what
+/// could be salvaged from it; returns it with the next sequence number,
+/// never lower than the broken file implies.
+pub(super) fn start_fresh(settings: &BufferSettings) -> Result<(Db, u64), BufferError> {
+    let aside = crate::files::move_aside(&settings.path, "buffer");
+    let (mut db, next) = Db::open(settings)?;
+    let next = match aside {
+        Some(aside) => next.max(salvage(&aside, &mut db)),
+        None => next,
+    };
+    Ok((db, next))
+}
+
+/// Copies every row still readable in a broken buffer file into `db`:
+/// from the start up to the first unreadable page, then from the end back
+/// to it. Returns the next sequence number the broken file implies, so
+/// numbers never go back.
+fn salvage(broken: &Path, db: &mut Db) -> u64 {
+    let Ok(old) = Connection::open(broken) else {
+        return 1;
+    };
+    let read = |order: &str, rows: &mut Vec<Row>, stop_at: u64| {
+        let sql = format!(
+            "SELECT seq, topic, payload, qos, retain, ts_ms FROM outbox ORDER BY seq {order}"
+        );
+        let Ok(mut st) = old.prepare(&sql) else {
+            return;
+        };
+        let Ok(mut it) = st.query([]) else { return };
+        while let Ok(Some(r)) = it.next() {
+            let row = Row::from_sql(r);
+            match row {
+                Ok(row) if row.seq > stop_at => rows.push(row),
+                _ => return,
+            }
+        }
+    };
+    let mut head = Vec::new();
+    read("ASC", &mut head, 0);
+    let mut tail = Vec::new();
+    read("DESC", &mut tail, head.last().map_or(0, |r| r.seq));
+    tail.reverse();
+    let saved: u64 = old
+        .query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
+            r.get(0)
+        })
+        .unwrap_or(1);
+    let rows: Vec<Row> = head.into_iter().chain(tail).collect();
+    let next = rows.last().map_or(1, |r| r.seq + 1).max(saved);
+    let stored = (|| {
+        let tx = db.conn.transaction()?;
+        {
+            let mut ins = tx.prepare(
+                "INSERT OR IGNORE INTO outbox (seq, topic, payload, qos, retain, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for r in &rows {
+                r.insert(&mut ins)?;
+            }
+            tx.execute(
+                "INSERT INTO meta (key, value) VALUES ('next_seq', ?1)
+                 ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
+                params![next],
+            )?;
+        }
+        tx.commit()
+    })();
+    match stored {
+        Ok(()) => error!(
+            salvaged = rows.len(),
+            from = %broken.display(),
+            "rows still readable in the broken buffer file copied to the fresh one; any others stay in the kept file"
+        ),
+        Err(e) => error!(error = %e, "cannot copy rows out of the broken buffer file"),
+    }
+    next
+}
