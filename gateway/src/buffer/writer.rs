@@ -1,0 +1,546 @@
+//! The writer thread: the only user of the database. It takes every
+//! command waiting on its channel and applies them in one transaction
+//! (group commit), publishes how far appends are settled, answers reads,
+//! and retries a failed commit every 500 ms.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant, SystemTime};
+
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{oneshot, watch};
+use tracing::{error, info, warn};
+
+use super::recovery::{self, is_corrupt};
+use super::sqlite::{Db, Row};
+use super::{ms, BufferError, BufferSettings, BufferStats, Cmd, SyncMode, WhenFull};
+use crate::health::Heartbeat;
+
+/// QoS 0 messages kept in memory at most while the file cannot be written.
+const MAX_PENDING_QOS0: usize = 10_000;
+
+pub(super) struct Writer {
+    heartbeat: Arc<Heartbeat>,
+    db: Db,
+    settings: BufferSettings,
+    stats: Arc<BufferStats>,
+    settled: watch::Sender<u64>,
+    /// Appends held while the buffer is full under `block`.
+    waiting: VecDeque<Row>,
+    /// Memory-first mode: rows accepted but not on disk. Always newer than
+    /// every row on disk (anything that goes to disk spills these first).
+    mem: BTreeMap<u64, Row>,
+    online: bool,
+    last_expiry: Instant,
+    next_seq: u64,
+    /// Highest sequence number applied (stored, dropped or held).
+    highest: u64,
+}
+
+/// What one group commit changes.
+#[derive(Default)]
+struct Batch {
+    appends: Vec<(Row, bool)>,
+    acks: Vec<u64>,
+    fetches: Vec<(u64, usize, oneshot::Sender<Vec<Row>>)>,
+    oldest: Vec<oneshot::Sender<Option<i64>>>,
+    highest: u64,
+}
+
+impl Writer {
+    pub(super) fn new(
+        db: Db,
+        settings: BufferSettings,
+        stats: Arc<BufferStats>,
+        settled: watch::Sender<u64>,
+        heartbeat: Arc<Heartbeat>,
+        next_seq: u64,
+    ) -> Writer {
+        Writer {
+            heartbeat,
+            db,
+            settings,
+            stats,
+            settled,
+            waiting: VecDeque::new(),
+            mem: BTreeMap::new(),
+            online: false,
+            last_expiry: Instant::now(),
+            next_seq,
+            highest: next_seq - 1,
+        }
+    }
+
+    /// Applies commands until every sender is gone, then writes what
+    /// memory holds and returns.
+    pub(super) fn run(mut self, rx: mpsc::Receiver<Cmd>) {
+        let mut retry: Option<Batch> = None;
+        loop {
+            // At least every second (the idle wait below), unless a call
+            // into SQLite hangs.
+            self.heartbeat.beat();
+            let mut batch = retry.take().unwrap_or_default();
+            let first = if batch.appends.is_empty() && batch.acks.is_empty() {
+                match rx.recv_timeout(Duration::from_secs(1)) {
+                    Ok(c) => Some(c),
+                    Err(mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(mpsc::RecvTimeoutError::Disconnected) => {
+                        // Shutting down: what memory holds goes to disk.
+                        self.online = false;
+                        if self.waiting.is_empty() && self.mem.is_empty() {
+                            return;
+                        }
+                        if self.waiting.is_empty() {
+                            if let Err(e) = self.apply(&mut Batch::default()) {
+                                error!(error = %e, messages = self.mem.len(), "cannot save the in-memory messages at shutdown: they are lost");
+                            }
+                            return;
+                        }
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            // Group commit: everything already waiting, up to a bound.
+            let mut taken = 0usize;
+            let more = std::iter::from_fn(|| {
+                taken += 1;
+                (taken < 8192).then(|| rx.try_recv().ok()).flatten()
+            });
+            for cmd in first.into_iter().chain(more) {
+                match cmd {
+                    Cmd::Append {
+                        row,
+                        publisher_waits,
+                    } => {
+                        batch.highest = batch.highest.max(row.seq);
+                        batch.appends.push((row, publisher_waits));
+                    }
+                    Cmd::Ack(seq) => batch.acks.push(seq),
+                    Cmd::Fetch {
+                        after,
+                        limit,
+                        reply,
+                    } => batch.fetches.push((after, limit, reply)),
+                    Cmd::Oldest(reply) => batch.oldest.push(reply),
+                    Cmd::Online(online) => self.online = online,
+                }
+            }
+            match self.apply(&mut batch) {
+                Ok(()) => {
+                    self.highest = self.highest.max(batch.highest);
+                    self.publish_settled();
+                    self.answer(batch);
+                }
+                Err(e) => {
+                    self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+                    error!(error = %e, pending = batch.appends.len(), "buffer write failed (disk full?); retrying every 500 ms, QoS 1/2 publishers wait for their PUBACK");
+                    self.bound_pending_qos0(&mut batch);
+                    if is_corrupt(&e) {
+                        self.recover();
+                    }
+                    // Reads can be answered from what is stored.
+                    let fetches = std::mem::take(&mut batch.fetches);
+                    let oldest = std::mem::take(&mut batch.oldest);
+                    self.answer(Batch {
+                        fetches,
+                        oldest,
+                        ..Batch::default()
+                    });
+                    retry = Some(batch);
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        }
+    }
+
+    /// While writes fail, QoS 1/2 appends are bounded by their publishers
+    /// (each waits for its PUBACK); QoS 0 ones are not, so past
+    /// MAX_PENDING_QOS0 the newest are dropped and counted.
+    fn bound_pending_qos0(&mut self, batch: &mut Batch) {
+        let mut qos0 = 0usize;
+        let before = batch.appends.len();
+        batch.appends.retain(|(_, publisher_waits)| {
+            if *publisher_waits {
+                return true;
+            }
+            qos0 += 1;
+            qos0 <= MAX_PENDING_QOS0
+        });
+        let dropped = (before - batch.appends.len()) as u64;
+        if dropped > 0 {
+            self.stats
+                .dropped_unwritable
+                .fetch_add(dropped, Ordering::Relaxed);
+            warn!(
+                dropped,
+                kept = MAX_PENDING_QOS0,
+                "buffer unwritable: newest QoS 0 messages dropped"
+            );
+        }
+    }
+
+    /// All appends up to `highest` are stored or dropped; those held by
+    /// `block` are not settled yet.
+    fn publish_settled(&self) {
+        let settled = match self.waiting.front() {
+            Some(w) => w.seq - 1,
+            None => self.highest,
+        };
+        if settled > *self.settled.borrow() {
+            self.settled.send_replace(settled);
+        }
+    }
+
+    /// One transaction; on failure nothing changed (appends held by
+    /// `block` are held again).
+    fn apply(&mut self, batch: &mut Batch) -> Result<(), BufferError> {
+        let spill = self.memory_step(batch);
+        let held = self.waiting.clone();
+        let r = self.apply_inner(batch, &spill);
+        if r.is_err() {
+            self.waiting = held;
+            // Nothing was written: the spilled rows are in memory again.
+            self.mem.extend(spill.into_iter().map(|r| (r.seq, r)));
+        } else if !spill.is_empty() {
+            info!(
+                messages = spill.len(),
+                online = self.online,
+                "in-memory messages written to disk"
+            );
+        }
+        self.stats
+            .in_memory
+            .store(self.mem.len() as u64, Ordering::Relaxed);
+        r
+    }
+
+    /// Memory-first mode: acknowledgements of rows held in memory never
+    /// touch the disk, and new rows stay in memory while the cloud is
+    /// reachable, nothing is held by `block` and the thresholds allow.
+    /// Otherwise everything in memory is returned, to be written to disk
+    /// before the new rows (the file stays in sequence order).
+    fn memory_step(&mut self, batch: &mut Batch) -> Vec<Row> {
+        let Some(limit) = self.settings.memory_first else {
+            return Vec::new();
+        };
+        let s = &self.stats;
+        let (mut depth, mut bytes) = (BufferStats::get(&s.depth), BufferStats::get(&s.bytes));
+        let (mut forwarded, mut appended) = (0u64, 0u64);
+        batch.acks.retain(|seq| match self.mem.remove(seq) {
+            Some(row) => {
+                depth -= 1;
+                bytes -= row.size();
+                forwarded += 1;
+                false
+            }
+            None => true,
+        });
+        let incoming: u64 = batch.appends.iter().map(|(r, _)| r.size()).sum();
+        let keep = self.online
+            && self.waiting.is_empty()
+            && self.mem.len() + batch.appends.len() <= limit
+            && bytes + incoming <= self.settings.max_bytes;
+        let mut spill = Vec::new();
+        if keep {
+            for (row, _) in batch.appends.drain(..) {
+                depth += 1;
+                bytes += row.size();
+                appended += 1;
+                self.mem.insert(row.seq, row);
+            }
+        } else if !self.mem.is_empty() {
+            spill = std::mem::take(&mut self.mem).into_values().collect();
+        }
+        s.depth.store(depth, Ordering::Relaxed);
+        s.bytes.store(bytes, Ordering::Relaxed);
+        s.forwarded.fetch_add(forwarded, Ordering::Relaxed);
+        s.appended.fetch_add(appended, Ordering::Relaxed);
+        spill
+    }
+
+    fn apply_inner(&mut self, batch: &mut Batch, spill: &[Row]) -> Result<(), BufferError> {
+        let path = self.db.path.clone();
+        let err = |source| BufferError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let now_ms = ms(SystemTime::now());
+        let expire = self
+            .settings
+            .max_age
+            .filter(|_| self.last_expiry.elapsed() >= Duration::from_secs(1));
+        // Only appends need the fsync: a delete lost in a power cut costs a
+        // duplicate, not a message. Ack-only commits skip it (WAL keeps
+        // them ordered; the next fsync makes them durable too).
+        let durable = !batch.appends.is_empty() || !spill.is_empty() || !self.waiting.is_empty();
+        let want = if durable {
+            self.settings.sync
+        } else {
+            SyncMode::Normal
+        };
+        if self.db.sync != want {
+            let v = match want {
+                SyncMode::Full => "FULL",
+                SyncMode::Normal => "NORMAL",
+            };
+            self.db
+                .conn
+                .pragma_update(None, "synchronous", v)
+                .map_err(err)?;
+            self.db.sync = want;
+        }
+        let tx = self.db.conn.transaction().map_err(err)?;
+        let mut depth = BufferStats::get(&self.stats.depth);
+        let mut bytes = BufferStats::get(&self.stats.bytes);
+        let (mut forwarded, mut dropped_old, mut dropped_new, mut dropped_q0, mut expired) =
+            (0u64, 0u64, 0u64, 0u64, 0u64);
+        let (mut appended, mut disk_writes) = (0u64, 0u64);
+        {
+            let mut del = tx
+                .prepare_cached(
+                    "DELETE FROM outbox WHERE seq = ?1 RETURNING length(topic) + length(payload)",
+                )
+                .map_err(err)?;
+            for seq in &batch.acks {
+                let size: Option<u64> = del
+                    .query_row(params![seq], |r| r.get(0))
+                    .optional()
+                    .map_err(err)?;
+                if let Some(size) = size {
+                    depth -= 1;
+                    bytes -= size;
+                    forwarded += 1;
+                }
+            }
+            if let Some(age) = expire {
+                let cutoff = now_ms - age.as_millis() as i64;
+                let (n, b): (u64, u64) = tx
+                    .query_row(
+                        "SELECT count(*), coalesce(sum(length(topic) + length(payload)), 0) FROM outbox WHERE ts_ms < ?1",
+                        params![cutoff],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .map_err(err)?;
+                if n > 0 {
+                    tx.execute("DELETE FROM outbox WHERE ts_ms < ?1", params![cutoff])
+                        .map_err(err)?;
+                    depth -= n;
+                    bytes -= b;
+                    expired += n;
+                    warn!(
+                        messages = n,
+                        max_age_secs = age.as_secs(),
+                        "buffered messages expired"
+                    );
+                }
+            }
+            let mut ins = tx
+                .prepare_cached(
+                    "INSERT INTO outbox (seq, topic, payload, qos, retain, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )
+                .map_err(err)?;
+            let mut oldest = tx
+                .prepare_cached("SELECT seq, length(topic) + length(payload) FROM outbox ORDER BY seq LIMIT 256")
+                .map_err(err)?;
+            let mut del_oldest = tx
+                .prepare_cached("DELETE FROM outbox WHERE seq = ?1")
+                .map_err(err)?;
+            // Spilled rows are counted in depth and bytes already.
+            for row in spill {
+                row.insert(&mut ins).map_err(err)?;
+                disk_writes += 1;
+            }
+            // Held appends first (they are older), then the new ones.
+            let mut incoming: VecDeque<(Row, bool)> =
+                self.waiting.drain(..).map(|r| (r, true)).collect();
+            incoming.extend(batch.appends.iter().cloned());
+            while let Some((row, publisher_waits)) = incoming.pop_front() {
+                let size = row.size();
+                if bytes + size > self.settings.max_bytes {
+                    match self.settings.when_full {
+                        WhenFull::DropNewest => {
+                            dropped_new += 1;
+                            continue;
+                        }
+                        WhenFull::Block if size <= self.settings.max_bytes => {
+                            if publisher_waits {
+                                // Held until the cloud frees room: its
+                                // publisher's PUBACK waits with it.
+                                self.waiting.push_back(row);
+                                for (r, w) in incoming.drain(..) {
+                                    if w {
+                                        self.waiting.push_back(r);
+                                    } else {
+                                        dropped_q0 += 1;
+                                    }
+                                }
+                            } else {
+                                dropped_q0 += 1;
+                            }
+                            continue;
+                        }
+                        WhenFull::Block => {
+                            dropped_new += 1; // larger than the whole buffer
+                            continue;
+                        }
+                        WhenFull::DropOldest => {
+                            while bytes + size > self.settings.max_bytes && depth > 0 {
+                                let victims: Vec<(u64, u64)> = oldest
+                                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                                    .map_err(err)?
+                                    .collect::<Result<_, _>>()
+                                    .map_err(err)?;
+                                if victims.is_empty() {
+                                    break;
+                                }
+                                for (seq, vsize) in victims {
+                                    if bytes + size <= self.settings.max_bytes {
+                                        break;
+                                    }
+                                    del_oldest.execute(params![seq]).map_err(err)?;
+                                    depth -= 1;
+                                    bytes -= vsize;
+                                    dropped_old += 1;
+                                }
+                            }
+                            if bytes + size > self.settings.max_bytes {
+                                dropped_new += 1; // larger than the whole buffer
+                                continue;
+                            }
+                        }
+                    }
+                }
+                row.insert(&mut ins).map_err(err)?;
+                depth += 1;
+                bytes += size;
+                appended += 1;
+                disk_writes += 1;
+            }
+            if batch.highest >= self.next_seq {
+                self.next_seq = batch.highest + 1;
+                tx.execute(
+                    "INSERT INTO meta (key, value) VALUES ('next_seq', ?1)
+                     ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    params![self.next_seq],
+                )
+                .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)?;
+        if expire.is_some() {
+            self.last_expiry = Instant::now();
+        }
+        let s = &self.stats;
+        s.depth.store(depth, Ordering::Relaxed);
+        s.bytes.store(bytes, Ordering::Relaxed);
+        s.appended.fetch_add(appended, Ordering::Relaxed);
+        s.disk_writes.fetch_add(disk_writes, Ordering::Relaxed);
+        s.forwarded.fetch_add(forwarded, Ordering::Relaxed);
+        s.dropped_oldest.fetch_add(dropped_old, Ordering::Relaxed);
+        s.dropped_newest.fetch_add(dropped_new, Ordering::Relaxed);
+        s.dropped_blocked_qos0
+            .fetch_add(dropped_q0, Ordering::Relaxed);
+        s.expired.fetch_add(expired, Ordering::Relaxed);
+        if dropped_old + dropped_new + dropped_q0 > 0 {
+            warn!(
+                dropped_oldest = dropped_old,
+                dropped_newest = dropped_new,
+                dropped_qos0_blocked = dropped_q0,
+                max_bytes = self.settings.max_bytes,
+                policy = ?self.settings.when_full,
+                "buffer full: messages dropped"
+            );
+        }
+        batch.appends.clear();
+        batch.acks.clear();
+        Ok(())
+    }
+
+    fn answer(&mut self, batch: Batch) {
+        for (after, limit, reply) in batch.fetches {
+            let rows = match self.read(after, limit) {
+                Ok(rows) => rows,
+                // A page went bad under us: keep the file aside, go on
+                // with what can be read out of it.
+                Err(e) if is_corrupt(&e) => {
+                    self.recover();
+                    self.read(after, limit).unwrap_or_default()
+                }
+                Err(e) => {
+                    error!(error = %e, "buffer read failed");
+                    Vec::new()
+                }
+            };
+            let _ = reply.send(rows);
+        }
+        for reply in batch.oldest {
+            let ts = self
+                .db
+                .conn
+                .query_row("SELECT ts_ms FROM outbox ORDER BY seq LIMIT 1", [], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .ok()
+                .flatten()
+                .or_else(|| self.mem.values().next().map(|r| r.ts_ms));
+            let _ = reply.send(ts);
+        }
+    }
+
+    fn read(&self, after: u64, limit: usize) -> Result<Vec<Row>, BufferError> {
+        let mut st = self
+            .db
+            .conn
+            .prepare_cached(
+                "SELECT seq, topic, payload, qos, retain, ts_ms FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            )
+            .map_err(|e| self.db.err(e))?;
+        let rows = st
+            .query_map(params![after, limit as i64], Row::from_sql)
+            .map_err(|e| self.db.err(e))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.db.err(e))?;
+        // Rows in memory are newer than every row on disk.
+        let mut rows = rows;
+        let after = rows.last().map_or(after, |r| r.seq);
+        let room = limit - rows.len();
+        rows.extend(
+            self.mem
+                .range(after + 1..)
+                .take(room)
+                .map(|(_, r)| r.clone()),
+        );
+        Ok(rows)
+    }
+
+    /// The database file is broken: keep it aside, start a fresh one. The
+    /// messages still in memory (this batch) are written to the new one;
+    /// those stored only in the broken file are lost, and said so.
+    fn recover(&mut self) {
+        let lost = BufferStats::get(&self.stats.depth);
+        error!(path = %self.db.path.display(), messages_in_broken_file = lost, "buffer database corrupted");
+        // Close the broken file before moving it aside.
+        let Ok(dead) = Connection::open_in_memory() else {
+            return;
+        };
+        drop(std::mem::replace(&mut self.db.conn, dead));
+        match recovery::start_fresh(&self.settings) {
+            Ok((db, next)) => {
+                let (depth, bytes) = db.depth().unwrap_or((0, 0));
+                self.db = db;
+                self.next_seq = self.next_seq.max(next);
+                let in_memory: u64 = self.mem.values().map(Row::size).sum();
+                self.stats
+                    .depth
+                    .store(depth + self.mem.len() as u64, Ordering::Relaxed);
+                self.stats.bytes.store(bytes + in_memory, Ordering::Relaxed);
+                self.stats.recovered.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => error!(error = %e, "cannot start a fresh buffer database"),
+        }
+    }
+}
