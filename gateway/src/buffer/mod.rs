@@ -26,6 +26,7 @@ use tracing::{error, info};
 use crate::config::{SyncMode, WhenFull};
 use crate::health::Heartbeat;
 
+mod policy;
 mod recovery;
 mod sqlite;
 mod stats;

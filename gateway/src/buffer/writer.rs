@@ -12,9 +12,10 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
+use super::policy::{self, Admit};
 use super::recovery::{self, is_corrupt};
 use super::sqlite::{Db, Row};
-use super::{ms, BufferError, BufferSettings, BufferStats, Cmd, SyncMode, WhenFull};
+use super::{ms, BufferError, BufferSettings, BufferStats, Cmd, SyncMode};
 use crate::health::Heartbeat;
 
 /// QoS 0 messages kept in memory at most while the file cannot be written.
@@ -359,57 +360,56 @@ impl Writer {
             incoming.extend(batch.appends.iter().cloned());
             while let Some((row, publisher_waits)) = incoming.pop_front() {
                 let size = row.size();
-                if bytes + size > self.settings.max_bytes {
-                    match self.settings.when_full {
-                        WhenFull::DropNewest => {
-                            dropped_new += 1;
-                            continue;
-                        }
-                        WhenFull::Block if size <= self.settings.max_bytes => {
-                            if publisher_waits {
-                                // Held until the cloud frees room: its
-                                // publisher's PUBACK waits with it.
-                                self.waiting.push_back(row);
-                                for (r, w) in incoming.drain(..) {
-                                    if w {
-                                        self.waiting.push_back(r);
-                                    } else {
-                                        dropped_q0 += 1;
-                                    }
+                let max = self.settings.max_bytes;
+                match policy::admit(bytes, size, max, self.settings.when_full) {
+                    Admit::Store => {}
+                    Admit::DropNewest => {
+                        dropped_new += 1;
+                        continue;
+                    }
+                    Admit::Hold => {
+                        if publisher_waits {
+                            // Held until the cloud frees room: its
+                            // publisher's PUBACK waits with it, and so do
+                            // those of every later message (order).
+                            self.waiting.push_back(row);
+                            for (r, w) in incoming.drain(..) {
+                                if w {
+                                    self.waiting.push_back(r);
+                                } else {
+                                    dropped_q0 += 1;
                                 }
-                            } else {
-                                dropped_q0 += 1;
                             }
-                            continue;
+                        } else {
+                            dropped_q0 += 1;
                         }
-                        WhenFull::Block => {
-                            dropped_new += 1; // larger than the whole buffer
-                            continue;
-                        }
-                        WhenFull::DropOldest => {
-                            while bytes + size > self.settings.max_bytes && depth > 0 {
-                                let victims: Vec<(u64, u64)> = oldest
-                                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                                    .map_err(err)?
-                                    .collect::<Result<_, _>>()
-                                    .map_err(err)?;
-                                if victims.is_empty() {
+                        continue;
+                    }
+                    Admit::Evict { bytes: need } => {
+                        let mut freed = 0u64;
+                        while freed < need && depth > 0 {
+                            let victims: Vec<(u64, u64)> = oldest
+                                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                                .map_err(err)?
+                                .collect::<Result<_, _>>()
+                                .map_err(err)?;
+                            if victims.is_empty() {
+                                break;
+                            }
+                            for (seq, vsize) in victims {
+                                if freed >= need {
                                     break;
                                 }
-                                for (seq, vsize) in victims {
-                                    if bytes + size <= self.settings.max_bytes {
-                                        break;
-                                    }
-                                    del_oldest.execute(params![seq]).map_err(err)?;
-                                    depth -= 1;
-                                    bytes -= vsize;
-                                    dropped_old += 1;
-                                }
+                                del_oldest.execute(params![seq]).map_err(err)?;
+                                depth -= 1;
+                                bytes -= vsize;
+                                freed += vsize;
+                                dropped_old += 1;
                             }
-                            if bytes + size > self.settings.max_bytes {
-                                dropped_new += 1; // larger than the whole buffer
-                                continue;
-                            }
+                        }
+                        if freed < need {
+                            dropped_new += 1; // larger than the whole buffer
+                            continue;
                         }
                     }
                 }
