@@ -26,6 +26,7 @@ use tracing::{error, info};
 use crate::config::{SyncMode, WhenFull};
 use crate::health::Heartbeat;
 
+mod memory;
 mod policy;
 mod recovery;
 mod sqlite;
@@ -256,14 +257,14 @@ fn ms(t: SystemTime) -> i64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::path::Path;
 
     use rusqlite::Connection;
 
     use super::*;
 
-    fn settings(dir: &Path, max_bytes: u64, when_full: WhenFull) -> BufferSettings {
+    pub(super) fn settings(dir: &Path, max_bytes: u64, when_full: WhenFull) -> BufferSettings {
         BufferSettings {
             path: dir.join("buffer.sqlite"),
             max_bytes,
@@ -275,7 +276,7 @@ mod tests {
     }
 
     /// Rows on disk, read with a second connection (not through the buffer).
-    fn on_disk(dir: &Path) -> Vec<u64> {
+    pub(super) fn on_disk(dir: &Path) -> Vec<u64> {
         let c = Connection::open(dir.join("buffer.sqlite")).unwrap();
         let mut st = c.prepare("SELECT seq FROM outbox ORDER BY seq").unwrap();
         st.query_map([], |r| r.get(0))
@@ -284,7 +285,7 @@ mod tests {
             .unwrap()
     }
 
-    async fn disk_writes(b: &Buffer, want: u64) {
+    pub(super) async fn disk_writes(b: &Buffer, want: u64) {
         let s = b.stats().clone();
         for _ in 0..500 {
             if BufferStats::get(&s.disk_writes) == want {
@@ -295,76 +296,7 @@ mod tests {
         panic!("disk_writes {} != {want}", BufferStats::get(&s.disk_writes));
     }
 
-    #[tokio::test]
-    async fn memory_first_stays_off_disk_online_and_spills_offline_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cfg = settings(dir.path(), 1 << 20, WhenFull::DropOldest);
-        cfg.memory_first = Some(100);
-        // Offline at start: rows go to disk.
-        let b = Buffer::open(cfg.clone()).unwrap();
-        append(&b, "t", "disk-1");
-        settled(&b, 1).await;
-        assert_eq!(on_disk(dir.path()), [1]);
-        // Online: new rows stay in memory, after the ones on disk.
-        b.set_online(true);
-        for i in 2..=10 {
-            append(&b, "t", &format!("{i}"));
-        }
-        settled(&b, 10).await;
-        assert_eq!(BufferStats::get(&b.stats().in_memory), 9);
-        assert_eq!(BufferStats::get(&b.stats().depth), 10);
-        assert_eq!(BufferStats::get(&b.stats().disk_writes), 1);
-        let seqs = |rows: Vec<Row>| rows.iter().map(|r| r.seq).collect::<Vec<_>>();
-        assert_eq!(
-            seqs(b.fetch(0, 100).await.unwrap()),
-            (1..=10).collect::<Vec<_>>()
-        );
-        assert_eq!(seqs(b.fetch(0, 3).await.unwrap()), [1, 2, 3]);
-        assert_eq!(seqs(b.fetch(3, 2).await.unwrap()), [4, 5]);
-        for seq in 1..=5 {
-            b.ack(seq);
-        }
-        append(&b, "t", "11");
-        settled(&b, 11).await;
-        assert_eq!(BufferStats::get(&b.stats().forwarded), 5);
-        assert_eq!(on_disk(dir.path()), Vec::<u64>::new());
-        assert_eq!(BufferStats::get(&b.stats().disk_writes), 1);
-        // The link drops: memory goes to disk.
-        b.set_online(false);
-        disk_writes(&b, 7).await;
-        assert_eq!(on_disk(dir.path()), [6, 7, 8, 9, 10, 11]);
-        assert_eq!(BufferStats::get(&b.stats().in_memory), 0);
-        b.close();
-        let b = Buffer::open(cfg).unwrap();
-        assert_eq!(append(&b, "t", "12"), 12);
-    }
-
-    #[tokio::test]
-    async fn memory_first_spills_past_its_threshold_and_at_shutdown() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cfg = settings(dir.path(), 1 << 20, WhenFull::DropOldest);
-        cfg.memory_first = Some(4);
-        let b = Buffer::open(cfg.clone()).unwrap();
-        b.set_online(true);
-        for i in 1..=3 {
-            append(&b, "t", &format!("{i}"));
-            settled(&b, i).await;
-        }
-        assert_eq!(BufferStats::get(&b.stats().disk_writes), 0);
-        for i in 4..=6 {
-            append(&b, "t", &format!("{i}"));
-            settled(&b, i).await;
-        }
-        // The fifth unacknowledged row passed the threshold: all went to disk.
-        assert!(BufferStats::get(&b.stats().disk_writes) >= 5);
-        append(&b, "t", "7");
-        settled(&b, 7).await;
-        // A clean stop writes what memory holds.
-        b.close();
-        assert_eq!(on_disk(dir.path()), (1..=7).collect::<Vec<_>>());
-    }
-
-    fn append(b: &Buffer, topic: &str, payload: &str) -> u64 {
+    pub(super) fn append(b: &Buffer, topic: &str, payload: &str) -> u64 {
         b.append(
             topic.into(),
             Bytes::from(payload.to_owned()),
@@ -375,7 +307,7 @@ mod tests {
         )
     }
 
-    async fn settled(b: &Buffer, seq: u64) {
+    pub(super) async fn settled(b: &Buffer, seq: u64) {
         let mut w = b.settled();
         tokio::time::timeout(Duration::from_secs(5), w.wait_for(|s| *s >= seq))
             .await

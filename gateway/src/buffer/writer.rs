@@ -3,7 +3,7 @@
 //! (group commit), publishes how far appends are settled, answers reads,
 //! and retries a failed commit every 500 ms.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
@@ -12,6 +12,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
+use super::memory::Memory;
 use super::policy::{self, Admit};
 use super::recovery::{self, is_corrupt};
 use super::sqlite::{Db, Row};
@@ -29,9 +30,8 @@ pub(super) struct Writer {
     settled: watch::Sender<u64>,
     /// Appends held while the buffer is full under `block`.
     waiting: VecDeque<Row>,
-    /// Memory-first mode: rows accepted but not on disk. Always newer than
-    /// every row on disk (anything that goes to disk spills these first).
-    mem: BTreeMap<u64, Row>,
+    /// Memory-first mode: rows accepted but not on disk.
+    mem: Memory,
     online: bool,
     last_expiry: Instant,
     next_seq: u64,
@@ -58,6 +58,7 @@ impl Writer {
         heartbeat: Arc<Heartbeat>,
         next_seq: u64,
     ) -> Writer {
+        let mem = Memory::new(settings.memory_first);
         Writer {
             heartbeat,
             db,
@@ -65,7 +66,7 @@ impl Writer {
             stats,
             settled,
             waiting: VecDeque::new(),
-            mem: BTreeMap::new(),
+            mem,
             online: false,
             last_expiry: Instant::now(),
             next_seq,
@@ -204,7 +205,7 @@ impl Writer {
         if r.is_err() {
             self.waiting = held;
             // Nothing was written: the spilled rows are in memory again.
-            self.mem.extend(spill.into_iter().map(|r| (r.seq, r)));
+            self.mem.restore(spill);
         } else if !spill.is_empty() {
             info!(
                 messages = spill.len(),
@@ -224,42 +225,23 @@ impl Writer {
     /// Otherwise everything in memory is returned, to be written to disk
     /// before the new rows (the file stays in sequence order).
     fn memory_step(&mut self, batch: &mut Batch) -> Vec<Row> {
-        let Some(limit) = self.settings.memory_first else {
+        let s = &self.stats;
+        let (depth, bytes) = (BufferStats::get(&s.depth), BufferStats::get(&s.bytes));
+        let may_keep = self.online && self.waiting.is_empty();
+        let max = self.settings.max_bytes;
+        let Some(step) = self
+            .mem
+            .step(&mut batch.acks, &mut batch.appends, may_keep, bytes, max)
+        else {
             return Vec::new();
         };
-        let s = &self.stats;
-        let (mut depth, mut bytes) = (BufferStats::get(&s.depth), BufferStats::get(&s.bytes));
-        let (mut forwarded, mut appended) = (0u64, 0u64);
-        batch.acks.retain(|seq| match self.mem.remove(seq) {
-            Some(row) => {
-                depth -= 1;
-                bytes -= row.size();
-                forwarded += 1;
-                false
-            }
-            None => true,
-        });
-        let incoming: u64 = batch.appends.iter().map(|(r, _)| r.size()).sum();
-        let keep = self.online
-            && self.waiting.is_empty()
-            && self.mem.len() + batch.appends.len() <= limit
-            && bytes + incoming <= self.settings.max_bytes;
-        let mut spill = Vec::new();
-        if keep {
-            for (row, _) in batch.appends.drain(..) {
-                depth += 1;
-                bytes += row.size();
-                appended += 1;
-                self.mem.insert(row.seq, row);
-            }
-        } else if !self.mem.is_empty() {
-            spill = std::mem::take(&mut self.mem).into_values().collect();
-        }
+        let depth = depth - step.forwarded + step.kept;
+        let bytes = bytes - step.forwarded_bytes + step.kept_bytes;
         s.depth.store(depth, Ordering::Relaxed);
         s.bytes.store(bytes, Ordering::Relaxed);
-        s.forwarded.fetch_add(forwarded, Ordering::Relaxed);
-        s.appended.fetch_add(appended, Ordering::Relaxed);
-        spill
+        s.forwarded.fetch_add(step.forwarded, Ordering::Relaxed);
+        s.appended.fetch_add(step.kept, Ordering::Relaxed);
+        step.spill
     }
 
     fn apply_inner(&mut self, batch: &mut Batch, spill: &[Row]) -> Result<(), BufferError> {
@@ -486,7 +468,7 @@ impl Writer {
                 .optional()
                 .ok()
                 .flatten()
-                .or_else(|| self.mem.values().next().map(|r| r.ts_ms));
+                .or_else(|| self.mem.oldest_ts());
             let _ = reply.send(ts);
         }
     }
@@ -508,12 +490,7 @@ impl Writer {
         let mut rows = rows;
         let after = rows.last().map_or(after, |r| r.seq);
         let room = limit - rows.len();
-        rows.extend(
-            self.mem
-                .range(after + 1..)
-                .take(room)
-                .map(|(_, r)| r.clone()),
-        );
+        rows.extend(self.mem.after(after).take(room).cloned());
         Ok(rows)
     }
 
@@ -533,7 +510,7 @@ impl Writer {
                 let (depth, bytes) = db.depth().unwrap_or((0, 0));
                 self.db = db;
                 self.next_seq = self.next_seq.max(next);
-                let in_memory: u64 = self.mem.values().map(Row::size).sum();
+                let in_memory = self.mem.bytes();
                 self.stats
                     .depth
                     .store(depth + self.mem.len() as u64, Ordering::Relaxed);
