@@ -8,14 +8,14 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant, SystemTime};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::Connection;
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
 use super::memory::Memory;
 use super::policy::{self, Admit};
 use super::recovery::{self, is_corrupt};
-use super::sqlite::{Db, Row};
+use super::sqlite::{self, Db, Row, Statements};
 use super::{ms, BufferError, BufferSettings, BufferStats, Cmd, SyncMode};
 use crate::health::Heartbeat;
 
@@ -264,17 +264,7 @@ impl Writer {
         } else {
             SyncMode::Normal
         };
-        if self.db.sync != want {
-            let v = match want {
-                SyncMode::Full => "FULL",
-                SyncMode::Normal => "NORMAL",
-            };
-            self.db
-                .conn
-                .pragma_update(None, "synchronous", v)
-                .map_err(err)?;
-            self.db.sync = want;
-        }
+        self.db.set_sync(want).map_err(err)?;
         let tx = self.db.conn.transaction().map_err(err)?;
         let mut depth = BufferStats::get(&self.stats.depth);
         let mut bytes = BufferStats::get(&self.stats.bytes);
@@ -282,17 +272,9 @@ impl Writer {
             (0u64, 0u64, 0u64, 0u64, 0u64);
         let (mut appended, mut disk_writes) = (0u64, 0u64);
         {
-            let mut del = tx
-                .prepare_cached(
-                    "DELETE FROM outbox WHERE seq = ?1 RETURNING length(topic) + length(payload)",
-                )
-                .map_err(err)?;
-            for seq in &batch.acks {
-                let size: Option<u64> = del
-                    .query_row(params![seq], |r| r.get(0))
-                    .optional()
-                    .map_err(err)?;
-                if let Some(size) = size {
+            let mut st = Statements::prepare(&tx).map_err(err)?;
+            for &seq in &batch.acks {
+                if let Some(size) = st.delete_acked(seq).map_err(err)? {
                     depth -= 1;
                     bytes -= size;
                     forwarded += 1;
@@ -300,16 +282,8 @@ impl Writer {
             }
             if let Some(age) = expire {
                 let cutoff = now_ms - age.as_millis() as i64;
-                let (n, b): (u64, u64) = tx
-                    .query_row(
-                        "SELECT count(*), coalesce(sum(length(topic) + length(payload)), 0) FROM outbox WHERE ts_ms < ?1",
-                        params![cutoff],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .map_err(err)?;
+                let (n, b) = sqlite::expire(&tx, cutoff).map_err(err)?;
                 if n > 0 {
-                    tx.execute("DELETE FROM outbox WHERE ts_ms < ?1", params![cutoff])
-                        .map_err(err)?;
                     depth -= n;
                     bytes -= b;
                     expired += n;
@@ -320,20 +294,9 @@ impl Writer {
                     );
                 }
             }
-            let mut ins = tx
-                .prepare_cached(
-                    "INSERT INTO outbox (seq, topic, payload, qos, retain, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )
-                .map_err(err)?;
-            let mut oldest = tx
-                .prepare_cached("SELECT seq, length(topic) + length(payload) FROM outbox ORDER BY seq LIMIT 256")
-                .map_err(err)?;
-            let mut del_oldest = tx
-                .prepare_cached("DELETE FROM outbox WHERE seq = ?1")
-                .map_err(err)?;
             // Spilled rows are counted in depth and bytes already.
             for row in spill {
-                row.insert(&mut ins).map_err(err)?;
+                st.insert(row).map_err(err)?;
                 disk_writes += 1;
             }
             // Held appends first (they are older), then the new ones.
@@ -370,11 +333,7 @@ impl Writer {
                     Admit::Evict { bytes: need } => {
                         let mut freed = 0u64;
                         while freed < need && depth > 0 {
-                            let victims: Vec<(u64, u64)> = oldest
-                                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                                .map_err(err)?
-                                .collect::<Result<_, _>>()
-                                .map_err(err)?;
+                            let victims = st.oldest().map_err(err)?;
                             if victims.is_empty() {
                                 break;
                             }
@@ -382,7 +341,7 @@ impl Writer {
                                 if freed >= need {
                                     break;
                                 }
-                                del_oldest.execute(params![seq]).map_err(err)?;
+                                st.delete(seq).map_err(err)?;
                                 depth -= 1;
                                 bytes -= vsize;
                                 freed += vsize;
@@ -395,7 +354,7 @@ impl Writer {
                         }
                     }
                 }
-                row.insert(&mut ins).map_err(err)?;
+                st.insert(&row).map_err(err)?;
                 depth += 1;
                 bytes += size;
                 appended += 1;
@@ -403,12 +362,7 @@ impl Writer {
             }
             if batch.highest >= self.next_seq {
                 self.next_seq = batch.highest + 1;
-                tx.execute(
-                    "INSERT INTO meta (key, value) VALUES ('next_seq', ?1)
-                     ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    params![self.next_seq],
-                )
-                .map_err(err)?;
+                sqlite::save_next_seq(&tx, self.next_seq).map_err(err)?;
             }
         }
         tx.commit().map_err(err)?;
@@ -459,35 +413,14 @@ impl Writer {
             let _ = reply.send(rows);
         }
         for reply in batch.oldest {
-            let ts = self
-                .db
-                .conn
-                .query_row("SELECT ts_ms FROM outbox ORDER BY seq LIMIT 1", [], |r| {
-                    r.get(0)
-                })
-                .optional()
-                .ok()
-                .flatten()
-                .or_else(|| self.mem.oldest_ts());
+            let ts = self.db.oldest_ts().or_else(|| self.mem.oldest_ts());
             let _ = reply.send(ts);
         }
     }
 
     fn read(&self, after: u64, limit: usize) -> Result<Vec<Row>, BufferError> {
-        let mut st = self
-            .db
-            .conn
-            .prepare_cached(
-                "SELECT seq, topic, payload, qos, retain, ts_ms FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )
-            .map_err(|e| self.db.err(e))?;
-        let rows = st
-            .query_map(params![after, limit as i64], Row::from_sql)
-            .map_err(|e| self.db.err(e))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| self.db.err(e))?;
+        let mut rows = self.db.read(after, limit)?;
         // Rows in memory are newer than every row on disk.
-        let mut rows = rows;
         let after = rows.last().map_or(after, |r| r.seq);
         let room = limit - rows.len();
         rows.extend(self.mem.after(after).take(room).cloned());
