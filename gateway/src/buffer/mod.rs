@@ -264,6 +264,9 @@ pub(super) mod tests {
 
     use super::*;
 
+    // Helpers for the tests here and in the submodules (through a buffer
+    // on a temporary directory).
+
     pub(super) fn settings(dir: &Path, max_bytes: u64, when_full: WhenFull) -> BufferSettings {
         BufferSettings {
             path: dir.join("buffer.sqlite"),
@@ -316,43 +319,6 @@ pub(super) mod tests {
     }
 
     #[tokio::test]
-    async fn messages_older_than_max_age_expire_and_are_counted() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cfg = settings(dir.path(), 1 << 20, WhenFull::DropOldest);
-        cfg.max_age = Some(Duration::from_secs(3600));
-        let b = Buffer::open(cfg).unwrap();
-        let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
-        for i in 0..3 {
-            b.append(
-                "t".into(),
-                Bytes::from(format!("old-{i}")),
-                1,
-                false,
-                two_hours_ago,
-                true,
-            );
-        }
-        append(&b, "t", "fresh");
-        settled(&b, 4).await;
-        // Expiry runs at most once a second, in the writer's next commit.
-        let s = b.stats().clone();
-        for _ in 0..300 {
-            if BufferStats::get(&s.expired) > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(BufferStats::get(&s.expired), 3);
-        assert_eq!(BufferStats::get(&s.depth), 1);
-        assert_eq!(s.dropped(), 3);
-        assert_eq!(on_disk(dir.path()), [4]);
-        let rows = b.fetch(0, 10).await.unwrap();
-        assert_eq!(rows.len(), 1);
-        assert_eq!(&rows[0].payload[..], b"fresh");
-        b.close();
-    }
-
-    #[tokio::test]
     async fn appended_rows_are_read_in_order_and_deleted_on_ack() {
         let dir = tempfile::tempdir().unwrap();
         let b = Buffer::open(settings(dir.path(), 1 << 20, WhenFull::DropOldest)).unwrap();
@@ -400,110 +366,5 @@ pub(super) mod tests {
         b.close();
         let b = Buffer::open(settings(dir.path(), 1 << 20, WhenFull::DropOldest)).unwrap();
         assert_eq!(append(&b, "t", "after empty"), 8);
-    }
-
-    #[tokio::test]
-    async fn full_buffer_policies_count_exactly() {
-        // Each row: topic "t" (1) + payload 9 = 10 bytes; room for 100.
-        for (policy, expect_first) in [(WhenFull::DropOldest, 51), (WhenFull::DropNewest, 1)] {
-            let dir = tempfile::tempdir().unwrap();
-            let b = Buffer::open(settings(dir.path(), 1000, policy)).unwrap();
-            for i in 0..150 {
-                append(&b, "t", &format!("{i:09}"));
-            }
-            settled(&b, 150).await;
-            let rows = b.fetch(0, 1000).await.unwrap();
-            assert_eq!(rows.len(), 100, "{policy:?}");
-            assert_eq!(rows[0].seq, expect_first, "{policy:?}");
-            assert_eq!(b.stats().dropped(), 50, "{policy:?}");
-        }
-    }
-
-    #[tokio::test]
-    async fn block_policy_holds_appends_until_acks_free_room() {
-        let dir = tempfile::tempdir().unwrap();
-        let b = Buffer::open(settings(dir.path(), 100, WhenFull::Block)).unwrap();
-        for i in 0..15 {
-            append(&b, "t", &format!("{i:09}"));
-        }
-        settled(&b, 10).await;
-        // 11..15 wait: not settled, not stored, not dropped.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(*b.settled().borrow(), 10);
-        assert_eq!(b.stats().dropped(), 0);
-        for s in 1..=5 {
-            b.ack(s);
-        }
-        settled(&b, 15).await;
-        let rows = b.fetch(0, 100).await.unwrap();
-        assert_eq!(rows.first().map(|r| r.seq), Some(6));
-        assert_eq!(rows.last().map(|r| r.seq), Some(15));
-    }
-
-    #[tokio::test]
-    async fn a_file_that_is_not_a_database_is_moved_aside() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("buffer.sqlite");
-        std::fs::write(&path, vec![0x42u8; 8192]).unwrap();
-        let b = Buffer::open(settings(dir.path(), 1 << 20, WhenFull::DropOldest)).unwrap();
-        assert_eq!(BufferStats::get(&b.stats().recovered), 1);
-        append(&b, "t", "fresh");
-        settled(&b, 1).await;
-        let kept = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .contains(".broken-")
-            })
-            .count();
-        assert_eq!(kept, 1);
-    }
-
-    #[tokio::test]
-    async fn a_corrupted_page_keeps_the_file_aside_and_salvages_what_reads() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = settings(dir.path(), 1 << 30, WhenFull::DropOldest);
-        let b = Buffer::open(cfg.clone()).unwrap();
-        let payload = "x".repeat(200);
-        for _ in 0..2000 {
-            append(&b, "capteurs/t", &payload);
-        }
-        settled(&b, 2000).await;
-        b.close();
-        // Garbage over one page in the middle of the table.
-        let path = dir.path().join("buffer.sqlite");
-        let mut bytes = std::fs::read(&path).unwrap();
-        let pages = bytes.len() / 4096;
-        let at = pages / 2 * 4096;
-        for (i, byte) in bytes[at..at + 4096].iter_mut().enumerate() {
-            *byte = (i * 7 + 13) as u8;
-        }
-        std::fs::write(&path, &bytes).unwrap();
-        let b = Buffer::open(cfg).unwrap();
-        assert_eq!(BufferStats::get(&b.stats().recovered), 1);
-        let depth = BufferStats::get(&b.stats().depth);
-        assert!(
-            depth > 1500 && depth < 2000,
-            "salvaged {depth} of 2000 (one page holds ~18 rows)"
-        );
-        let rows = b.fetch(0, 5000).await.unwrap();
-        assert_eq!(rows.len() as u64, depth);
-        assert_eq!(rows.first().map(|r| r.seq), Some(1));
-        assert_eq!(rows.last().map(|r| r.seq), Some(2000));
-        assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq));
-        assert_eq!(
-            append(&b, "t", "next"),
-            2001,
-            "sequence numbers never go back"
-        );
-        let kept = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().contains(".broken-"))
-            .count();
-        assert_eq!(kept, 1, "the broken file is kept for inspection");
     }
 }

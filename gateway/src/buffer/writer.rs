@@ -454,3 +454,88 @@ impl Writer {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use bytes::Bytes;
+
+    use crate::buffer::tests::{append, on_disk, settings, settled};
+    use crate::buffer::{Buffer, BufferStats, WhenFull};
+
+    #[tokio::test]
+    async fn messages_older_than_max_age_expire_and_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = settings(dir.path(), 1 << 20, WhenFull::DropOldest);
+        cfg.max_age = Some(Duration::from_secs(3600));
+        let b = Buffer::open(cfg).unwrap();
+        let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
+        for i in 0..3 {
+            b.append(
+                "t".into(),
+                Bytes::from(format!("old-{i}")),
+                1,
+                false,
+                two_hours_ago,
+                true,
+            );
+        }
+        append(&b, "t", "fresh");
+        settled(&b, 4).await;
+        // Expiry runs at most once a second, in the writer's next commit.
+        let s = b.stats().clone();
+        for _ in 0..300 {
+            if BufferStats::get(&s.expired) > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(BufferStats::get(&s.expired), 3);
+        assert_eq!(BufferStats::get(&s.depth), 1);
+        assert_eq!(s.dropped(), 3);
+        assert_eq!(on_disk(dir.path()), [4]);
+        let rows = b.fetch(0, 10).await.unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(&rows[0].payload[..], b"fresh");
+        b.close();
+    }
+
+    #[tokio::test]
+    async fn full_buffer_policies_count_exactly() {
+        // Each row: topic "t" (1) + payload 9 = 10 bytes; room for 100.
+        for (policy, expect_first) in [(WhenFull::DropOldest, 51), (WhenFull::DropNewest, 1)] {
+            let dir = tempfile::tempdir().unwrap();
+            let b = Buffer::open(settings(dir.path(), 1000, policy)).unwrap();
+            for i in 0..150 {
+                append(&b, "t", &format!("{i:09}"));
+            }
+            settled(&b, 150).await;
+            let rows = b.fetch(0, 1000).await.unwrap();
+            assert_eq!(rows.len(), 100, "{policy:?}");
+            assert_eq!(rows[0].seq, expect_first, "{policy:?}");
+            assert_eq!(b.stats().dropped(), 50, "{policy:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn block_policy_holds_appends_until_acks_free_room() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Buffer::open(settings(dir.path(), 100, WhenFull::Block)).unwrap();
+        for i in 0..15 {
+            append(&b, "t", &format!("{i:09}"));
+        }
+        settled(&b, 10).await;
+        // 11..15 wait: not settled, not stored, not dropped.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(*b.settled().borrow(), 10);
+        assert_eq!(b.stats().dropped(), 0);
+        for s in 1..=5 {
+            b.ack(s);
+        }
+        settled(&b, 15).await;
+        let rows = b.fetch(0, 100).await.unwrap();
+        assert_eq!(rows.first().map(|r| r.seq), Some(6));
+        assert_eq!(rows.last().map(|r| r.seq), Some(15));
+    }
+}
