@@ -118,6 +118,17 @@ mod tests {
     use crate::buffer::tests::{append, settings, settled};
     use crate::buffer::{Buffer, BufferStats, WhenFull};
 
+    /// Files moved aside in `dir` (`buffer.sqlite.broken-<ms>`).
+    fn kept_aside(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().contains(".broken-")
+            })
+            .count()
+    }
+
     #[tokio::test]
     async fn a_file_that_is_not_a_database_is_moved_aside() {
         let dir = tempfile::tempdir().unwrap();
@@ -127,17 +138,7 @@ mod tests {
         assert_eq!(BufferStats::get(&b.stats().recovered), 1);
         append(&b, "t", "fresh");
         settled(&b, 1).await;
-        let kept = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .contains(".broken-")
-            })
-            .count();
-        assert_eq!(kept, 1);
+        assert_eq!(kept_aside(dir.path()), 1);
     }
 
     #[tokio::test]
@@ -177,11 +178,10 @@ mod tests {
             2001,
             "sequence numbers never go back"
         );
-        let kept = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().contains(".broken-"))
-            .count();
-        assert_eq!(kept, 1, "the broken file is kept for inspection");
+        assert_eq!(
+            kept_aside(dir.path()),
+            1,
+            "the broken file is kept for inspection"
+        );
     }
 }
