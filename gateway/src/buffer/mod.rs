@@ -12,6 +12,12 @@
 //! Sequence numbers are per gateway, strictly increasing, and survive
 //! restarts (kept in the database even when the buffer is empty): the
 //! upstream can send them along so consumers drop duplicates.
+//!
+//! This file holds the handle the rest of the gateway uses ([`Buffer`],
+//! its settings and errors). The writer thread is in `writer`, the
+//! `when_full` decision in `policy`, the memory-first tier in `memory`,
+//! the schema and statements in `sqlite`, corrupt-file recovery in
+//! `recovery` and the counters in `stats`.
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
