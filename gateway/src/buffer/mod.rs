@@ -12,24 +12,38 @@
 //! Sequence numbers are per gateway, strictly increasing, and survive
 //! restarts (kept in the database even when the buffer is empty): the
 //! upstream can send them along so consumers drop duplicates.
+//!
+//! This file holds the handle the rest of the gateway uses ([`Buffer`],
+//! its settings and errors). The writer thread is in `writer`, the
+//! `when_full` decision in `policy`, the memory-first tier in `memory`,
+//! the schema and statements in `sqlite`, corrupt-file recovery in
+//! `recovery`, the counters in `stats`, and `[buffer]` of the
+//! configuration in `config`.
 
-pub mod config;
-
-pub use config::{BufferConfig, SyncMode, WhenFull};
-
-use std::collections::{BTreeMap, VecDeque};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use rusqlite::{params, Connection, OptionalExtension};
 use thiserror::Error;
 use tokio::sync::{oneshot, watch};
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
 use crate::health::Heartbeat;
+
+pub mod config;
+mod memory;
+mod policy;
+mod recovery;
+mod sqlite;
+mod stats;
+mod writer;
+
+pub use config::{BufferConfig, SyncMode, WhenFull};
+pub use sqlite::Row;
+pub use stats::BufferStats;
+use writer::Writer;
 
 #[derive(Debug, Error)]
 pub enum BufferError {
@@ -47,49 +61,6 @@ pub enum BufferError {
     Stopped,
 }
 
-/// A message waiting for the cloud.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Row {
-    pub seq: u64,
-    /// The topic on the cloud broker (rules applied).
-    pub topic: String,
-    pub payload: Bytes,
-    pub qos: u8,
-    pub retain: bool,
-    /// When the gateway received it, ms since the epoch.
-    pub ts_ms: i64,
-}
-
-impl Row {
-    fn size(&self) -> u64 {
-        (self.topic.len() + self.payload.len()) as u64
-    }
-
-    /// From `SELECT seq, topic, payload, qos, retain, ts_ms`.
-    fn from_sql(r: &rusqlite::Row) -> rusqlite::Result<Row> {
-        Ok(Row {
-            seq: r.get(0)?,
-            topic: r.get(1)?,
-            payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
-            qos: r.get(3)?,
-            retain: r.get(4)?,
-            ts_ms: r.get(5)?,
-        })
-    }
-
-    /// Through `INSERT INTO outbox (seq, topic, payload, qos, retain, ts_ms)`.
-    fn insert(&self, st: &mut rusqlite::Statement) -> rusqlite::Result<usize> {
-        st.execute(params![
-            self.seq,
-            self.topic,
-            &self.payload[..],
-            self.qos,
-            self.retain,
-            self.ts_ms
-        ])
-    }
-}
-
 /// Limits and durability.
 #[derive(Debug, Clone)]
 pub struct BufferSettings {
@@ -102,45 +73,6 @@ pub struct BufferSettings {
     /// new messages in memory only (a crash loses them); `None`: every
     /// message goes to disk.
     pub memory_first: Option<usize>,
-}
-
-/// Counters, readable at any time (stats message, logs, tests).
-#[derive(Debug, Default)]
-pub struct BufferStats {
-    /// Messages stored now, and their bytes.
-    pub depth: AtomicU64,
-    pub bytes: AtomicU64,
-    pub appended: AtomicU64,
-    /// Deleted after the cloud acknowledged them.
-    pub forwarded: AtomicU64,
-    pub dropped_oldest: AtomicU64,
-    pub dropped_newest: AtomicU64,
-    /// QoS 0 messages refused while the buffer was full under `block`.
-    pub dropped_blocked_qos0: AtomicU64,
-    pub expired: AtomicU64,
-    /// QoS 0 messages dropped while the file could not be written (disk
-    /// full): past MAX_PENDING_QOS0 waiting, the newest.
-    pub dropped_unwritable: AtomicU64,
-    pub write_errors: AtomicU64,
-    /// Times a broken database file was moved aside and a fresh one started.
-    pub recovered: AtomicU64,
-    /// Messages written to the database file (appends and memory spills).
-    pub disk_writes: AtomicU64,
-    /// Messages held in memory only now (memory-first mode).
-    pub in_memory: AtomicU64,
-}
-
-impl BufferStats {
-    pub fn get(c: &AtomicU64) -> u64 {
-        c.load(Ordering::Relaxed)
-    }
-    pub fn dropped(&self) -> u64 {
-        Self::get(&self.dropped_oldest)
-            + Self::get(&self.dropped_newest)
-            + Self::get(&self.dropped_blocked_qos0)
-            + Self::get(&self.expired)
-            + Self::get(&self.dropped_unwritable)
-    }
 }
 
 enum Cmd {
@@ -188,23 +120,7 @@ impl Buffer {
             })?;
         }
         let stats = Arc::new(BufferStats::default());
-        let (db, next_seq) = match Db::open(&settings) {
-            Ok(x) => x,
-            // Only a broken file is moved aside; a full disk or a
-            // permission problem is reported as it is, the file untouched.
-            Err(e) if is_corrupt(&e) => {
-                error!(error = %e, "buffer database corrupted; keeping it aside and starting a fresh one");
-                let aside = crate::files::move_aside(&settings.path, "buffer");
-                stats.recovered.fetch_add(1, Ordering::Relaxed);
-                let (mut db, next) = Db::open(&settings)?;
-                let next = match aside {
-                    Some(aside) => next.max(salvage(&aside, &mut db)),
-                    None => next,
-                };
-                (db, next)
-            }
-            Err(e) => return Err(e),
-        };
+        let (db, next_seq) = recovery::open(&settings, &stats)?;
         let (depth, bytes) = db.depth()?;
         stats.depth.store(depth, Ordering::Relaxed);
         stats.bytes.store(bytes, Ordering::Relaxed);
@@ -212,19 +128,14 @@ impl Buffer {
         let (tx, rx) = mpsc::channel();
         let (settled_tx, settled) = watch::channel(next_seq - 1);
         let heartbeat = Heartbeat::new("buffer writer");
-        let writer = Writer {
-            heartbeat: heartbeat.clone(),
+        let writer = Writer::new(
             db,
             settings,
-            stats: stats.clone(),
-            settled: settled_tx,
-            waiting: VecDeque::new(),
-            mem: BTreeMap::new(),
-            online: false,
-            last_expiry: Instant::now(),
+            stats.clone(),
+            settled_tx,
+            heartbeat.clone(),
             next_seq,
-            highest: next_seq - 1,
-        };
+        );
         let thread = std::thread::Builder::new()
             .name("buffer-writer".into())
             .spawn(move || writer.run(rx))
@@ -353,672 +264,18 @@ fn ms(t: SystemTime) -> i64 {
         .unwrap_or(0)
 }
 
-/// Copies every row still readable in a broken buffer file into `db`:
-/// from the start up to the first unreadable page, then from the end back
-/// to it. Returns the next sequence number the broken file implies, so
-/// numbers never go back.
-fn salvage(broken: &Path, db: &mut Db) -> u64 {
-    let Ok(old) = Connection::open(broken) else {
-        return 1;
-    };
-    let read = |order: &str, rows: &mut Vec<Row>, stop_at: u64| {
-        let sql = format!(
-            "SELECT seq, topic, payload, qos, retain, ts_ms FROM outbox ORDER BY seq {order}"
-        );
-        let Ok(mut st) = old.prepare(&sql) else {
-            return;
-        };
-        let Ok(mut it) = st.query([]) else { return };
-        while let Ok(Some(r)) = it.next() {
-            let row = Row::from_sql(r);
-            match row {
-                Ok(row) if row.seq > stop_at => rows.push(row),
-                _ => return,
-            }
-        }
-    };
-    let mut head = Vec::new();
-    read("ASC", &mut head, 0);
-    let mut tail = Vec::new();
-    read("DESC", &mut tail, head.last().map_or(0, |r| r.seq));
-    tail.reverse();
-    let saved: u64 = old
-        .query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
-            r.get(0)
-        })
-        .unwrap_or(1);
-    let rows: Vec<Row> = head.into_iter().chain(tail).collect();
-    let next = rows.last().map_or(1, |r| r.seq + 1).max(saved);
-    let stored = (|| {
-        let tx = db.conn.transaction()?;
-        {
-            let mut ins = tx.prepare(
-                "INSERT OR IGNORE INTO outbox (seq, topic, payload, qos, retain, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
-            for r in &rows {
-                r.insert(&mut ins)?;
-            }
-            tx.execute(
-                "INSERT INTO meta (key, value) VALUES ('next_seq', ?1)
-                 ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
-                params![next],
-            )?;
-        }
-        tx.commit()
-    })();
-    match stored {
-        Ok(()) => error!(
-            salvaged = rows.len(),
-            from = %broken.display(),
-            "rows still readable in the broken buffer file copied to the fresh one; any others stay in the kept file"
-        ),
-        Err(e) => error!(error = %e, "cannot copy rows out of the broken buffer file"),
-    }
-    next
-}
-
-struct Db {
-    conn: Connection,
-    path: PathBuf,
-    /// The `synchronous` mode set on the connection now.
-    sync: SyncMode,
-}
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS outbox (
-    seq     INTEGER PRIMARY KEY,
-    topic   TEXT NOT NULL,
-    payload BLOB NOT NULL,
-    qos     INTEGER NOT NULL,
-    retain  INTEGER NOT NULL,
-    ts_ms   INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS meta (
-    key   TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-";
-
-impl Db {
-    /// Opens, checks and prepares the database; returns it with the next
-    /// sequence number.
-    fn open(settings: &BufferSettings) -> Result<(Db, u64), BufferError> {
-        let path = settings.path.clone();
-        let err = |source| BufferError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        crate::files::private_database(&path).map_err(|source| BufferError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        let conn = Connection::open(&path).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(err)?;
-        let sync = match settings.sync {
-            SyncMode::Full => "FULL",
-            SyncMode::Normal => "NORMAL",
-        };
-        conn.pragma_update(None, "synchronous", sync).map_err(err)?;
-        conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
-        conn.execute_batch(SCHEMA).map_err(err)?;
-        crate::files::quick_check(&conn).map_err(err)?;
-        let max: Option<u64> = conn
-            .query_row("SELECT max(seq) FROM outbox", [], |r| r.get(0))
-            .map_err(err)?;
-        let saved: Option<u64> = conn
-            .query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(err)?;
-        let next = max.map_or(1, |m| m + 1).max(saved.unwrap_or(1));
-        Ok((
-            Db {
-                conn,
-                path,
-                sync: settings.sync,
-            },
-            next,
-        ))
-    }
-
-    fn err(&self, source: rusqlite::Error) -> BufferError {
-        BufferError::Sqlite {
-            path: self.path.clone(),
-            source,
-        }
-    }
-
-    fn depth(&self) -> Result<(u64, u64), BufferError> {
-        self.conn
-            .query_row(
-                "SELECT count(*), coalesce(sum(length(topic) + length(payload)), 0) FROM outbox",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .map_err(|e| self.err(e))
-    }
-}
-
-/// QoS 0 messages kept in memory at most while the file cannot be written.
-const MAX_PENDING_QOS0: usize = 10_000;
-
-struct Writer {
-    heartbeat: Arc<Heartbeat>,
-    db: Db,
-    settings: BufferSettings,
-    stats: Arc<BufferStats>,
-    settled: watch::Sender<u64>,
-    /// Appends held while the buffer is full under `block`.
-    waiting: VecDeque<Row>,
-    /// Memory-first mode: rows accepted but not on disk. Always newer than
-    /// every row on disk (anything that goes to disk spills these first).
-    mem: BTreeMap<u64, Row>,
-    online: bool,
-    last_expiry: Instant,
-    next_seq: u64,
-    /// Highest sequence number applied (stored, dropped or held).
-    highest: u64,
-}
-
-/// What one group commit changes.
-#[derive(Default)]
-struct Batch {
-    appends: Vec<(Row, bool)>,
-    acks: Vec<u64>,
-    fetches: Vec<(u64, usize, oneshot::Sender<Vec<Row>>)>,
-    oldest: Vec<oneshot::Sender<Option<i64>>>,
-    highest: u64,
-}
-
-impl Writer {
-    fn run(mut self, rx: mpsc::Receiver<Cmd>) {
-        let mut retry: Option<Batch> = None;
-        loop {
-            // At least every second (the idle wait below), unless a call
-            // into SQLite hangs.
-            self.heartbeat.beat();
-            let mut batch = retry.take().unwrap_or_default();
-            let first = if batch.appends.is_empty() && batch.acks.is_empty() {
-                match rx.recv_timeout(Duration::from_secs(1)) {
-                    Ok(c) => Some(c),
-                    Err(mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(mpsc::RecvTimeoutError::Disconnected) => {
-                        // Shutting down: what memory holds goes to disk.
-                        self.online = false;
-                        if self.waiting.is_empty() && self.mem.is_empty() {
-                            return;
-                        }
-                        if self.waiting.is_empty() {
-                            if let Err(e) = self.apply(&mut Batch::default()) {
-                                error!(error = %e, messages = self.mem.len(), "cannot save the in-memory messages at shutdown: they are lost");
-                            }
-                            return;
-                        }
-                        None
-                    }
-                }
-            } else {
-                None
-            };
-            // Group commit: everything already waiting, up to a bound.
-            let mut taken = 0usize;
-            let more = std::iter::from_fn(|| {
-                taken += 1;
-                (taken < 8192).then(|| rx.try_recv().ok()).flatten()
-            });
-            for cmd in first.into_iter().chain(more) {
-                match cmd {
-                    Cmd::Append {
-                        row,
-                        publisher_waits,
-                    } => {
-                        batch.highest = batch.highest.max(row.seq);
-                        batch.appends.push((row, publisher_waits));
-                    }
-                    Cmd::Ack(seq) => batch.acks.push(seq),
-                    Cmd::Fetch {
-                        after,
-                        limit,
-                        reply,
-                    } => batch.fetches.push((after, limit, reply)),
-                    Cmd::Oldest(reply) => batch.oldest.push(reply),
-                    Cmd::Online(online) => self.online = online,
-                }
-            }
-            match self.apply(&mut batch) {
-                Ok(()) => {
-                    self.highest = self.highest.max(batch.highest);
-                    self.publish_settled();
-                    self.answer(batch);
-                }
-                Err(e) => {
-                    self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
-                    error!(error = %e, pending = batch.appends.len(), "buffer write failed (disk full?); retrying every 500 ms, QoS 1/2 publishers wait for their PUBACK");
-                    self.bound_pending_qos0(&mut batch);
-                    if is_corrupt(&e) {
-                        self.recover();
-                    }
-                    // Reads can be answered from what is stored.
-                    let fetches = std::mem::take(&mut batch.fetches);
-                    let oldest = std::mem::take(&mut batch.oldest);
-                    self.answer(Batch {
-                        fetches,
-                        oldest,
-                        ..Batch::default()
-                    });
-                    retry = Some(batch);
-                    std::thread::sleep(Duration::from_millis(500));
-                }
-            }
-        }
-    }
-
-    /// While writes fail, QoS 1/2 appends are bounded by their publishers
-    /// (each waits for its PUBACK); QoS 0 ones are not, so past
-    /// MAX_PENDING_QOS0 the newest are dropped and counted.
-    fn bound_pending_qos0(&mut self, batch: &mut Batch) {
-        let mut qos0 = 0usize;
-        let before = batch.appends.len();
-        batch.appends.retain(|(_, publisher_waits)| {
-            if *publisher_waits {
-                return true;
-            }
-            qos0 += 1;
-            qos0 <= MAX_PENDING_QOS0
-        });
-        let dropped = (before - batch.appends.len()) as u64;
-        if dropped > 0 {
-            self.stats
-                .dropped_unwritable
-                .fetch_add(dropped, Ordering::Relaxed);
-            warn!(
-                dropped,
-                kept = MAX_PENDING_QOS0,
-                "buffer unwritable: newest QoS 0 messages dropped"
-            );
-        }
-    }
-
-    /// All appends up to `highest` are stored or dropped; those held by
-    /// `block` are not settled yet.
-    fn publish_settled(&self) {
-        let settled = match self.waiting.front() {
-            Some(w) => w.seq - 1,
-            None => self.highest,
-        };
-        if settled > *self.settled.borrow() {
-            self.settled.send_replace(settled);
-        }
-    }
-
-    /// One transaction; on failure nothing changed (appends held by
-    /// `block` are held again).
-    fn apply(&mut self, batch: &mut Batch) -> Result<(), BufferError> {
-        let spill = self.memory_step(batch);
-        let held = self.waiting.clone();
-        let r = self.apply_inner(batch, &spill);
-        if r.is_err() {
-            self.waiting = held;
-            // Nothing was written: the spilled rows are in memory again.
-            self.mem.extend(spill.into_iter().map(|r| (r.seq, r)));
-        } else if !spill.is_empty() {
-            info!(
-                messages = spill.len(),
-                online = self.online,
-                "in-memory messages written to disk"
-            );
-        }
-        self.stats
-            .in_memory
-            .store(self.mem.len() as u64, Ordering::Relaxed);
-        r
-    }
-
-    /// Memory-first mode: acknowledgements of rows held in memory never
-    /// touch the disk, and new rows stay in memory while the cloud is
-    /// reachable, nothing is held by `block` and the thresholds allow.
-    /// Otherwise everything in memory is returned, to be written to disk
-    /// before the new rows (the file stays in sequence order).
-    fn memory_step(&mut self, batch: &mut Batch) -> Vec<Row> {
-        let Some(limit) = self.settings.memory_first else {
-            return Vec::new();
-        };
-        let s = &self.stats;
-        let (mut depth, mut bytes) = (BufferStats::get(&s.depth), BufferStats::get(&s.bytes));
-        let (mut forwarded, mut appended) = (0u64, 0u64);
-        batch.acks.retain(|seq| match self.mem.remove(seq) {
-            Some(row) => {
-                depth -= 1;
-                bytes -= row.size();
-                forwarded += 1;
-                false
-            }
-            None => true,
-        });
-        let incoming: u64 = batch.appends.iter().map(|(r, _)| r.size()).sum();
-        let keep = self.online
-            && self.waiting.is_empty()
-            && self.mem.len() + batch.appends.len() <= limit
-            && bytes + incoming <= self.settings.max_bytes;
-        let mut spill = Vec::new();
-        if keep {
-            for (row, _) in batch.appends.drain(..) {
-                depth += 1;
-                bytes += row.size();
-                appended += 1;
-                self.mem.insert(row.seq, row);
-            }
-        } else if !self.mem.is_empty() {
-            spill = std::mem::take(&mut self.mem).into_values().collect();
-        }
-        s.depth.store(depth, Ordering::Relaxed);
-        s.bytes.store(bytes, Ordering::Relaxed);
-        s.forwarded.fetch_add(forwarded, Ordering::Relaxed);
-        s.appended.fetch_add(appended, Ordering::Relaxed);
-        spill
-    }
-
-    fn apply_inner(&mut self, batch: &mut Batch, spill: &[Row]) -> Result<(), BufferError> {
-        let path = self.db.path.clone();
-        let err = |source| BufferError::Sqlite {
-            path: path.clone(),
-            source,
-        };
-        let now_ms = ms(SystemTime::now());
-        let expire = self
-            .settings
-            .max_age
-            .filter(|_| self.last_expiry.elapsed() >= Duration::from_secs(1));
-        // Only appends need the fsync: a delete lost in a power cut costs a
-        // duplicate, not a message. Ack-only commits skip it (WAL keeps
-        // them ordered; the next fsync makes them durable too).
-        let durable = !batch.appends.is_empty() || !spill.is_empty() || !self.waiting.is_empty();
-        let want = if durable {
-            self.settings.sync
-        } else {
-            SyncMode::Normal
-        };
-        if self.db.sync != want {
-            let v = match want {
-                SyncMode::Full => "FULL",
-                SyncMode::Normal => "NORMAL",
-            };
-            self.db
-                .conn
-                .pragma_update(None, "synchronous", v)
-                .map_err(err)?;
-            self.db.sync = want;
-        }
-        let tx = self.db.conn.transaction().map_err(err)?;
-        let mut depth = BufferStats::get(&self.stats.depth);
-        let mut bytes = BufferStats::get(&self.stats.bytes);
-        let (mut forwarded, mut dropped_old, mut dropped_new, mut dropped_q0, mut expired) =
-            (0u64, 0u64, 0u64, 0u64, 0u64);
-        let (mut appended, mut disk_writes) = (0u64, 0u64);
-        {
-            let mut del = tx
-                .prepare_cached(
-                    "DELETE FROM outbox WHERE seq = ?1 RETURNING length(topic) + length(payload)",
-                )
-                .map_err(err)?;
-            for seq in &batch.acks {
-                let size: Option<u64> = del
-                    .query_row(params![seq], |r| r.get(0))
-                    .optional()
-                    .map_err(err)?;
-                if let Some(size) = size {
-                    depth -= 1;
-                    bytes -= size;
-                    forwarded += 1;
-                }
-            }
-            if let Some(age) = expire {
-                let cutoff = now_ms - age.as_millis() as i64;
-                let (n, b): (u64, u64) = tx
-                    .query_row(
-                        "SELECT count(*), coalesce(sum(length(topic) + length(payload)), 0) FROM outbox WHERE ts_ms < ?1",
-                        params![cutoff],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )
-                    .map_err(err)?;
-                if n > 0 {
-                    tx.execute("DELETE FROM outbox WHERE ts_ms < ?1", params![cutoff])
-                        .map_err(err)?;
-                    depth -= n;
-                    bytes -= b;
-                    expired += n;
-                    warn!(
-                        messages = n,
-                        max_age_secs = age.as_secs(),
-                        "buffered messages expired"
-                    );
-                }
-            }
-            let mut ins = tx
-                .prepare_cached(
-                    "INSERT INTO outbox (seq, topic, payload, qos, retain, ts_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )
-                .map_err(err)?;
-            let mut oldest = tx
-                .prepare_cached("SELECT seq, length(topic) + length(payload) FROM outbox ORDER BY seq LIMIT 256")
-                .map_err(err)?;
-            let mut del_oldest = tx
-                .prepare_cached("DELETE FROM outbox WHERE seq = ?1")
-                .map_err(err)?;
-            // Spilled rows are counted in depth and bytes already.
-            for row in spill {
-                row.insert(&mut ins).map_err(err)?;
-                disk_writes += 1;
-            }
-            // Held appends first (they are older), then the new ones.
-            let mut incoming: VecDeque<(Row, bool)> =
-                self.waiting.drain(..).map(|r| (r, true)).collect();
-            incoming.extend(batch.appends.iter().cloned());
-            while let Some((row, publisher_waits)) = incoming.pop_front() {
-                let size = row.size();
-                if bytes + size > self.settings.max_bytes {
-                    match self.settings.when_full {
-                        WhenFull::DropNewest => {
-                            dropped_new += 1;
-                            continue;
-                        }
-                        WhenFull::Block if size <= self.settings.max_bytes => {
-                            if publisher_waits {
-                                // Held until the cloud frees room: its
-                                // publisher's PUBACK waits with it.
-                                self.waiting.push_back(row);
-                                for (r, w) in incoming.drain(..) {
-                                    if w {
-                                        self.waiting.push_back(r);
-                                    } else {
-                                        dropped_q0 += 1;
-                                    }
-                                }
-                            } else {
-                                dropped_q0 += 1;
-                            }
-                            continue;
-                        }
-                        WhenFull::Block => {
-                            dropped_new += 1; // larger than the whole buffer
-                            continue;
-                        }
-                        WhenFull::DropOldest => {
-                            while bytes + size > self.settings.max_bytes && depth > 0 {
-                                let victims: Vec<(u64, u64)> = oldest
-                                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-                                    .map_err(err)?
-                                    .collect::<Result<_, _>>()
-                                    .map_err(err)?;
-                                if victims.is_empty() {
-                                    break;
-                                }
-                                for (seq, vsize) in victims {
-                                    if bytes + size <= self.settings.max_bytes {
-                                        break;
-                                    }
-                                    del_oldest.execute(params![seq]).map_err(err)?;
-                                    depth -= 1;
-                                    bytes -= vsize;
-                                    dropped_old += 1;
-                                }
-                            }
-                            if bytes + size > self.settings.max_bytes {
-                                dropped_new += 1; // larger than the whole buffer
-                                continue;
-                            }
-                        }
-                    }
-                }
-                row.insert(&mut ins).map_err(err)?;
-                depth += 1;
-                bytes += size;
-                appended += 1;
-                disk_writes += 1;
-            }
-            if batch.highest >= self.next_seq {
-                self.next_seq = batch.highest + 1;
-                tx.execute(
-                    "INSERT INTO meta (key, value) VALUES ('next_seq', ?1)
-                     ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    params![self.next_seq],
-                )
-                .map_err(err)?;
-            }
-        }
-        tx.commit().map_err(err)?;
-        if expire.is_some() {
-            self.last_expiry = Instant::now();
-        }
-        let s = &self.stats;
-        s.depth.store(depth, Ordering::Relaxed);
-        s.bytes.store(bytes, Ordering::Relaxed);
-        s.appended.fetch_add(appended, Ordering::Relaxed);
-        s.disk_writes.fetch_add(disk_writes, Ordering::Relaxed);
-        s.forwarded.fetch_add(forwarded, Ordering::Relaxed);
-        s.dropped_oldest.fetch_add(dropped_old, Ordering::Relaxed);
-        s.dropped_newest.fetch_add(dropped_new, Ordering::Relaxed);
-        s.dropped_blocked_qos0
-            .fetch_add(dropped_q0, Ordering::Relaxed);
-        s.expired.fetch_add(expired, Ordering::Relaxed);
-        if dropped_old + dropped_new + dropped_q0 > 0 {
-            warn!(
-                dropped_oldest = dropped_old,
-                dropped_newest = dropped_new,
-                dropped_qos0_blocked = dropped_q0,
-                max_bytes = self.settings.max_bytes,
-                policy = ?self.settings.when_full,
-                "buffer full: messages dropped"
-            );
-        }
-        batch.appends.clear();
-        batch.acks.clear();
-        Ok(())
-    }
-
-    fn answer(&mut self, batch: Batch) {
-        for (after, limit, reply) in batch.fetches {
-            let rows = match self.read(after, limit) {
-                Ok(rows) => rows,
-                // A page went bad under us: keep the file aside, go on
-                // with what can be read out of it.
-                Err(e) if is_corrupt(&e) => {
-                    self.recover();
-                    self.read(after, limit).unwrap_or_default()
-                }
-                Err(e) => {
-                    error!(error = %e, "buffer read failed");
-                    Vec::new()
-                }
-            };
-            let _ = reply.send(rows);
-        }
-        for reply in batch.oldest {
-            let ts = self
-                .db
-                .conn
-                .query_row("SELECT ts_ms FROM outbox ORDER BY seq LIMIT 1", [], |r| {
-                    r.get(0)
-                })
-                .optional()
-                .ok()
-                .flatten()
-                .or_else(|| self.mem.values().next().map(|r| r.ts_ms));
-            let _ = reply.send(ts);
-        }
-    }
-
-    fn read(&self, after: u64, limit: usize) -> Result<Vec<Row>, BufferError> {
-        let mut st = self
-            .db
-            .conn
-            .prepare_cached(
-                "SELECT seq, topic, payload, qos, retain, ts_ms FROM outbox WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-            )
-            .map_err(|e| self.db.err(e))?;
-        let rows = st
-            .query_map(params![after, limit as i64], Row::from_sql)
-            .map_err(|e| self.db.err(e))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| self.db.err(e))?;
-        // Rows in memory are newer than every row on disk.
-        let mut rows = rows;
-        let after = rows.last().map_or(after, |r| r.seq);
-        let room = limit - rows.len();
-        rows.extend(
-            self.mem
-                .range(after + 1..)
-                .take(room)
-                .map(|(_, r)| r.clone()),
-        );
-        Ok(rows)
-    }
-
-    /// The database file is broken: keep it aside, start a fresh one. The
-    /// messages still in memory (this batch) are written to the new one;
-    /// those stored only in the broken file are lost, and said so.
-    fn recover(&mut self) {
-        let lost = BufferStats::get(&self.stats.depth);
-        error!(path = %self.db.path.display(), messages_in_broken_file = lost, "buffer database corrupted");
-        let (dead, _) = match Connection::open_in_memory() {
-            Ok(c) => (c, ()),
-            Err(_) => return,
-        };
-        drop(std::mem::replace(&mut self.db.conn, dead));
-        let aside = crate::files::move_aside(&self.settings.path, "buffer");
-        match Db::open(&self.settings) {
-            Ok((mut db, next)) => {
-                let next = match aside {
-                    Some(aside) => next.max(salvage(&aside, &mut db)),
-                    None => next,
-                };
-                let (depth, bytes) = db.depth().unwrap_or((0, 0));
-                self.db = db;
-                self.next_seq = self.next_seq.max(next);
-                let in_memory: u64 = self.mem.values().map(Row::size).sum();
-                self.stats
-                    .depth
-                    .store(depth + self.mem.len() as u64, Ordering::Relaxed);
-                self.stats.bytes.store(bytes + in_memory, Ordering::Relaxed);
-                self.stats.recovered.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => error!(error = %e, "cannot start a fresh buffer database"),
-        }
-    }
-}
-
-fn is_corrupt(e: &BufferError) -> bool {
-    matches!(e, BufferError::Sqlite { source: rusqlite::Error::SqliteFailure(f, _), .. }
-        if matches!(f.code, rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase))
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
+    use std::path::Path;
+
+    use rusqlite::Connection;
+
     use super::*;
 
-    fn settings(dir: &Path, max_bytes: u64, when_full: WhenFull) -> BufferSettings {
+    // Helpers for the tests here and in the submodules (through a buffer
+    // on a temporary directory).
+
+    pub(super) fn settings(dir: &Path, max_bytes: u64, when_full: WhenFull) -> BufferSettings {
         BufferSettings {
             path: dir.join("buffer.sqlite"),
             max_bytes,
@@ -1030,7 +287,7 @@ mod tests {
     }
 
     /// Rows on disk, read with a second connection (not through the buffer).
-    fn on_disk(dir: &Path) -> Vec<u64> {
+    pub(super) fn on_disk(dir: &Path) -> Vec<u64> {
         let c = Connection::open(dir.join("buffer.sqlite")).unwrap();
         let mut st = c.prepare("SELECT seq FROM outbox ORDER BY seq").unwrap();
         st.query_map([], |r| r.get(0))
@@ -1039,7 +296,7 @@ mod tests {
             .unwrap()
     }
 
-    async fn disk_writes(b: &Buffer, want: u64) {
+    pub(super) async fn disk_writes(b: &Buffer, want: u64) {
         let s = b.stats().clone();
         for _ in 0..500 {
             if BufferStats::get(&s.disk_writes) == want {
@@ -1050,76 +307,7 @@ mod tests {
         panic!("disk_writes {} != {want}", BufferStats::get(&s.disk_writes));
     }
 
-    #[tokio::test]
-    async fn memory_first_stays_off_disk_online_and_spills_offline_in_order() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cfg = settings(dir.path(), 1 << 20, WhenFull::DropOldest);
-        cfg.memory_first = Some(100);
-        // Offline at start: rows go to disk.
-        let b = Buffer::open(cfg.clone()).unwrap();
-        append(&b, "t", "disk-1");
-        settled(&b, 1).await;
-        assert_eq!(on_disk(dir.path()), [1]);
-        // Online: new rows stay in memory, after the ones on disk.
-        b.set_online(true);
-        for i in 2..=10 {
-            append(&b, "t", &format!("{i}"));
-        }
-        settled(&b, 10).await;
-        assert_eq!(BufferStats::get(&b.stats().in_memory), 9);
-        assert_eq!(BufferStats::get(&b.stats().depth), 10);
-        assert_eq!(BufferStats::get(&b.stats().disk_writes), 1);
-        let seqs = |rows: Vec<Row>| rows.iter().map(|r| r.seq).collect::<Vec<_>>();
-        assert_eq!(
-            seqs(b.fetch(0, 100).await.unwrap()),
-            (1..=10).collect::<Vec<_>>()
-        );
-        assert_eq!(seqs(b.fetch(0, 3).await.unwrap()), [1, 2, 3]);
-        assert_eq!(seqs(b.fetch(3, 2).await.unwrap()), [4, 5]);
-        for seq in 1..=5 {
-            b.ack(seq);
-        }
-        append(&b, "t", "11");
-        settled(&b, 11).await;
-        assert_eq!(BufferStats::get(&b.stats().forwarded), 5);
-        assert_eq!(on_disk(dir.path()), Vec::<u64>::new());
-        assert_eq!(BufferStats::get(&b.stats().disk_writes), 1);
-        // The link drops: memory goes to disk.
-        b.set_online(false);
-        disk_writes(&b, 7).await;
-        assert_eq!(on_disk(dir.path()), [6, 7, 8, 9, 10, 11]);
-        assert_eq!(BufferStats::get(&b.stats().in_memory), 0);
-        b.close();
-        let b = Buffer::open(cfg).unwrap();
-        assert_eq!(append(&b, "t", "12"), 12);
-    }
-
-    #[tokio::test]
-    async fn memory_first_spills_past_its_threshold_and_at_shutdown() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cfg = settings(dir.path(), 1 << 20, WhenFull::DropOldest);
-        cfg.memory_first = Some(4);
-        let b = Buffer::open(cfg.clone()).unwrap();
-        b.set_online(true);
-        for i in 1..=3 {
-            append(&b, "t", &format!("{i}"));
-            settled(&b, i).await;
-        }
-        assert_eq!(BufferStats::get(&b.stats().disk_writes), 0);
-        for i in 4..=6 {
-            append(&b, "t", &format!("{i}"));
-            settled(&b, i).await;
-        }
-        // The fifth unacknowledged row passed the threshold: all went to disk.
-        assert!(BufferStats::get(&b.stats().disk_writes) >= 5);
-        append(&b, "t", "7");
-        settled(&b, 7).await;
-        // A clean stop writes what memory holds.
-        b.close();
-        assert_eq!(on_disk(dir.path()), (1..=7).collect::<Vec<_>>());
-    }
-
-    fn append(b: &Buffer, topic: &str, payload: &str) -> u64 {
+    pub(super) fn append(b: &Buffer, topic: &str, payload: &str) -> u64 {
         b.append(
             topic.into(),
             Bytes::from(payload.to_owned()),
@@ -1130,49 +318,12 @@ mod tests {
         )
     }
 
-    async fn settled(b: &Buffer, seq: u64) {
+    pub(super) async fn settled(b: &Buffer, seq: u64) {
         let mut w = b.settled();
         tokio::time::timeout(Duration::from_secs(5), w.wait_for(|s| *s >= seq))
             .await
             .expect("settled in time")
             .unwrap();
-    }
-
-    #[tokio::test]
-    async fn messages_older_than_max_age_expire_and_are_counted() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut cfg = settings(dir.path(), 1 << 20, WhenFull::DropOldest);
-        cfg.max_age = Some(Duration::from_secs(3600));
-        let b = Buffer::open(cfg).unwrap();
-        let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
-        for i in 0..3 {
-            b.append(
-                "t".into(),
-                Bytes::from(format!("old-{i}")),
-                1,
-                false,
-                two_hours_ago,
-                true,
-            );
-        }
-        append(&b, "t", "fresh");
-        settled(&b, 4).await;
-        // Expiry runs at most once a second, in the writer's next commit.
-        let s = b.stats().clone();
-        for _ in 0..300 {
-            if BufferStats::get(&s.expired) > 0 {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(BufferStats::get(&s.expired), 3);
-        assert_eq!(BufferStats::get(&s.depth), 1);
-        assert_eq!(s.dropped(), 3);
-        assert_eq!(on_disk(dir.path()), [4]);
-        let rows = b.fetch(0, 10).await.unwrap();
-        assert_eq!(rows.len(), 1);
-        assert_eq!(&rows[0].payload[..], b"fresh");
-        b.close();
     }
 
     #[tokio::test]
@@ -1223,110 +374,5 @@ mod tests {
         b.close();
         let b = Buffer::open(settings(dir.path(), 1 << 20, WhenFull::DropOldest)).unwrap();
         assert_eq!(append(&b, "t", "after empty"), 8);
-    }
-
-    #[tokio::test]
-    async fn full_buffer_policies_count_exactly() {
-        // Each row: topic "t" (1) + payload 9 = 10 bytes; room for 100.
-        for (policy, expect_first) in [(WhenFull::DropOldest, 51), (WhenFull::DropNewest, 1)] {
-            let dir = tempfile::tempdir().unwrap();
-            let b = Buffer::open(settings(dir.path(), 1000, policy)).unwrap();
-            for i in 0..150 {
-                append(&b, "t", &format!("{i:09}"));
-            }
-            settled(&b, 150).await;
-            let rows = b.fetch(0, 1000).await.unwrap();
-            assert_eq!(rows.len(), 100, "{policy:?}");
-            assert_eq!(rows[0].seq, expect_first, "{policy:?}");
-            assert_eq!(b.stats().dropped(), 50, "{policy:?}");
-        }
-    }
-
-    #[tokio::test]
-    async fn block_policy_holds_appends_until_acks_free_room() {
-        let dir = tempfile::tempdir().unwrap();
-        let b = Buffer::open(settings(dir.path(), 100, WhenFull::Block)).unwrap();
-        for i in 0..15 {
-            append(&b, "t", &format!("{i:09}"));
-        }
-        settled(&b, 10).await;
-        // 11..15 wait: not settled, not stored, not dropped.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(*b.settled().borrow(), 10);
-        assert_eq!(b.stats().dropped(), 0);
-        for s in 1..=5 {
-            b.ack(s);
-        }
-        settled(&b, 15).await;
-        let rows = b.fetch(0, 100).await.unwrap();
-        assert_eq!(rows.first().map(|r| r.seq), Some(6));
-        assert_eq!(rows.last().map(|r| r.seq), Some(15));
-    }
-
-    #[tokio::test]
-    async fn a_file_that_is_not_a_database_is_moved_aside() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("buffer.sqlite");
-        std::fs::write(&path, vec![0x42u8; 8192]).unwrap();
-        let b = Buffer::open(settings(dir.path(), 1 << 20, WhenFull::DropOldest)).unwrap();
-        assert_eq!(BufferStats::get(&b.stats().recovered), 1);
-        append(&b, "t", "fresh");
-        settled(&b, 1).await;
-        let kept = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter(|e| {
-                e.as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .contains(".broken-")
-            })
-            .count();
-        assert_eq!(kept, 1);
-    }
-
-    #[tokio::test]
-    async fn a_corrupted_page_keeps_the_file_aside_and_salvages_what_reads() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = settings(dir.path(), 1 << 30, WhenFull::DropOldest);
-        let b = Buffer::open(cfg.clone()).unwrap();
-        let payload = "x".repeat(200);
-        for _ in 0..2000 {
-            append(&b, "capteurs/t", &payload);
-        }
-        settled(&b, 2000).await;
-        b.close();
-        // Garbage over one page in the middle of the table.
-        let path = dir.path().join("buffer.sqlite");
-        let mut bytes = std::fs::read(&path).unwrap();
-        let pages = bytes.len() / 4096;
-        let at = pages / 2 * 4096;
-        for (i, byte) in bytes[at..at + 4096].iter_mut().enumerate() {
-            *byte = (i * 7 + 13) as u8;
-        }
-        std::fs::write(&path, &bytes).unwrap();
-        let b = Buffer::open(cfg).unwrap();
-        assert_eq!(BufferStats::get(&b.stats().recovered), 1);
-        let depth = BufferStats::get(&b.stats().depth);
-        assert!(
-            depth > 1500 && depth < 2000,
-            "salvaged {depth} of 2000 (one page holds ~18 rows)"
-        );
-        let rows = b.fetch(0, 5000).await.unwrap();
-        assert_eq!(rows.len() as u64, depth);
-        assert_eq!(rows.first().map(|r| r.seq), Some(1));
-        assert_eq!(rows.last().map(|r| r.seq), Some(2000));
-        assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq));
-        assert_eq!(
-            append(&b, "t", "next"),
-            2001,
-            "sequence numbers never go back"
-        );
-        let kept = std::fs::read_dir(dir.path())
-            .unwrap()
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().contains(".broken-"))
-            .count();
-        assert_eq!(kept, 1, "the broken file is kept for inspection");
     }
 }
