@@ -140,3 +140,16 @@ impl rusqlite::types::FromSql for crate::message::QoS {
         Ok(crate::message::QoS::from_u8(n.min(2)).expect("0..=2 is a QoS"))
     }
 }
+
+/// A sequence number is kept in SQLite as an integer.
+impl rusqlite::types::ToSql for crate::message::Seq {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        self.0.to_sql()
+    }
+}
+
+impl rusqlite::types::FromSql for crate::message::Seq {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        u64::column_result(value).map(crate::message::Seq)
+    }
+}

@@ -38,7 +38,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
-use crate::message::Message;
+use crate::message::{Durability, Message, Seq};
 use auth::Authenticator;
 pub use config::BrokerConfig;
 use router::{Metrics, QueueLimits, Router};
@@ -150,10 +150,10 @@ pub trait Outbox: Send + Sync {
     /// Offers a message. `Some(seq)`: taken; the publisher's acknowledgement
     /// waits until [`Outbox::settled`] reaches `seq`. `None`: not bound
     /// upstream.
-    fn offer(&self, message: &Arc<Message>, publisher_waits: bool) -> Option<u64>;
+    fn offer(&self, message: &Arc<Message>, durability: Durability) -> Option<Seq>;
     /// Every offered message up to this sequence number is settled: stored
     /// durably, or dropped by the configured policy (and counted).
-    fn settled(&self) -> tokio::sync::watch::Receiver<u64>;
+    fn settled(&self) -> tokio::sync::watch::Receiver<Seq>;
 }
 
 /// Transforms messages before they are routed (the WASM transform chain):

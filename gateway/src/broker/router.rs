@@ -14,7 +14,7 @@ use tracing::{info, warn};
 use super::session::{Delivery, Session};
 use super::topic;
 use super::trie::SubscriptionTree;
-use crate::message::{Message, QoS};
+use crate::message::{Durability, Message, QoS, Seq};
 
 /// Counters, readable at any time (`$SYS`, logs, tests).
 #[derive(Default, Debug)]
@@ -202,7 +202,7 @@ impl Router {
     /// Routes one message to every matching subscription, once per
     /// subscriber at the highest granted QoS, and updates the retained store.
     pub fn publish(&self, message: Message) {
-        self.publish_from(message, None, &mut Vec::new(), false);
+        self.publish_from(message, None, &mut Vec::new(), Durability::BestEffort);
     }
 
     /// [`Router::publish`] for a message from a client's session: online
@@ -216,17 +216,17 @@ impl Router {
         message: Message,
         publisher: Option<&Arc<Session>>,
         congested: &mut Vec<Arc<Session>>,
-        publisher_waits: bool,
-    ) -> Option<u64> {
+        durability: Durability,
+    ) -> Option<Seq> {
         let t = match &self.transform {
             Some(t) if message.origin.policy().transform => t,
-            _ => return self.route(message, publisher, congested, publisher_waits),
+            _ => return self.route(message, publisher, congested, durability),
         };
         // What the transforms make of it: zero, one or many messages; the
         // publisher waits for the last one to be settled upstream.
         let mut wait = None;
         for m in t.apply(message) {
-            wait = wait.max(self.route(m, publisher, congested, publisher_waits));
+            wait = wait.max(self.route(m, publisher, congested, durability));
         }
         wait
     }
@@ -242,12 +242,12 @@ impl Router {
         match &self.transform {
             Some(t) if messages.iter().all(|m| m.origin.policy().transform) => {
                 for m in t.apply_batch(messages) {
-                    self.route(m, publisher, congested, false);
+                    self.route(m, publisher, congested, Durability::BestEffort);
                 }
             }
             _ => {
                 for m in messages {
-                    self.publish_from(m, publisher, congested, false);
+                    self.publish_from(m, publisher, congested, Durability::BestEffort);
                 }
             }
         }
@@ -258,11 +258,11 @@ impl Router {
         message: Message,
         publisher: Option<&Arc<Session>>,
         congested: &mut Vec<Arc<Session>>,
-        publisher_waits: bool,
-    ) -> Option<u64> {
+        durability: Durability,
+    ) -> Option<Seq> {
         let message = Arc::new(message);
         let upstream = match &self.outbox {
-            Some(o) if message.origin.policy().upstream => o.offer(&message, publisher_waits),
+            Some(o) if message.origin.policy().upstream => o.offer(&message, durability),
             _ => None,
         };
         if message.retain {

@@ -65,7 +65,7 @@ impl Memory {
 
     /// Takes back spilled rows a failed commit did not write.
     pub fn restore(&mut self, spill: Vec<Row>) {
-        self.rows.extend(spill.into_iter().map(|r| (r.seq, r)));
+        self.rows.extend(spill.into_iter().map(|r| (r.seq.0, r)));
     }
 
     /// One group commit's share, `None` when memory-first is off. Acks of
@@ -100,7 +100,7 @@ impl Memory {
             for (row, _) in appends.drain(..) {
                 step.kept += 1;
                 step.kept_bytes += row.size();
-                self.rows.insert(row.seq, row);
+                self.rows.insert(row.seq.0, row);
             }
         } else if !self.rows.is_empty() {
             step.spill = std::mem::take(&mut self.rows).into_values().collect();
@@ -116,14 +116,15 @@ mod tests {
     use super::*;
     use crate::buffer::tests::{append, disk_writes, on_disk, settings, settled};
     use crate::buffer::{Buffer, BufferStats, WhenFull};
+    use crate::message::{QoS, Seq};
 
     /// Row `seq`, 10 bytes (topic "t", 9 bytes of payload).
     fn row(seq: u64) -> Row {
         Row {
-            seq,
+            seq: Seq(seq),
             topic: "t".into(),
             payload: Bytes::from(format!("{seq:09}")),
-            qos: 1,
+            qos: QoS::AtLeastOnce,
             retain: false,
             ts_ms: 1000 + seq as i64,
         }
@@ -134,7 +135,7 @@ mod tests {
     }
 
     fn seqs<'a>(rows: impl IntoIterator<Item = &'a Row>) -> Vec<u64> {
-        rows.into_iter().map(|r| r.seq).collect()
+        rows.into_iter().map(|r| r.seq.0).collect()
     }
 
     #[test]
@@ -235,15 +236,15 @@ mod tests {
         assert_eq!(BufferStats::get(&b.stats().in_memory), 9);
         assert_eq!(BufferStats::get(&b.stats().depth), 10);
         assert_eq!(BufferStats::get(&b.stats().disk_writes), 1);
-        let seqs = |rows: Vec<Row>| rows.iter().map(|r| r.seq).collect::<Vec<_>>();
+        let seqs = |rows: Vec<Row>| rows.iter().map(|r| r.seq.0).collect::<Vec<_>>();
         assert_eq!(
-            seqs(b.fetch(0, 100).await.unwrap()),
+            seqs(b.fetch(Seq(0), 100).await.unwrap()),
             (1..=10).collect::<Vec<_>>()
         );
-        assert_eq!(seqs(b.fetch(0, 3).await.unwrap()), [1, 2, 3]);
-        assert_eq!(seqs(b.fetch(3, 2).await.unwrap()), [4, 5]);
+        assert_eq!(seqs(b.fetch(Seq(0), 3).await.unwrap()), [1, 2, 3]);
+        assert_eq!(seqs(b.fetch(Seq(3), 2).await.unwrap()), [4, 5]);
         for seq in 1..=5 {
-            b.ack(seq);
+            b.ack(Seq(seq));
         }
         append(&b, "t", "11");
         settled(&b, 11).await;

@@ -25,12 +25,12 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
 use thiserror::Error;
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info};
 
 use crate::health::Heartbeat;
+use crate::message::{Durability, Message, Seq};
 
 pub mod config;
 mod memory;
@@ -78,11 +78,11 @@ pub struct BufferSettings {
 enum Cmd {
     Append {
         row: Row,
-        publisher_waits: bool,
+        durability: Durability,
     },
-    Ack(u64),
+    Ack(Seq),
     Fetch {
-        after: u64,
+        after: Seq,
         limit: usize,
         reply: oneshot::Sender<Vec<Row>>,
     },
@@ -102,7 +102,7 @@ struct Inner {
     /// The next sequence number and the channel, under one lock so that
     /// commands arrive in sequence order.
     tx: Mutex<(u64, mpsc::Sender<Cmd>)>,
-    settled: watch::Receiver<u64>,
+    settled: watch::Receiver<Seq>,
     stats: Arc<BufferStats>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
     heartbeat: Arc<Heartbeat>,
@@ -126,7 +126,7 @@ impl Buffer {
         stats.bytes.store(bytes, Ordering::Relaxed);
         info!(path = %settings.path.display(), messages = depth, bytes, next_seq, "buffer opened");
         let (tx, rx) = mpsc::channel();
-        let (settled_tx, settled) = watch::channel(next_seq - 1);
+        let (settled_tx, settled) = watch::channel(Seq(next_seq - 1));
         let heartbeat = Heartbeat::new("buffer writer");
         let writer = Writer::new(
             db,
@@ -154,48 +154,35 @@ impl Buffer {
         })
     }
 
-    /// Appends a message; returns its sequence number. It is durable once
-    /// [`Buffer::settled`] reaches it.
-    pub fn append(
-        &self,
-        topic: String,
-        payload: Bytes,
-        qos: u8,
-        retain: bool,
-        received_at: SystemTime,
-        publisher_waits: bool,
-    ) -> u64 {
+    /// Appends a message as it goes to the cloud (its topic and QoS those
+    /// of the upstream rule); returns its sequence number. It is durable
+    /// once [`Buffer::settled`] reaches it.
+    pub fn append(&self, message: Message, durability: Durability) -> Seq {
         let mut g = self.inner.tx.lock().unwrap_or_else(|e| e.into_inner());
-        let seq = g.0;
+        let seq = Seq(g.0);
         g.0 += 1;
         let row = Row {
             seq,
-            topic,
-            payload,
-            qos,
-            retain,
-            ts_ms: ms(received_at),
+            topic: message.topic,
+            payload: message.payload,
+            qos: message.qos,
+            retain: message.retain,
+            ts_ms: ms(message.received_at),
         };
-        if g.1
-            .send(Cmd::Append {
-                row,
-                publisher_waits,
-            })
-            .is_err()
-        {
-            error!(seq, "buffer writer stopped: message not stored");
+        if g.1.send(Cmd::Append { row, durability }).is_err() {
+            error!(%seq, "buffer writer stopped: message not stored");
         }
         seq
     }
 
     /// The cloud acknowledged this message: delete it.
-    pub fn ack(&self, seq: u64) {
+    pub fn ack(&self, seq: Seq) {
         let g = self.inner.tx.lock().unwrap_or_else(|e| e.into_inner());
         let _ = g.1.send(Cmd::Ack(seq));
     }
 
     /// Up to `limit` stored messages after `after`, oldest first.
-    pub async fn fetch(&self, after: u64, limit: usize) -> Result<Vec<Row>, BufferError> {
+    pub async fn fetch(&self, after: Seq, limit: usize) -> Result<Vec<Row>, BufferError> {
         let (reply, rx) = oneshot::channel();
         {
             let g = self.inner.tx.lock().unwrap_or_else(|e| e.into_inner());
@@ -226,7 +213,7 @@ impl Buffer {
     }
 
     /// Highest sequence number up to which every append is settled.
-    pub fn settled(&self) -> watch::Receiver<u64> {
+    pub fn settled(&self) -> watch::Receiver<Seq> {
         self.inner.settled.clone()
     }
 
@@ -271,6 +258,7 @@ pub(super) mod tests {
     use rusqlite::Connection;
 
     use super::*;
+    use crate::message::{Durability, Message, Origin, QoS, Seq};
 
     // Helpers for the tests here and in the submodules (through a buffer
     // on a temporary directory).
@@ -308,19 +296,19 @@ pub(super) mod tests {
     }
 
     pub(super) fn append(b: &Buffer, topic: &str, payload: &str) -> u64 {
-        b.append(
-            topic.into(),
-            Bytes::from(payload.to_owned()),
-            1,
+        let m = Message::new(
+            topic.to_owned(),
+            payload.to_owned(),
+            QoS::AtLeastOnce,
             false,
-            SystemTime::now(),
-            true,
-        )
+            Origin::Broker,
+        );
+        b.append(m, Durability::PublisherWaits).0
     }
 
     pub(super) async fn settled(b: &Buffer, seq: u64) {
         let mut w = b.settled();
-        tokio::time::timeout(Duration::from_secs(5), w.wait_for(|s| *s >= seq))
+        tokio::time::timeout(Duration::from_secs(5), w.wait_for(|s| s.0 >= seq))
             .await
             .expect("settled in time")
             .unwrap();
@@ -333,17 +321,17 @@ pub(super) mod tests {
         let seqs: Vec<u64> = (0..10).map(|i| append(&b, "t", &format!("{i}"))).collect();
         assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
         settled(&b, 10).await;
-        let rows = b.fetch(0, 100).await.unwrap();
+        let rows = b.fetch(Seq(0), 100).await.unwrap();
         assert_eq!(rows.len(), 10);
         assert_eq!(&rows[3].payload[..], b"3");
-        let rows = b.fetch(4, 3).await.unwrap();
-        assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), [5, 6, 7]);
-        b.ack(1);
-        b.ack(2);
-        b.ack(2); // twice: counted once
+        let rows = b.fetch(Seq(4), 3).await.unwrap();
+        assert_eq!(rows.iter().map(|r| r.seq.0).collect::<Vec<_>>(), [5, 6, 7]);
+        b.ack(Seq(1));
+        b.ack(Seq(2));
+        b.ack(Seq(2)); // twice: counted once
         append(&b, "t", "x");
         settled(&b, 11).await;
-        assert_eq!(b.fetch(0, 1).await.unwrap()[0].seq, 3);
+        assert_eq!(b.fetch(Seq(0), 1).await.unwrap()[0].seq.0, 3);
         assert_eq!(BufferStats::get(&b.stats().forwarded), 2);
         assert_eq!(BufferStats::get(&b.stats().depth), 9);
     }
@@ -357,20 +345,20 @@ pub(super) mod tests {
         }
         settled(&b, 5).await;
         for s in 1..=5 {
-            b.ack(s);
+            b.ack(Seq(s));
         }
         append(&b, "t", "kept");
         settled(&b, 6).await;
         b.close();
         let b = Buffer::open(settings(dir.path(), 1 << 20, WhenFull::DropOldest)).unwrap();
-        let rows = b.fetch(0, 10).await.unwrap();
+        let rows = b.fetch(Seq(0), 10).await.unwrap();
         assert_eq!(rows.len(), 1);
-        assert_eq!((rows[0].seq, &rows[0].payload[..]), (6, &b"kept"[..]));
+        assert_eq!((rows[0].seq.0, &rows[0].payload[..]), (6, &b"kept"[..]));
         assert_eq!(append(&b, "t", "next"), 7, "sequence numbers never go back");
-        b.ack(6);
-        b.ack(7);
+        b.ack(Seq(6));
+        b.ack(Seq(7));
         settled(&b, 7).await;
-        b.fetch(0, 1).await.unwrap();
+        b.fetch(Seq(0), 1).await.unwrap();
         b.close();
         let b = Buffer::open(settings(dir.path(), 1 << 20, WhenFull::DropOldest)).unwrap();
         assert_eq!(append(&b, "t", "after empty"), 8);

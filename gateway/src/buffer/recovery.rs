@@ -68,7 +68,7 @@ fn salvage(broken: &Path, db: &mut Db) -> u64 {
         while let Ok(Some(r)) = it.next() {
             let row = Row::from_sql(r);
             match row {
-                Ok(row) if row.seq > stop_at => rows.push(row),
+                Ok(row) if row.seq.0 > stop_at => rows.push(row),
                 _ => return,
             }
         }
@@ -76,7 +76,7 @@ fn salvage(broken: &Path, db: &mut Db) -> u64 {
     let mut head = Vec::new();
     read("ASC", &mut head, 0);
     let mut tail = Vec::new();
-    read("DESC", &mut tail, head.last().map_or(0, |r| r.seq));
+    read("DESC", &mut tail, head.last().map_or(0, |r| r.seq.0));
     tail.reverse();
     let saved: u64 = old
         .query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
@@ -84,7 +84,7 @@ fn salvage(broken: &Path, db: &mut Db) -> u64 {
         })
         .unwrap_or(1);
     let rows: Vec<Row> = head.into_iter().chain(tail).collect();
-    let next = rows.last().map_or(1, |r| r.seq + 1).max(saved);
+    let next = rows.last().map_or(1, |r| r.seq.0 + 1).max(saved);
     let stored = (|| {
         let tx = db.conn.transaction()?;
         {
@@ -117,6 +117,7 @@ fn salvage(broken: &Path, db: &mut Db) -> u64 {
 mod tests {
     use crate::buffer::tests::{append, settings, settled};
     use crate::buffer::{Buffer, BufferStats, WhenFull};
+    use crate::message::Seq;
 
     /// Files moved aside in `dir` (`buffer.sqlite.broken-<ms>`).
     fn kept_aside(dir: &std::path::Path) -> usize {
@@ -168,10 +169,10 @@ mod tests {
             depth > 1500 && depth < 2000,
             "salvaged {depth} of 2000 (one page holds ~18 rows)"
         );
-        let rows = b.fetch(0, 5000).await.unwrap();
+        let rows = b.fetch(Seq(0), 5000).await.unwrap();
         assert_eq!(rows.len() as u64, depth);
-        assert_eq!(rows.first().map(|r| r.seq), Some(1));
-        assert_eq!(rows.last().map(|r| r.seq), Some(2000));
+        assert_eq!(rows.first().map(|r| r.seq.0), Some(1));
+        assert_eq!(rows.last().map(|r| r.seq.0), Some(2000));
         assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq));
         assert_eq!(
             append(&b, "t", "next"),

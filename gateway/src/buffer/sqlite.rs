@@ -6,18 +6,20 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
+use bytestring::ByteString;
 use rusqlite::{params, CachedStatement, Connection, OptionalExtension};
 
 use super::{BufferError, BufferSettings, SyncMode};
+use crate::message::{QoS, Seq};
 
 /// A message waiting for the cloud.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Row {
-    pub seq: u64,
+    pub seq: Seq,
     /// The topic on the cloud broker (rules applied).
-    pub topic: String,
+    pub topic: ByteString,
     pub payload: Bytes,
-    pub qos: u8,
+    pub qos: QoS,
     pub retain: bool,
     /// When the gateway received it, ms since the epoch.
     pub ts_ms: i64,
@@ -32,7 +34,7 @@ impl Row {
     pub(super) fn from_sql(r: &rusqlite::Row) -> rusqlite::Result<Row> {
         Ok(Row {
             seq: r.get(0)?,
-            topic: r.get(1)?,
+            topic: ByteString::from(r.get::<_, String>(1)?),
             payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
             qos: r.get(3)?,
             retain: r.get(4)?,
@@ -44,7 +46,7 @@ impl Row {
     pub(super) fn insert(&self, st: &mut rusqlite::Statement) -> rusqlite::Result<usize> {
         st.execute(params![
             self.seq,
-            self.topic,
+            &*self.topic,
             &self.payload[..],
             self.qos,
             self.retain,

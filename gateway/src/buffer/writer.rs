@@ -18,6 +18,7 @@ use super::recovery::{self, is_corrupt};
 use super::sqlite::{self, Db, Row, Statements};
 use super::{ms, BufferError, BufferSettings, BufferStats, Cmd, SyncMode};
 use crate::health::Heartbeat;
+use crate::message::Seq;
 
 /// QoS 0 messages kept in memory at most while the file cannot be written.
 const MAX_PENDING_QOS0: usize = 10_000;
@@ -27,7 +28,7 @@ pub(super) struct Writer {
     db: Db,
     settings: BufferSettings,
     stats: Arc<BufferStats>,
-    settled: watch::Sender<u64>,
+    settled: watch::Sender<Seq>,
     /// Appends held while the buffer is full under `block`.
     waiting: VecDeque<Row>,
     /// Memory-first mode: rows accepted but not on disk.
@@ -54,7 +55,7 @@ impl Writer {
         db: Db,
         settings: BufferSettings,
         stats: Arc<BufferStats>,
-        settled: watch::Sender<u64>,
+        settled: watch::Sender<Seq>,
         heartbeat: Arc<Heartbeat>,
         next_seq: u64,
     ) -> Writer {
@@ -113,19 +114,16 @@ impl Writer {
             });
             for cmd in first.into_iter().chain(more) {
                 match cmd {
-                    Cmd::Append {
-                        row,
-                        publisher_waits,
-                    } => {
-                        batch.highest = batch.highest.max(row.seq);
-                        batch.appends.push((row, publisher_waits));
+                    Cmd::Append { row, durability } => {
+                        batch.highest = batch.highest.max(row.seq.0);
+                        batch.appends.push((row, durability.publisher_waits()));
                     }
-                    Cmd::Ack(seq) => batch.acks.push(seq),
+                    Cmd::Ack(seq) => batch.acks.push(seq.0),
                     Cmd::Fetch {
                         after,
                         limit,
                         reply,
-                    } => batch.fetches.push((after, limit, reply)),
+                    } => batch.fetches.push((after.0, limit, reply)),
                     Cmd::Oldest(reply) => batch.oldest.push(reply),
                     Cmd::Online(online) => self.online = online,
                 }
@@ -188,11 +186,11 @@ impl Writer {
     /// `block` are not settled yet.
     fn publish_settled(&self) {
         let settled = match self.waiting.front() {
-            Some(w) => w.seq - 1,
+            Some(w) => w.seq.0 - 1,
             None => self.highest,
         };
-        if settled > *self.settled.borrow() {
-            self.settled.send_replace(settled);
+        if Seq(settled) > *self.settled.borrow() {
+            self.settled.send_replace(Seq(settled));
         }
     }
 
@@ -421,7 +419,7 @@ impl Writer {
     fn read(&self, after: u64, limit: usize) -> Result<Vec<Row>, BufferError> {
         let mut rows = self.db.read(after, limit)?;
         // Rows in memory are newer than every row on disk.
-        let after = rows.last().map_or(after, |r| r.seq);
+        let after = rows.last().map_or(after, |r| r.seq.0);
         let room = limit - rows.len();
         rows.extend(self.mem.after(after).take(room).cloned());
         Ok(rows)
@@ -459,7 +457,7 @@ impl Writer {
 mod tests {
     use std::time::{Duration, SystemTime};
 
-    use bytes::Bytes;
+    use crate::message::{Durability, Message, Origin, QoS, Seq};
 
     use crate::buffer::tests::{append, on_disk, settings, settled};
     use crate::buffer::{Buffer, BufferStats, WhenFull};
@@ -472,14 +470,15 @@ mod tests {
         let b = Buffer::open(cfg).unwrap();
         let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
         for i in 0..3 {
-            b.append(
-                "t".into(),
-                Bytes::from(format!("old-{i}")),
-                1,
+            let mut m = Message::new(
+                "t",
+                format!("old-{i}"),
+                QoS::AtLeastOnce,
                 false,
-                two_hours_ago,
-                true,
+                Origin::Broker,
             );
+            m.received_at = two_hours_ago;
+            b.append(m, Durability::PublisherWaits);
         }
         append(&b, "t", "fresh");
         settled(&b, 4).await;
@@ -495,7 +494,7 @@ mod tests {
         assert_eq!(BufferStats::get(&s.depth), 1);
         assert_eq!(s.dropped(), 3);
         assert_eq!(on_disk(dir.path()), [4]);
-        let rows = b.fetch(0, 10).await.unwrap();
+        let rows = b.fetch(Seq(0), 10).await.unwrap();
         assert_eq!(rows.len(), 1);
         assert_eq!(&rows[0].payload[..], b"fresh");
         b.close();
@@ -511,9 +510,9 @@ mod tests {
                 append(&b, "t", &format!("{i:09}"));
             }
             settled(&b, 150).await;
-            let rows = b.fetch(0, 1000).await.unwrap();
+            let rows = b.fetch(Seq(0), 1000).await.unwrap();
             assert_eq!(rows.len(), 100, "{policy:?}");
-            assert_eq!(rows[0].seq, expect_first, "{policy:?}");
+            assert_eq!(rows[0].seq.0, expect_first, "{policy:?}");
             assert_eq!(b.stats().dropped(), 50, "{policy:?}");
         }
     }
@@ -528,14 +527,14 @@ mod tests {
         settled(&b, 10).await;
         // 11..15 wait: not settled, not stored, not dropped.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        assert_eq!(*b.settled().borrow(), 10);
+        assert_eq!(b.settled().borrow().0, 10);
         assert_eq!(b.stats().dropped(), 0);
         for s in 1..=5 {
-            b.ack(s);
+            b.ack(Seq(s));
         }
         settled(&b, 15).await;
-        let rows = b.fetch(0, 100).await.unwrap();
-        assert_eq!(rows.first().map(|r| r.seq), Some(6));
-        assert_eq!(rows.last().map(|r| r.seq), Some(15));
+        let rows = b.fetch(Seq(0), 100).await.unwrap();
+        assert_eq!(rows.first().map(|r| r.seq.0), Some(6));
+        assert_eq!(rows.last().map(|r| r.seq.0), Some(15));
     }
 }

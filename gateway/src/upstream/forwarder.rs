@@ -22,7 +22,7 @@ use super::{Rules, ServerUrl, UpstreamSettings, UpstreamStats};
 use crate::broker::Publisher;
 use crate::buffer::{Buffer, BufferStats, Row};
 use crate::health::{Heartbeat, BEAT_EVERY};
-use crate::message::{Message, Origin, QoS};
+use crate::message::{Message, Origin, QoS, Seq};
 
 pub(super) struct Forwarder {
     pub(super) settings: UpstreamSettings,
@@ -200,7 +200,7 @@ impl Forwarder {
             }
         }
         // Everything still buffered goes (again), oldest first.
-        let mut cursor = 0u64;
+        let mut cursor = Seq(0);
         let mut exhausted = false;
         let mut ready: VecDeque<Row> = VecDeque::new();
         let mut settled = self.buffer.settled();
@@ -233,12 +233,9 @@ impl Forwarder {
             while acks.len() < window && pace.available() > 0 {
                 let Some(row) = ready.pop_front() else { break };
                 let payload = self.payload(&row);
-                if let Err(e) = client.try_publish(
-                    &row.topic,
-                    qos(QoS::from_u8(row.qos).unwrap_or(QoS::ExactlyOnce)),
-                    row.retain,
-                    payload,
-                ) {
+                if let Err(e) =
+                    client.try_publish(row.topic.to_string(), qos(row.qos), row.retain, payload)
+                {
                     return End::Lost {
                         error: format!("rumqttc request queue: {e}"),
                         connected: true,
@@ -295,7 +292,7 @@ impl Forwarder {
         }
     }
 
-    fn acknowledged(&self, seq: u64) {
+    fn acknowledged(&self, seq: Seq) {
         self.buffer.ack(seq);
         self.stats.acknowledged.fetch_add(1, Ordering::Relaxed);
     }
@@ -330,7 +327,7 @@ impl Forwarder {
         }
         let mut env = serde_json::json!({
             "gateway": self.settings.gateway_id,
-            "seq": row.seq,
+            "seq": row.seq.0,
             "ts": row.ts_ms,
         });
         match std::str::from_utf8(&row.payload) {

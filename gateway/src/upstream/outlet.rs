@@ -8,7 +8,7 @@ use tokio::sync::watch;
 use super::Rules;
 use crate::broker::Outbox;
 use crate::buffer::Buffer;
-use crate::message::{Message, Origin};
+use crate::message::{Durability, Message, Origin, Seq};
 
 /// The broker's side of the upstream: decides which messages go out and
 /// appends them to the buffer.
@@ -31,7 +31,7 @@ impl Outlet {
 }
 
 impl Outbox for Outlet {
-    fn offer(&self, m: &Arc<Message>, publisher_waits: bool) -> Option<u64> {
+    fn offer(&self, m: &Arc<Message>, durability: Durability) -> Option<Seq> {
         // The router offers only what may go up (`Origin::policy`). The
         // gateway's status is published upstream by the forwarder itself
         // (birth, will): the local copy must not follow it out late.
@@ -39,17 +39,15 @@ impl Outbox for Outlet {
             return None;
         }
         let (remote, qos) = self.rules.outbound(&m.topic)?;
-        Some(self.buffer.append(
-            remote,
-            m.payload.clone(),
-            qos.into(),
-            m.retain,
-            m.received_at,
-            publisher_waits,
-        ))
+        let out = Message {
+            topic: remote.into(),
+            qos,
+            ..Message::clone(m)
+        };
+        Some(self.buffer.append(out, durability))
     }
 
-    fn settled(&self) -> watch::Receiver<u64> {
+    fn settled(&self) -> watch::Receiver<Seq> {
         self.buffer.settled()
     }
 }

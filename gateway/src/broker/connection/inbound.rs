@@ -20,7 +20,7 @@ use crate::broker::auth::{AclDecision, Action, ClientInfo};
 use crate::broker::router::{worth_logging, Metrics};
 use crate::broker::session::{Delivery, Inflight, Session};
 use crate::broker::{topic, Shared};
-use crate::message::{Message, QoS};
+use crate::message::{Durability, Message, QoS, Seq};
 
 /// QoS 0 messages of one read routed together (so that a transform plugin
 /// taking batches is entered once for them), at most this many / bytes, and
@@ -104,7 +104,12 @@ fn publish(conn: &mut Conn, session: &Arc<Session>, client: &Client, p: &Publish
         }
         (QoS::AtLeastOnce, Some(id)) => {
             if allowed {
-                let seq = router.publish_from(message(), Some(session), &mut conn.congested, true);
+                let seq = router.publish_from(
+                    message(),
+                    Some(session),
+                    &mut conn.congested,
+                    Durability::PublisherWaits,
+                );
                 conn.wait_durable(seq);
             }
             conn.ack_publish(Packet::PublishAck { packet_id: nz(id) });
@@ -116,8 +121,12 @@ fn publish(conn: &mut Conn, session: &Arc<Session>, client: &Client, p: &Publish
             drop(st);
             if first_time {
                 if allowed {
-                    let seq =
-                        router.publish_from(message(), Some(session), &mut conn.congested, true);
+                    let seq = router.publish_from(
+                        message(),
+                        Some(session),
+                        &mut conn.congested,
+                        Durability::PublisherWaits,
+                    );
                     conn.wait_durable(seq);
                 }
                 if !clean {
@@ -312,7 +321,12 @@ pub(super) fn flush_batch(conn: &mut Conn, session: &Arc<Session>) {
     let router = &conn.shared.router;
     if batch.len() == 1 {
         let m = batch.into_iter().next().expect("one message");
-        router.publish_from(m, Some(session), &mut conn.congested, false);
+        router.publish_from(
+            m,
+            Some(session),
+            &mut conn.congested,
+            Durability::BestEffort,
+        );
     } else {
         router.publish_batch_from(batch, Some(session), &mut conn.congested);
     }
@@ -347,7 +361,7 @@ impl Conn {
         *self.durable.borrow() >= self.durable_needed
     }
 
-    fn wait_durable(&mut self, seq: Option<u64>) {
+    fn wait_durable(&mut self, seq: Option<Seq>) {
         if let Some(seq) = seq {
             self.durable_needed = self.durable_needed.max(seq);
         }

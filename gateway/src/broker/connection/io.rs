@@ -22,7 +22,7 @@ use crate::broker::codec::{CodecError, MqttCodec};
 use crate::broker::router::Metrics;
 use crate::broker::session::{Kick, Session};
 use crate::broker::Shared;
-use crate::message::Message;
+use crate::message::{Message, Seq};
 
 /// Socket reads start this large and double, up to `READ_MAX`, while they
 /// come back full (a busy publisher: fewer reads, longer batches); an idle
@@ -51,8 +51,8 @@ pub(super) struct Conn {
     /// Outbox sequence number this client's held acknowledgements wait
     /// for (its messages bound upstream stored durably), and the watch of
     /// what is settled.
-    pub(super) durable_needed: u64,
-    pub(super) durable: tokio::sync::watch::Receiver<u64>,
+    pub(super) durable_needed: Seq,
+    pub(super) durable: tokio::sync::watch::Receiver<Seq>,
     /// QoS 0 messages decoded but not routed yet
     /// ([`super::inbound::flush_batch`]), and their bytes.
     pub(super) batch: Vec<Message>,
@@ -75,10 +75,10 @@ impl Conn {
             held_acks: Vec::new(),
             pause_reading: false,
             congested_since: None,
-            durable_needed: 0,
+            durable_needed: Seq(0),
             durable: match &shared.router.outbox {
                 Some(o) => o.settled(),
-                None => tokio::sync::watch::channel(u64::MAX).1,
+                None => tokio::sync::watch::channel(Seq(u64::MAX)).1,
             },
             batch: Vec::new(),
             batch_bytes: 0,
