@@ -1,5 +1,8 @@
 //! `capteurs-sim` as users run it: the real binary against our broker and
 //! Debian's mosquitto over loopback, and against a real pseudo-terminal.
+//!
+//! Longer than 600 lines because it holds sixteen independent runs of the
+//! binary, one per mode and option users rely on.
 
 use std::collections::HashMap;
 use std::io::Read;

@@ -1,5 +1,8 @@
 //! The broker's MQTT 3.1.1 behaviour, one test per rule, with a raw client
 //! over loopback TCP.
+//!
+//! Longer than 600 lines because it is a table of 29 short tests, one per
+//! rule of the protocol, read one at a time.
 
 use capteurs_gateway::broker::router::Metrics;
 use capteurs_tests::*;

@@ -2,6 +2,11 @@
 //! `/metrics` during simulator runs, the status page in headless Chromium,
 //! `capteurs-gateway status` in a terminal, Home Assistant discovery, and
 //! the systemd watchdog withheld while a stage is stuck.
+//!
+//! Longer than 600 lines because each of its six tests drives a whole
+//! gateway, a simulator and a client (browser, Prometheus text, systemd
+//! socket) and checks every figure it shows; they share only the fixtures of
+//! `capteurs-tests`, and splitting them would scatter one operator's view.
 
 use std::collections::HashMap;
 use std::io::BufRead;

@@ -1,6 +1,10 @@
 //! WebAssembly plugins through the real host: the example plugins of
 //! `plugins/` and the misbehaving one of `tests/plugins/`, compiled for
 //! wasm32-wasip2, loaded by a gateway, driven over MQTT.
+//!
+//! Longer than 600 lines because it holds sixteen independent scenarios,
+//! one per plugin behaviour (transforms, auth, decoders, faults, reloads,
+//! limits), each with its own gateway.
 
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;

@@ -1,5 +1,9 @@
 //! The upstream against a real cloud broker: Debian's mosquitto on loopback
 //! ports. Local clients publish to our gateway; cloud clients read mosquitto.
+//!
+//! Longer than 600 lines because it holds fifteen independent scenarios
+//! against the same cloud (outages, kills, failover, rates, TLS, memory
+//! first), each a page long; what they share is the `upstream()` helper.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
