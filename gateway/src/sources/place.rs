@@ -4,21 +4,31 @@
 //! NUL and control characters are refused, not replaced, so a typo in the
 //! configuration is reported instead of publishing under a made-up name.
 
+use thiserror::Error;
 use unicode_normalization::UnicodeNormalization;
 
+/// Why a name cannot be a topic level.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum LevelError {
+    #[error("is empty")]
+    Empty,
+    #[error("contains {0:?}, which cannot be part of a topic level")]
+    Forbidden(char),
+    #[error("has nothing left once folded")]
+    NothingLeft,
+}
+
 /// The topic level for a place name or quantity, or why it cannot be one.
-pub fn topic_level(name: &str) -> Result<String, String> {
+pub fn topic_level(name: &str) -> Result<String, LevelError> {
     let trimmed = name.trim();
     if trimmed.is_empty() {
-        return Err("is empty".into());
+        return Err(LevelError::Empty);
     }
     if let Some(c) = trimmed
         .chars()
         .find(|c| matches!(c, '/' | '+' | '#') || c.is_control())
     {
-        return Err(format!(
-            "contains {c:?}, which cannot be part of a topic level"
-        ));
+        return Err(LevelError::Forbidden(c));
     }
     let mut out = String::with_capacity(trimmed.len());
     for c in trimmed.nfd() {
@@ -43,7 +53,7 @@ pub fn topic_level(name: &str) -> Result<String, String> {
     }
     let level = level.trim_matches('_').to_owned();
     if level.is_empty() {
-        return Err("has nothing left once folded".into());
+        return Err(LevelError::NothingLeft);
     }
     Ok(level)
 }
