@@ -16,48 +16,39 @@ pub mod bindings {
     });
 }
 
-/// Bindings of the `batch-transform-plugin` world: `transform` and
-/// `transform-batch`.
-pub mod batch_bindings {
-    wasmtime::component::bindgen!({
-        world: "batch-transform-plugin",
-        path: "../wit",
-        ownership: Borrowing {
-            duplicate_if_necessary: true
-        },
-        with: {
-            "capteurs:plugins/types": crate::plugins::wit::bindings::capteurs::plugins::types,
-            "capteurs:plugins/host": crate::plugins::wit::bindings::capteurs::plugins::host,
-        },
-    });
+/// A world that reuses the `types` and `host` interfaces of [`bindings`].
+macro_rules! world {
+    ($(#[$doc:meta])* $module:ident, $world:literal) => {
+        $(#[$doc])*
+        pub mod $module {
+            wasmtime::component::bindgen!({
+                world: $world,
+                path: "../wit",
+                ownership: Borrowing {
+                    duplicate_if_necessary: true
+                },
+                with: {
+                    "capteurs:plugins/types": crate::plugins::wit::bindings::capteurs::plugins::types,
+                    "capteurs:plugins/host": crate::plugins::wit::bindings::capteurs::plugins::host,
+                },
+            });
+        }
+    };
 }
 
-/// Bindings of the `auth-plugin` world.
-pub mod auth_bindings {
-    wasmtime::component::bindgen!({
-        world: "auth-plugin",
-        path: "../wit",
-        ownership: Borrowing {
-            duplicate_if_necessary: true
-        },
-        with: {
-            "capteurs:plugins/types": crate::plugins::wit::bindings::capteurs::plugins::types,
-            "capteurs:plugins/host": crate::plugins::wit::bindings::capteurs::plugins::host,
-        },
-    });
-}
-
-/// Bindings of the `decoder-plugin` world.
-pub mod decoder_bindings {
-    wasmtime::component::bindgen!({
-        world: "decoder-plugin",
-        path: "../wit",
-        ownership: Borrowing {
-            duplicate_if_necessary: true
-        },
-        with: {
-            "capteurs:plugins/types": crate::plugins::wit::bindings::capteurs::plugins::types,
-            "capteurs:plugins/host": crate::plugins::wit::bindings::capteurs::plugins::host,
-        },
-    });
-}
+world!(
+    /// Bindings of the `batch-transform-plugin` world: `transform` and
+    /// `transform-batch`.
+    batch_bindings,
+    "batch-transform-plugin"
+);
+world!(
+    /// Bindings of the `auth-plugin` world.
+    auth_bindings,
+    "auth-plugin"
+);
+world!(
+    /// Bindings of the `decoder-plugin` world.
+    decoder_bindings,
+    "decoder-plugin"
+);

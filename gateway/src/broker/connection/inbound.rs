@@ -91,6 +91,17 @@ fn publish(conn: &mut Conn, session: &Arc<Session>, client: &Client, p: &Publish
         origin: client.origin.clone(),
         received_at: std::time::SystemTime::now(),
     };
+    // QoS 1/2: routed now; the acknowledgement waits until the message is
+    // settled upstream.
+    let route_waiting = |conn: &mut Conn| {
+        let seq = router.publish_from(
+            message(),
+            Some(session),
+            &mut conn.congested,
+            Durability::PublisherWaits,
+        );
+        conn.wait_durable(seq);
+    };
     match (qos, packet_id) {
         (QoS::AtMostOnce, _) => {
             if allowed {
@@ -104,13 +115,7 @@ fn publish(conn: &mut Conn, session: &Arc<Session>, client: &Client, p: &Publish
         }
         (QoS::AtLeastOnce, Some(id)) => {
             if allowed {
-                let seq = router.publish_from(
-                    message(),
-                    Some(session),
-                    &mut conn.congested,
-                    Durability::PublisherWaits,
-                );
-                conn.wait_durable(seq);
+                route_waiting(conn);
             }
             conn.ack_publish(Packet::PublishAck { packet_id: nz(id) });
         }
@@ -121,13 +126,7 @@ fn publish(conn: &mut Conn, session: &Arc<Session>, client: &Client, p: &Publish
             drop(st);
             if first_time {
                 if allowed {
-                    let seq = router.publish_from(
-                        message(),
-                        Some(session),
-                        &mut conn.congested,
-                        Durability::PublisherWaits,
-                    );
-                    conn.wait_durable(seq);
+                    route_waiting(conn);
                 }
                 if !clean {
                     router.session_changed(session);
