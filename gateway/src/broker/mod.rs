@@ -6,10 +6,10 @@
 //! - [`topic`], [`trie`]: topic names, filters, and the subscription tree.
 //! - [`session`]: per-client state that outlives a connection.
 //! - [`router`]: sessions, subscriptions, retained messages; routes every message.
-//! - [`connection`]: one task per client connection.
+//! - `connection`: one task per client connection.
 //! - [`auth`]: password file, ACL, and the trait auth plugins implement.
 //! - [`store`]: SQLite persistence of sessions and retained messages.
-//! - [`sys`]: the `$SYS/broker/...` topics.
+//! - `sys`: the `$SYS/broker/...` topics.
 //!
 //! [`Broker::start`] binds, restores what was saved, and returns a
 //! [`BrokerHandle`] with the bound address; [`BrokerHandle::shutdown`] stops

@@ -9,7 +9,7 @@
 //!
 //! Loading happens in two passes, like Vector's: serde refuses unknown keys
 //! and wrong types (the `toml` error names the line), then every stage's
-//! problems are collected at once and [`locate`] finds each key's line.
+//! problems are collected at once and `locate` finds each key's line.
 //! Relative paths are resolved against the file's directory once, at load.
 
 mod locate;

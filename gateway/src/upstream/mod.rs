@@ -13,12 +13,12 @@
 //! again from the oldest, so a lost acknowledgement or a forgotten session
 //! costs a duplicate, never a message.
 //!
-//! - [`config`]: `[upstream]`, checked into [`UpstreamSettings`]; [`url`]: server addresses;
-//! - [`outlet`]: the broker's side: which messages go out, into the buffer;
-//! - [`forwarder`]: the connection loop: buffer → cloud, cloud → `in` rules;
-//! - [`acks`]: which packet id carries which buffered row;
-//! - [`pacing`]: the send rate limit and the reconnect back-off;
-//! - [`rules`]: topic rules between the local broker and the cloud.
+//! - [`config`]: `[upstream]`, checked into [`UpstreamSettings`]; `url`: server addresses;
+//! - `outlet`: the broker's side: which messages go out, into the buffer;
+//! - `forwarder`: the connection loop: buffer → cloud, cloud → `in` rules;
+//! - `acks`: which packet id carries which buffered row;
+//! - `pacing`: the send rate limit and the reconnect back-off;
+//! - `rules`: topic rules between the local broker and the cloud.
 
 mod acks;
 pub mod config;

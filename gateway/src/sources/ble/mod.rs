@@ -1,6 +1,6 @@
 //! BLE sensors: advertisements in, decoded readings out.
 //!
-//! The radio side is a thin layer ([`bluez`], behind the `ble` cargo
+//! The radio side is a thin layer (`bluez`, behind the `ble` cargo
 //! feature): it turns BlueZ's device properties into [`Advert`]s. Everything
 //! after that — decoding, registry, topics, broker — is plain code fed by
 //! adverts, from the radio or from a replay source (recorded frames, one per
