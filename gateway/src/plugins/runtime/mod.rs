@@ -1,6 +1,17 @@
 //! What every plugin kind shares: the wasmtime engine (epoch ticker for
 //! deadlines), the on-disk cache of compiled components, and the store
 //! state with its host imports (`log`, clocks, `params`) and limits.
+//!
+//! This file holds the public surface: [`PluginError`], [`TICK`], the
+//! `guarded_world!` macro each plugin kind builds its world with, and the
+//! re-exports of the parts, in the order a plugin meets them:
+//! - `engine.rs`: the engines, compiling a component through the on-disk
+//!   cache ([`load`]);
+//! - `host.rs`: the store state [`HostState`], the host imports and the
+//!   WASI given to a guest ([`link_wasi`]);
+//! - `limits.rs`: [`Limits`] and the store's [`PluginLimiter`];
+//! - `guarded.rs`: [`Guarded`], the instance kept across calls, its faults,
+//!   restarts and [`PluginStats`].
 
 mod engine;
 mod guarded;
