@@ -180,6 +180,44 @@ async fn outlier_filter_and_downsample() {
     g.stop().await;
 }
 
+/// Loading a plugin (instantiating it and its `init`) is not held to the
+/// per-call budget: an `init` of 300 ms starts under the default 20 ms
+/// `timeout_ms` (a budget a loaded machine's scheduler alone can exceed),
+/// and an `init` that never ends is still stopped, with the plugin named.
+#[tokio::test]
+async fn a_slow_init_loads_and_an_endless_one_is_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = plugin(
+        "misbehave",
+        "transform",
+        "topics = [\"bad/#\"]\nparams = { init_spin_ms = 300 }",
+    );
+    let mut g = TestGateway::start(dir.path(), &cfg).await;
+    let mut s = sub(&g, "bad/#").await;
+    let mut p = RawClient::connect(g.addr, &ConnectOpts::new("p")).await;
+    p.publish("bad/x", b"fine", QoS::AtMostOnce, false).await;
+    assert_eq!(payload(&s.receive().await), "fine");
+    g.stop().await;
+
+    let cfg = plugin(
+        "misbehave",
+        "transform",
+        "topics = [\"bad/#\"]\nparams = { init_spin_ms = 600000 }",
+    );
+    let text = format!(
+        "[gateway]\ndata_dir = {:?}\n[broker]\nlisten = \"127.0.0.1:0\"\n{cfg}",
+        dir.path().display().to_string()
+    );
+    let cfg = capteurs_gateway::GatewayConfig::parse(&text, "test", dir.path()).unwrap();
+    let started = Instant::now();
+    let err = match capteurs_gateway::gateway::start(&cfg).await {
+        Ok(_) => panic!("a plugin whose init never ends was loaded"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("misbehave"), "{err}");
+    assert!(started.elapsed() < WAIT, "{:?}", started.elapsed());
+}
+
 #[tokio::test]
 async fn misbehaving_plugin_is_contained_counted_and_disabled() {
     let dir = tempfile::tempdir().unwrap();

@@ -13,7 +13,7 @@ use wasmtime::{Engine, Store};
 
 use super::host::HostState;
 use super::limits::Limits;
-use super::PluginError;
+use super::{PluginError, TICK};
 
 /// Counters of one plugin.
 #[derive(Debug, Default)]
@@ -75,6 +75,13 @@ pub struct GuardSettings {
 
 /// Instantiates a plugin in a fresh store and calls its `init`.
 pub type Instantiate<P> = Box<dyn Fn(&mut Store<HostState>) -> Result<P, String> + Send + Sync>;
+
+/// How long instantiation and `init` may take when a plugin is loaded or
+/// reloaded (off the message path), in ticks, when its per-call
+/// `timeout_ms` is shorter. A 20 ms budget there failed gateway starts and
+/// reloads on a loaded machine (two busy cores deschedule the loading
+/// thread); a plugin whose `init` never returns is still stopped.
+const LOAD_TICKS: u64 = 2000 / TICK.as_millis() as u64;
 
 /// One plugin instance, kept across calls (its memory is the plugin's
 /// state), each call under the memory limit, the epoch deadline and the
@@ -149,7 +156,10 @@ impl<P> Guarded<P> {
             slow: AtomicBool::new(false),
             fast_calls: AtomicU32::new(0),
         };
-        let first = g.fresh().map_err(|reason| PluginError::Init {
+        // Off the message path (start, reload): time to instantiate and
+        // init even on a busy machine.
+        let budget = g.settings.limits.deadline_ticks.max(LOAD_TICKS);
+        let first = g.fresh(budget).map_err(|reason| PluginError::Init {
             name: g.settings.name.clone(),
             reason,
         })?;
@@ -161,7 +171,9 @@ impl<P> Guarded<P> {
         self.stats.disabled.load(Ordering::Relaxed)
     }
 
-    fn fresh(&self) -> Result<(Store<HostState>, P), String> {
+    /// A new instance; instantiating it (and the plugin's `init`) may run
+    /// for `deadline_ticks`.
+    fn fresh(&self, deadline_ticks: u64) -> Result<(Store<HostState>, P), String> {
         let mut store = Store::new(
             &self.engine,
             HostState::new(
@@ -173,6 +185,7 @@ impl<P> Guarded<P> {
         );
         store.limiter(|s| &mut s.limits);
         self.arm(&mut store);
+        store.set_epoch_deadline(deadline_ticks);
         let p = (self.instantiate)(&mut store)?;
         Ok((store, p))
     }
@@ -245,7 +258,8 @@ impl<P> Guarded<P> {
                     None,
                 ));
             }
-            match self.fresh() {
+            // A restart on the message path: the call's own budget.
+            match self.fresh(self.settings.limits.deadline_ticks) {
                 Ok(i) => {
                     self.stats.restarts.fetch_add(1, Ordering::Relaxed);
                     live.instance = Some(i);

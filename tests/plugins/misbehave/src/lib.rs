@@ -5,6 +5,9 @@
 //! `file`, `net`: reads a file, opens a socket (the sandbox refuses both);
 //! `env:NAME`: answers with that environment variable's value, or `(unset)`.
 //! Anything else passes unchanged.
+//!
+//! Its `init` spins for the `init_spin_ms` parameter's milliseconds (0 by
+//! default): a plugin slow to start.
 
 //! In a batch (`transform-batch`), `short-batch` makes the whole answer one
 //! verdict short (garbage for the host to catch).
@@ -15,6 +18,12 @@ use exports::capteurs::plugins::transform::{Guest, Message, Param, Verdict};
 use exports::capteurs::plugins::transform_batch::{self, Batch};
 
 struct Plugin;
+
+/// Busy for `ms` milliseconds of the host's clock.
+fn spin(ms: u64) {
+    let start = capteurs::plugins::host::monotonic_ns();
+    while capteurs::plugins::host::monotonic_ns() - start < ms * 1_000_000 {}
+}
 
 /// What the payload asks for; `msg` makes the message to mangle. The
 /// payload is compared as bytes: an ordinary (even binary) payload costs
@@ -67,8 +76,7 @@ fn act(payload: &[u8], msg: impl FnOnce() -> Message) -> Result<Verdict, String>
                 .ok()
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(1);
-            let start = capteurs::plugins::host::monotonic_ns();
-            while capteurs::plugins::host::monotonic_ns() - start < ms * 1_000_000 {}
+            spin(ms);
             Ok(Verdict::Keep)
         }
         _ => Ok(Verdict::Keep),
@@ -76,7 +84,13 @@ fn act(payload: &[u8], msg: impl FnOnce() -> Message) -> Result<Verdict, String>
 }
 
 impl Guest for Plugin {
-    fn init(_: Vec<Param>) -> Result<(), String> {
+    fn init(params: Vec<Param>) -> Result<(), String> {
+        let ms: u64 = params
+            .iter()
+            .find(|p| p.key == "init_spin_ms")
+            .and_then(|p| p.value.parse().ok())
+            .unwrap_or(0);
+        spin(ms);
         Ok(())
     }
 
