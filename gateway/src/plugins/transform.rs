@@ -285,16 +285,16 @@ impl Transform {
             Err(fault) => {
                 let now = self.created.elapsed().as_millis() as u64;
                 let pause_ms = BATCH_PAUSE.as_millis() as u64;
-                let again = fault.trapped && {
+                let again = fault.trapped() && {
                     let last = self.last_batch_trap.swap(now + 1, Ordering::Relaxed);
                     last > 0 && now + 1 - last < pause_ms
                 };
-                let pause = fault.overran || again;
+                let pause = fault.overran() || again;
                 if pause {
                     self.batch_paused_until
                         .store(now + pause_ms, Ordering::Relaxed);
                 }
-                tracing::debug!(plugin = %self.name, messages = ms.len(), error = %fault.why, pause,
+                tracing::debug!(plugin = %self.name, messages = ms.len(), error = %fault, pause,
                     "batch faulted: its messages again one by one");
                 return ms.iter().map(|m| self.process(m)).collect();
             }

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error, warn};
 use wasmtime::{Engine, Store};
 
+use thiserror::Error;
+
 use super::host::HostState;
 use super::limits::Limits;
 use super::{PluginError, TICK};
@@ -50,15 +52,33 @@ impl PluginStats {
     }
 }
 
-/// Why a batch got no answer (its messages are then replayed one by one).
-#[derive(Debug)]
-pub struct BatchFault {
-    pub why: String,
-    /// It ran past its deadline or out of fuel: the replay paid for it
-    /// again, and batching should pause.
-    pub overran: bool,
-    /// It was entered and trapped (not: disabled, or not rebuilt yet).
-    pub trapped: bool,
+/// Why a call into a plugin gave no answer.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Fault {
+    /// Not entered: disabled, or its instance not (yet) rebuilt.
+    #[error("{0}")]
+    NotEntered(String),
+    /// Entered, and it trapped. `overran`: past its deadline or out of
+    /// fuel (a batch's replay pays for that again: batching should pause).
+    #[error("{why}")]
+    Trapped { why: String, overran: bool },
+}
+
+impl Fault {
+    pub fn trapped(&self) -> bool {
+        matches!(self, Fault::Trapped { .. })
+    }
+
+    pub fn overran(&self) -> bool {
+        matches!(self, Fault::Trapped { overran: true, .. })
+    }
+}
+
+/// For callers that report failures as text.
+impl From<Fault> for String {
+    fn from(f: Fault) -> String {
+        f.to_string()
+    }
 }
 
 /// How one plugin instance is guarded.
@@ -203,9 +223,9 @@ impl<P> Guarded<P> {
     pub fn call<R>(
         &self,
         f: impl FnOnce(&P, &mut Store<HostState>) -> wasmtime::Result<R>,
-    ) -> Result<R, String> {
+    ) -> Result<R, Fault> {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
-        self.enter(true, f).map_err(|(why, _)| why)
+        self.enter(true, f)
     }
 
     /// [`Guarded::call`] for a batch of `messages`, each counted as a call
@@ -215,48 +235,40 @@ impl<P> Guarded<P> {
         &self,
         messages: u64,
         f: impl FnOnce(&P, &mut Store<HostState>) -> wasmtime::Result<R>,
-    ) -> Result<R, BatchFault> {
+    ) -> Result<R, Fault> {
         match self.enter(false, f) {
             Ok(r) => {
                 self.stats.calls.fetch_add(messages, Ordering::Relaxed);
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
                 Ok(r)
             }
-            Err((why, fault)) => {
-                if fault.is_some() {
+            Err(fault) => {
+                if fault.trapped() {
                     self.stats.batch_replays.fetch_add(1, Ordering::Relaxed);
                 }
-                Err(BatchFault {
-                    why,
-                    overran: fault == Some(true),
-                    trapped: fault.is_some(),
-                })
+                Err(fault)
             }
         }
     }
 
-    /// The call, or why not and, when it trapped, whether it ran out of
-    /// time or fuel (`None`: it was not entered).
+    /// The call, or why not; `faults`: a failure counts towards disabling.
     fn enter<R>(
         &self,
         faults: bool,
         f: impl FnOnce(&P, &mut Store<HostState>) -> wasmtime::Result<R>,
-    ) -> Result<R, (String, Option<bool>)> {
+    ) -> Result<R, Fault> {
         let mut live = self.lock_live();
         if live.instance.is_none() {
             if self.disabled() {
-                return Err(("disabled after repeated faults".into(), None));
+                return Err(Fault::NotEntered("disabled after repeated faults".into()));
             }
             if live.next_restart.is_some_and(|t| Instant::now() < t) {
                 let why = "instance not restarted yet after a fault".to_string();
-                return Err((
-                    if faults {
-                        self.fault(&mut live, why)
-                    } else {
-                        why
-                    },
-                    None,
-                ));
+                return Err(Fault::NotEntered(if faults {
+                    self.fault(&mut live, why)
+                } else {
+                    why
+                }));
             }
             // A restart on the message path: the call's own budget.
             match self.fresh(self.settings.limits.deadline_ticks) {
@@ -273,7 +285,11 @@ impl<P> Guarded<P> {
                 }
                 Err(e) => {
                     live.next_restart = Some(Instant::now() + RESTART_EVERY);
-                    return Err((if faults { self.fault(&mut live, e) } else { e }, None));
+                    return Err(Fault::NotEntered(if faults {
+                        self.fault(&mut live, e)
+                    } else {
+                        e
+                    }));
                 }
             }
         }
@@ -325,14 +341,14 @@ impl<P> Guarded<P> {
                     Some(wasmtime::Trap::OutOfFuel) => ("ran out of fuel".to_string(), true),
                     _ => (format!("trapped: {trap:#}"), false),
                 };
-                Err((
-                    if faults {
+                Err(Fault::Trapped {
+                    why: if faults {
                         self.fault(&mut live, why)
                     } else {
                         why
                     },
-                    Some(overran),
-                ))
+                    overran,
+                })
             }
         }
     }

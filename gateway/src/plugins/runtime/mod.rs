@@ -24,7 +24,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 pub use engine::{engine, load};
-pub use guarded::{BatchFault, GuardSettings, Guarded, Instantiate, PluginStats};
+pub use guarded::{Fault, GuardSettings, Guarded, Instantiate, PluginStats};
 pub use host::{link_wasi, HostState};
 pub use limits::{Limits, PluginLimiter};
 
