@@ -19,6 +19,7 @@
 
 mod args;
 mod client;
+mod cpu;
 mod report;
 mod stats;
 
@@ -36,6 +37,7 @@ use tokio::time::MissedTickBehavior;
 
 use args::validate;
 use client::{Conn, Packet};
+use cpu::cpu_ticks;
 use report::{group, table, Cpu, Latency, Report};
 use stats::Tally;
 
@@ -318,10 +320,6 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<Report> {
     let delivered_measured = tally.received.saturating_sub(received_at_measure);
     let last_rx_ns = shared.last_receive_ns.load(Ordering::Acquire);
     let delivery_seconds = last_rx_ns.saturating_sub(measure_ns) as f64 / 1e9;
-    let percent = |ticks: (Option<u64>, Option<u64>)| match ticks {
-        (Some(a), Some(b)) => Some((b - a) as f64 / CLOCK_TICKS_PER_S / publish_seconds * 100.0),
-        _ => None,
-    };
     Ok(Report {
         broker: addr.to_string(),
         publishers: args.publishers,
@@ -355,9 +353,9 @@ async fn bench(args: &BenchArgs) -> anyhow::Result<Report> {
         drain_seconds,
         latency_us: Latency::of(&tally.latency_us),
         cpu: Cpu {
-            bench_percent: percent((cpu_at_measure.0, cpu_at_stop.0)),
+            bench_percent: cpu::percent((cpu_at_measure.0, cpu_at_stop.0), publish_seconds),
             broker_pid: args.broker_pid,
-            broker_percent: percent((cpu_at_measure.1, cpu_at_stop.1)),
+            broker_percent: cpu::percent((cpu_at_measure.1, cpu_at_stop.1), publish_seconds),
         },
     })
 }
@@ -628,26 +626,6 @@ async fn subscriber(
     Ok((dropped.is_none().then_some(conn), tally, dropped))
 }
 
-/// `/proc/<pid>/stat` clock ticks are USER_HZ, 100 on every Linux port.
-const CLOCK_TICKS_PER_S: f64 = 100.0;
-
-/// User + system CPU time of a process (this one if `None`), in clock ticks.
-fn cpu_ticks(pid: Option<u32>) -> Option<u64> {
-    let path = pid.map_or_else(
-        || "/proc/self/stat".to_string(),
-        |p| format!("/proc/{p}/stat"),
-    );
-    let stat = std::fs::read_to_string(path).ok()?;
-    // Fields after "pid (comm)": state is field 3, utime 14, stime 15.
-    let mut fields = stat
-        .get(stat.rfind(')')? + 1..)?
-        .split_whitespace()
-        .skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    Some(utime + stime)
-}
-
 async fn progress(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -692,16 +670,4 @@ fn progress_line(shared: &Shared, (last_sent, last_rx): (u64, u64), last_line: b
         eprintln!("{line}");
     }
     (sent, rx)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_own_cpu_time() {
-        if cfg!(target_os = "linux") {
-            assert!(cpu_ticks(None).is_some());
-        }
-    }
 }
