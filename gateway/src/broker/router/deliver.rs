@@ -126,3 +126,142 @@ impl Router {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::broker::auth::{Authenticator, ClientInfo, ConnectDecision};
+    use crate::broker::router::tests::{limits, message, offline, online, queued};
+    use crate::broker::router::QueueLimits;
+
+    /// Refuses reading `secret/...` to everyone; counts the questions.
+    #[derive(Default)]
+    struct NoSecrets {
+        asked: AtomicUsize,
+        generation: AtomicU64,
+    }
+
+    impl Authenticator for NoSecrets {
+        fn authenticate(&self, _: &ClientInfo, _: Option<&[u8]>) -> ConnectDecision {
+            ConnectDecision::Accept
+        }
+        fn authorize(&self, _: &ClientInfo, action: Action, topic: &str) -> AclDecision {
+            assert_eq!(action, Action::Receive);
+            self.asked.fetch_add(1, Ordering::Relaxed);
+            if topic.starts_with("secret/") {
+                AclDecision::Deny
+            } else {
+                AclDecision::Allow
+            }
+        }
+        fn generation(&self) -> u64 {
+            self.generation.load(Ordering::Relaxed)
+        }
+    }
+
+    fn topics(s: &Session) -> Vec<String> {
+        queued(s).into_iter().map(|(t, _)| t).collect()
+    }
+
+    #[test]
+    fn a_topic_the_subscriber_may_not_read_is_withheld_and_counted() {
+        let auth = Arc::new(NoSecrets::default());
+        let mut r = Router::new(limits());
+        r.read_auth = Some(auth.clone());
+        let s = online("s");
+        r.subscribe("#", &s, QoS::AtLeastOnce);
+        for t in ["open/1", "secret/1", "secret/1", "open/2"] {
+            r.publish(message(t, QoS::AtLeastOnce));
+        }
+        assert_eq!(topics(&s), ["open/1", "open/2"]);
+        assert_eq!(Metrics::get(&r.metrics.receive_denied), 2);
+        // Each topic asked once, then answered from the session's cache,
+        // until the authenticator's answers may have changed.
+        assert_eq!(auth.asked.load(Ordering::Relaxed), 3);
+        auth.generation.store(1, Ordering::Relaxed);
+        r.publish(message("secret/1", QoS::AtLeastOnce));
+        assert_eq!(auth.asked.load(Ordering::Relaxed), 4);
+        assert_eq!(Metrics::get(&r.metrics.receive_denied), 3);
+    }
+
+    #[test]
+    fn an_offline_session_keeps_qos0_only_when_configured() {
+        for keep in [false, true] {
+            let r = Router::new(QueueLimits {
+                queue_qos0_offline: keep,
+                ..limits()
+            });
+            let (s, clean) = (offline("s"), online("clean"));
+            clean.lock().attached = None;
+            r.subscribe("t/#", &s, QoS::AtLeastOnce);
+            r.subscribe("t/#", &clean, QoS::AtLeastOnce);
+            r.publish(message("t/0", QoS::AtMostOnce));
+            assert!(r.take_dirty().0.is_empty(), "QoS 0 is never saved");
+            r.publish(message("t/1", QoS::AtLeastOnce));
+            assert_eq!(r.take_dirty().0, [Arc::<str>::from("s")]);
+            let expected: &[&str] = if keep { &["t/0", "t/1"] } else { &["t/1"] };
+            assert_eq!(topics(&s), expected, "queue_qos0_offline = {keep}");
+            assert!(topics(&clean).is_empty(), "a clean session keeps nothing");
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_its_oldest_and_counts_each() {
+        let r = Router::new(QueueLimits {
+            max_queued: 3,
+            ..limits()
+        });
+        let s = offline("s");
+        r.subscribe("t/#", &s, QoS::AtLeastOnce);
+        for i in 1..=5 {
+            r.publish(message(&format!("t/{i}"), QoS::AtLeastOnce));
+        }
+        assert_eq!(topics(&s), ["t/3", "t/4", "t/5"]);
+        assert_eq!(Metrics::get(&r.metrics.dropped_queue_full), 2);
+        let ids: Vec<u64> = s.lock().queue.iter().map(|d| d.id).collect();
+        assert_eq!(ids, [3, 4, 5], "numbered in their session as queued");
+    }
+
+    /// With backpressure an online subscriber holds publishers back at
+    /// `max_queued` and loses messages only past twice that; once marked
+    /// slow it drops at `max_queued`, until it has drained half of it.
+    #[test]
+    fn backpressure_holds_back_then_a_slow_subscriber_drops() {
+        let r = Router::new(QueueLimits {
+            max_queued: 2,
+            backpressure: true,
+            ..limits()
+        });
+        let s = online("s");
+        let d = |t: &str| Delivery {
+            id: 0,
+            message: Arc::new(message(t, QoS::AtLeastOnce)),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+        };
+        assert!(!r.deliver(&s, d("t/1")));
+        assert!(r.deliver(&s, d("t/2")), "full: publishers wait");
+        assert!(r.deliver(&s, d("t/3")));
+        assert!(r.deliver(&s, d("t/4")));
+        assert_eq!(Metrics::get(&r.metrics.dropped_queue_full), 0);
+        assert!(r.deliver(&s, d("t/5")));
+        assert_eq!(topics(&s), ["t/2", "t/3", "t/4", "t/5"]);
+        assert_eq!(Metrics::get(&r.metrics.dropped_queue_full), 1);
+
+        r.mark_slow(&s);
+        assert!(
+            !r.still_congested(&s),
+            "a slow subscriber holds nobody back"
+        );
+        assert!(!r.deliver(&s, d("t/6")));
+        assert_eq!(topics(&s), ["t/5", "t/6"]);
+        assert_eq!(Metrics::get(&r.metrics.slow_subscribers), 1);
+
+        let mut st = s.lock();
+        st.queue.pop_front();
+        r.queue_drained(&mut st, 2);
+        assert!(!st.slow, "caught up");
+    }
+}

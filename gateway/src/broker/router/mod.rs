@@ -397,3 +397,128 @@ fn dedup_targets(targets: &mut Vec<Target>) {
     }
     *targets = out;
 }
+
+/// Routing, and the helpers every router test shares (no sockets: a
+/// session is "online" when an `Attached` with dangling channels is set).
+#[cfg(test)]
+mod tests {
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::broker::session::Attached;
+    use crate::message::Origin;
+
+    /// Roomy limits; each test narrows what it checks.
+    pub(super) fn limits() -> QueueLimits {
+        QueueLimits {
+            max_queued: 100,
+            queue_qos0_offline: false,
+            backpressure: false,
+            max_retained: 100,
+            max_retained_bytes: 100_000,
+        }
+    }
+
+    /// A session with a connection attached.
+    pub(super) fn online(client_id: &str) -> Arc<Session> {
+        let s = Arc::new(Session::new(Arc::from(client_id), true, None));
+        let (kick, _) = oneshot::channel();
+        let (_, gone) = oneshot::channel();
+        s.lock().attached = Some(Attached {
+            conn_id: 1,
+            kick,
+            gone,
+        });
+        s
+    }
+
+    /// A persistent session with no connection.
+    pub(super) fn offline(client_id: &str) -> Arc<Session> {
+        Arc::new(Session::new(Arc::from(client_id), false, None))
+    }
+
+    pub(super) fn message(topic: &str, qos: QoS) -> Message {
+        Message::new(
+            topic.to_owned(),
+            "x",
+            qos,
+            false,
+            Origin::Client("p".into()),
+        )
+    }
+
+    /// What waits in a session's queue: (topic, QoS) in order.
+    pub(super) fn queued(s: &Session) -> Vec<(String, QoS)> {
+        s.lock()
+            .queue
+            .iter()
+            .map(|d| (d.message.topic.to_string(), d.qos))
+            .collect()
+    }
+
+    fn at(topic: &str, qos: QoS) -> Vec<(String, QoS)> {
+        vec![(topic.to_owned(), qos)]
+    }
+
+    #[test]
+    fn each_matching_subscriber_gets_the_message_once_at_its_highest_grant() {
+        let r = Router::new(limits());
+        let (a, b, other) = (online("a"), online("b"), online("other"));
+        r.subscribe("t/+", &a, QoS::AtMostOnce);
+        r.subscribe("t/#", &a, QoS::ExactlyOnce);
+        r.subscribe("t/x", &a, QoS::AtLeastOnce);
+        r.subscribe("t/x", &b, QoS::AtLeastOnce);
+        r.subscribe("u/#", &other, QoS::ExactlyOnce);
+
+        r.publish(message("t/x", QoS::ExactlyOnce));
+        assert_eq!(queued(&a), at("t/x", QoS::ExactlyOnce), "once, at 2");
+        assert_eq!(queued(&b), at("t/x", QoS::AtLeastOnce), "its grant caps it");
+        assert!(queued(&other).is_empty());
+
+        // Never above what was published.
+        a.lock().queue.clear();
+        r.publish(message("t/x", QoS::AtLeastOnce));
+        assert_eq!(queued(&a), at("t/x", QoS::AtLeastOnce));
+        assert_eq!(Metrics::get(&r.metrics.dropped_no_subscriber), 0);
+        r.publish(message("v", QoS::AtMostOnce));
+        assert_eq!(Metrics::get(&r.metrics.dropped_no_subscriber), 1);
+    }
+
+    /// Past 16 matches the de-duplication goes through a map: same rule.
+    #[test]
+    fn many_subscribers_with_overlapping_filters_get_one_delivery_each() {
+        let r = Router::new(limits());
+        let sessions: Vec<_> = (0..20).map(|i| online(&format!("c{i}"))).collect();
+        for s in &sessions {
+            r.subscribe("#", s, QoS::AtMostOnce);
+            r.subscribe("t/#", s, QoS::ExactlyOnce);
+            r.subscribe("t/x", s, QoS::AtLeastOnce);
+        }
+        r.publish(message("t/x", QoS::ExactlyOnce));
+        for s in &sessions {
+            assert_eq!(queued(s), at("t/x", QoS::ExactlyOnce), "{}", s.client_id);
+        }
+    }
+
+    /// A subscriber the message fills up holds its publisher back; the
+    /// publisher's own session never holds itself back.
+    #[test]
+    fn a_full_subscriber_is_reported_congested_once_and_not_the_publisher() {
+        let r = Router::new(QueueLimits {
+            max_queued: 1,
+            backpressure: true,
+            ..limits()
+        });
+        let (publisher, slow) = (online("p"), online("slow"));
+        r.subscribe("t", &publisher, QoS::AtLeastOnce);
+        r.subscribe("t", &slow, QoS::AtLeastOnce);
+        let mut congested = Vec::new();
+        for _ in 0..2 {
+            let m = message("t", QoS::AtLeastOnce);
+            r.publish_from(m, Some(&publisher), &mut congested, Durability::BestEffort);
+        }
+        assert_eq!(congested.len(), 1);
+        assert!(Arc::ptr_eq(&congested[0], &slow));
+        assert!(r.still_congested(&slow));
+    }
+}

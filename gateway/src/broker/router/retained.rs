@@ -134,3 +134,80 @@ impl Router {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::router::tests::limits;
+    use crate::broker::router::{Metrics, QueueLimits};
+    use crate::message::{Origin, QoS};
+
+    fn retained(topic: &str, payload: &str) -> Message {
+        let origin = Origin::Client("p".into());
+        Message::new(
+            topic.to_owned(),
+            payload.to_owned(),
+            QoS::AtLeastOnce,
+            true,
+            origin,
+        )
+    }
+
+    /// A router that retains at most `max_retained` messages and
+    /// `max_retained_bytes` of topics and payloads.
+    fn limited(max_retained: usize, max_retained_bytes: usize) -> Router {
+        Router::new(QueueLimits {
+            max_retained,
+            max_retained_bytes,
+            ..limits()
+        })
+    }
+
+    fn kept(r: &Router, filter: &str) -> Vec<String> {
+        let mut v: Vec<String> = r
+            .retained_matching(filter)
+            .iter()
+            .map(|m| format!("{}={}", m.topic, String::from_utf8_lossy(&m.payload)))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn max_retained_refuses_a_new_topic_and_counts_it() {
+        let r = limited(2, 1000);
+        r.publish(retained("a", "1"));
+        r.publish(retained("b", "1"));
+        r.publish(retained("c", "1"));
+        assert_eq!(kept(&r, "#"), ["a=1", "b=1"]);
+        assert_eq!(Metrics::get(&r.metrics.retained_over_limit), 1);
+        // Replacing one is not one more; the broker's own do not count.
+        r.publish(retained("a", "2"));
+        r.publish(retained("$SYS/x", "1"));
+        assert_eq!(kept(&r, "a"), ["a=2"]);
+        assert_eq!(r.retained_usage(), (2, 4));
+        assert_eq!(r.retained_count(), 3);
+        assert_eq!(Metrics::get(&r.metrics.retained_over_limit), 1);
+        // An empty payload deletes, which makes room.
+        r.publish(retained("b", ""));
+        r.publish(retained("c", "1"));
+        assert_eq!(kept(&r, "+"), ["a=2", "c=1"]);
+    }
+
+    #[test]
+    fn max_retained_bytes_refuses_and_the_topic_loses_its_old_message() {
+        let r = limited(100, 10);
+        r.publish(retained("t", "12345"));
+        assert_eq!(r.retained_usage(), (1, 6));
+        r.publish(retained("t", "1234567890"));
+        assert!(
+            kept(&r, "#").is_empty(),
+            "no longer the topic's last message"
+        );
+        assert_eq!(r.retained_usage(), (0, 0));
+        assert_eq!(Metrics::get(&r.metrics.retained_over_limit), 1);
+        // Saved as a deletion.
+        let (_, changes) = r.take_dirty();
+        assert!(matches!(changes.get("t"), Some(None)));
+    }
+}
