@@ -263,12 +263,16 @@ fn sqlite_error(path: &str) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
     }
 }
 
-/// Helpers the store's tests share.
+/// The save and load of a whole session, and the helpers all the
+/// store's tests share.
 #[cfg(test)]
 mod tests {
+    use std::collections::HashSet;
+
     use bytes::Bytes;
 
     use super::*;
+    use crate::broker::session::{Inflight, OutState};
     use crate::message::Origin;
 
     /// An empty store in a directory of its own (removed when dropped).
@@ -276,6 +280,15 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         (dir, store)
+    }
+
+    /// A persistent session "box" of alice's, subscribed to `a/#`.
+    pub(super) fn alices_box() -> Session {
+        let s = Session::new(Arc::from("box"), false, Some(Arc::from("alice")));
+        s.lock()
+            .subscriptions
+            .insert("a/#".into(), QoS::AtLeastOnce);
+        s
     }
 
     pub(super) fn delivery(id: u64, topic: &str, payload: &[u8]) -> Delivery {
@@ -301,5 +314,153 @@ mod tests {
         };
         store.save(&batch).unwrap();
         store.conn.total_changes() - before
+    }
+
+    /// A delivery as the store keeps it (the message's QoS is the one it
+    /// is delivered at: what comes back from the rows).
+    fn at(id: u64, topic: &str, qos: QoS, retain: bool) -> Delivery {
+        let message = Message::new(
+            topic.to_owned(),
+            topic.to_owned(),
+            qos,
+            retain,
+            Origin::Broker,
+        );
+        Delivery {
+            id,
+            message: Arc::new(message),
+            qos,
+            retain,
+        }
+    }
+
+    /// The in-flight window the round trip saves: QoS 1 and 2 exchanges at
+    /// each stage.
+    fn window() -> Vec<Outgoing> {
+        let sent = |packet_id, delivery, state| Outgoing {
+            packet_id,
+            delivery,
+            state,
+        };
+        vec![
+            sent(
+                3,
+                at(7, "o/1", QoS::AtLeastOnce, false),
+                OutState::AwaitPuback,
+            ),
+            sent(
+                4,
+                at(8, "o/2", QoS::ExactlyOnce, false),
+                OutState::AwaitPubrec,
+            ),
+            sent(
+                5,
+                at(9, "o/3", QoS::ExactlyOnce, true),
+                OutState::AwaitPubcomp,
+            ),
+        ]
+    }
+
+    /// What a test compares of a delivery.
+    fn seen(d: &Delivery) -> (u64, String, Vec<u8>, QoS, bool) {
+        let m = &d.message;
+        (
+            d.id,
+            m.topic.to_string(),
+            m.payload.to_vec(),
+            d.qos,
+            d.retain,
+        )
+    }
+
+    fn epoch_ms(ms: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn a_session_and_retained_messages_come_back_as_saved() {
+        let (dir, mut store) = fresh_store();
+        let s = alices_box();
+        {
+            let mut st = s.lock();
+            st.subscriptions.insert("b/+/c".into(), QoS::ExactlyOnce);
+            st.queue.push_back(at(10, "q/1", QoS::AtLeastOnce, false));
+            st.queue.push_back(at(11, "q/2", QoS::ExactlyOnce, true));
+            st.queue.push_back(at(12, "q/0", QoS::AtMostOnce, false));
+            st.outgoing = Inflight::restore(window().into(), 41);
+            st.incoming_qos2.extend([17, 300]);
+            st.detached_at = Some(epoch_ms(1_700_000_000_123));
+        }
+        let gone = Session::new(Arc::from("gone"), false, None);
+        save_session(&mut store, &gone);
+        let mut r1 = Message::new("r/1", "21.5", QoS::AtLeastOnce, true, Origin::Broker);
+        r1.received_at = epoch_ms(1_600_000_000_456);
+        let r2 = Message::new("r/2", "x", QoS::AtMostOnce, true, Origin::Broker);
+        store
+            .save(&Batch {
+                sessions: vec![
+                    (s.client_id.clone(), Some(SavedSession::snapshot(&s))),
+                    (gone.client_id.clone(), None),
+                ],
+                retained: vec![
+                    ("r/1".into(), Some(Arc::new(r1))),
+                    ("r/2".into(), Some(Arc::new(r2))),
+                ],
+            })
+            .unwrap();
+        store
+            .save(&Batch {
+                sessions: Vec::new(),
+                retained: vec![("r/2".into(), None)],
+            })
+            .unwrap();
+        drop(store);
+
+        let (mut store, retained, sessions, recovered) =
+            Store::open_or_recover(dir.path()).unwrap();
+        assert!(!recovered);
+        let [r] = &retained[..] else {
+            panic!("{retained:?}")
+        };
+        assert_eq!(
+            (&*r.topic, &r.payload[..], r.qos, r.retain),
+            ("r/1", &b"21.5"[..], QoS::AtLeastOnce, true)
+        );
+        assert_eq!(r.received_at, epoch_ms(1_600_000_000_456));
+        let [s] = &sessions[..] else {
+            panic!("{} sessions", sessions.len())
+        };
+        assert_eq!(&*s.client_id, "box");
+        let st = s.lock();
+        assert!(!st.clean && !st.owner_unclaimed);
+        assert_eq!(st.owner.as_deref(), Some("alice"));
+        assert_eq!(st.detached_at, Some(epoch_ms(1_700_000_000_123)));
+        let subs = HashMap::from([
+            ("a/#".to_owned(), QoS::AtLeastOnce),
+            ("b/+/c".to_owned(), QoS::ExactlyOnce),
+        ]);
+        assert_eq!(st.subscriptions, subs);
+        let queue: Vec<_> = st.queue.iter().map(seen).collect();
+        let expected = [
+            at(10, "q/1", QoS::AtLeastOnce, false),
+            at(11, "q/2", QoS::ExactlyOnce, true),
+        ];
+        assert_eq!(
+            queue,
+            expected.iter().map(seen).collect::<Vec<_>>(),
+            "QoS 0 is not kept"
+        );
+        let exchange = |o: &Outgoing| (o.packet_id, o.state, seen(&o.delivery));
+        let saved: Vec<_> = window().iter().map(exchange).collect();
+        assert_eq!(st.outgoing.iter().map(exchange).collect::<Vec<_>>(), saved);
+        assert_eq!(st.last_packet_id(), 41);
+        assert_eq!(st.incoming_qos2, HashSet::from([17, 300]));
+        assert_eq!(st.next_delivery_id, 12);
+        drop(st);
+        assert_eq!(
+            save_session(&mut store, s),
+            0,
+            "the index read back is what was written"
+        );
     }
 }

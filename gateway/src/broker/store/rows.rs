@@ -340,7 +340,7 @@ mod tests {
     use rusqlite::Connection;
 
     use crate::broker::session::{OutState, Outgoing, Session};
-    use crate::broker::store::tests::{delivery, fresh_store, save_session};
+    use crate::broker::store::tests::{alices_box, delivery, fresh_store, save_session};
     use crate::broker::store::{Batch, SavedSession, Store};
     use crate::message::QoS;
 
@@ -350,10 +350,9 @@ mod tests {
     #[test]
     fn a_save_writes_only_what_changed() {
         let (dir, mut store) = fresh_store();
-        let s = Session::new(Arc::from("box"), false, Some(Arc::from("alice")));
+        let s = alices_box();
         {
             let mut st = s.lock();
-            st.subscriptions.insert("a/#".into(), QoS::AtLeastOnce);
             for id in 1..=300 {
                 st.queue.push_back(delivery(id, "a/big", &[7u8; 20_000]));
             }
