@@ -211,3 +211,150 @@ impl Session {
         self.dirty.swap(false, Ordering::AcqRel)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::message::Origin;
+
+    fn delivery(id: u64, qos: QoS) -> Delivery {
+        Delivery {
+            id,
+            message: Arc::new(Message::new("t", &b"x"[..], qos, false, Origin::Broker)),
+            qos,
+            retain: false,
+        }
+    }
+
+    fn sent(packet_id: u16, id: u64) -> Outgoing {
+        Outgoing {
+            packet_id,
+            delivery: delivery(id, QoS::AtLeastOnce),
+            state: OutState::AwaitPuback,
+        }
+    }
+
+    /// A session as a save left it: nothing but what the test gives.
+    fn restored(
+        owner: Option<Option<Arc<str>>>,
+        queue: Vec<Delivery>,
+        outgoing: Vec<Outgoing>,
+    ) -> Session {
+        Session::restore(
+            Arc::from("box"),
+            owner,
+            SystemTime::UNIX_EPOCH,
+            HashMap::new(),
+            queue.into(),
+            outgoing.into(),
+            HashSet::new(),
+            0,
+        )
+    }
+
+    #[test]
+    fn a_new_session_is_empty_numbers_from_1_and_belongs_to_its_creator() {
+        let s = Session::new(Arc::from("box"), true, Some(Arc::from("alice")));
+        let st = s.lock();
+        assert!(st.clean && st.attached.is_none() && st.detached_at.is_none());
+        assert!(st.queue.is_empty() && st.outgoing.is_empty() && !st.slow);
+        assert_eq!(st.next_delivery_id, 1, "0 means not queued yet");
+        assert_eq!(st.reader.username.as_deref(), Some("alice"));
+        assert_eq!(st.reader.client_id, "box");
+        assert!(st.usable_by(Some("alice")));
+        assert!(!st.usable_by(Some("bob")));
+        assert!(!st.usable_by(None), "not by an anonymous client either");
+    }
+
+    #[test]
+    fn restore_keeps_what_was_saved_and_numbers_after_the_highest_id() {
+        let subs = HashMap::from([("a/#".to_owned(), QoS::ExactlyOnce)]);
+        let detached = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let s = Session::restore(
+            Arc::from("box"),
+            Some(None),
+            detached,
+            subs.clone(),
+            vec![delivery(5, QoS::AtLeastOnce), delivery(9, QoS::ExactlyOnce)].into(),
+            vec![sent(7, 12), sent(8, 3)].into(),
+            HashSet::from([4, 6]),
+            8,
+        );
+        let st = s.lock();
+        assert!(!st.clean, "only persistent sessions are saved");
+        assert!(st.attached.is_none());
+        assert_eq!(st.detached_at, Some(detached));
+        assert_eq!(st.subscriptions, subs);
+        let queue: Vec<u64> = st.queue.iter().map(|d| d.id).collect();
+        assert_eq!(queue, [5, 9]);
+        let window: Vec<(u16, u64)> = st
+            .outgoing
+            .iter()
+            .map(|o| (o.packet_id, o.delivery.id))
+            .collect();
+        assert_eq!(window, [(7, 12), (8, 3)]);
+        assert_eq!(st.last_packet_id(), 8, "packet ids go on where they were");
+        assert_eq!(st.incoming_qos2, HashSet::from([4, 6]));
+        assert_eq!(st.next_delivery_id, 13, "after the in-flight 12");
+        drop(st);
+
+        // The highest id may be queued, or there may be none.
+        let s = restored(
+            Some(None),
+            vec![delivery(20, QoS::AtLeastOnce)],
+            vec![sent(1, 4)],
+        );
+        assert_eq!(s.lock().next_delivery_id, 21);
+        assert_eq!(
+            restored(Some(None), vec![], vec![]).lock().next_delivery_id,
+            1
+        );
+    }
+
+    #[test]
+    fn an_anonymous_owner_is_kept_and_only_anonymous_clients_resume() {
+        let s = restored(Some(None), vec![], vec![]);
+        let mut st = s.lock();
+        assert!(!st.owner_unclaimed);
+        assert!(st.usable_by(None));
+        assert!(!st.usable_by(Some("mallory")));
+        st.claim(Some("mallory"));
+        assert!(
+            !st.usable_by(Some("mallory")),
+            "a claimed session stays its owner's"
+        );
+    }
+
+    /// A session saved before sessions had owners: the first login to
+    /// resume it becomes its owner, and reads as that user from then on.
+    #[test]
+    fn an_unclaimed_session_goes_to_its_first_login() {
+        let s = restored(None, vec![], vec![]);
+        let mut st = s.lock();
+        assert!(st.owner_unclaimed);
+        assert!(st.usable_by(Some("bob")) && st.usable_by(None));
+        st.read_cache.insert("t".into(), false);
+        st.claim(Some("bob"));
+        assert!(!st.owner_unclaimed);
+        assert_eq!(st.owner.as_deref(), Some("bob"));
+        assert_eq!(st.reader.username.as_deref(), Some("bob"));
+        assert!(st.read_cache.is_empty(), "decided for another reader");
+        assert!(st.usable_by(Some("bob")));
+        assert!(!st.usable_by(Some("eve")) && !st.usable_by(None));
+        st.claim(Some("eve"));
+        assert_eq!(st.owner.as_deref(), Some("bob"), "claimed once");
+    }
+
+    #[test]
+    fn mark_dirty_answers_true_once_until_the_saver_takes_it() {
+        let s = Session::new(Arc::from("box"), false, None);
+        assert!(!s.take_dirty(), "a new session has nothing to save yet");
+        assert!(s.mark_dirty(), "first change: enlist it");
+        assert!(!s.mark_dirty(), "already enlisted");
+        assert!(s.take_dirty());
+        assert!(!s.take_dirty());
+        assert!(s.mark_dirty(), "changed again after the save");
+    }
+}

@@ -2,104 +2,31 @@
 //! retained messages, counters. [`Router::publish`] is the one path every
 //! message takes to its subscribers, whether it came from a client, a will
 //! or `$SYS`.
+//!
+//! This file holds the [`Router`] itself, routing (find the matching
+//! subscriptions, one delivery per subscriber), subscriptions, the session
+//! map and what must be saved next. The rest is in:
+//! - [`deliver`]: putting one delivery in one session's queue (the read
+//!   check at delivery, offline and queue limits, backpressure);
+//! - [`retained`]: the retained messages and their limits;
+//! - [`metrics`]: the counters.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use bytestring::ByteString;
 use tokio::sync::Notify;
-use tracing::{info, warn};
 
 use super::session::{Delivery, Session};
-use super::topic;
 use super::trie::SubscriptionTree;
 use crate::message::{Durability, Message, QoS, Seq};
 
-/// Counters, readable at any time (`$SYS`, logs, tests).
-#[derive(Default, Debug)]
-pub struct Metrics {
-    pub messages_received: AtomicU64,
-    pub messages_sent: AtomicU64,
-    /// The same two, by the QoS of the PUBLISH (received as published,
-    /// sent as delivered).
-    pub received_by_qos: [AtomicU64; 3],
-    pub sent_by_qos: [AtomicU64; 3],
-    pub bytes_received: AtomicU64,
-    pub bytes_sent: AtomicU64,
-    pub publish_denied: AtomicU64,
-    pub subscribe_denied: AtomicU64,
-    pub dropped_queue_full: AtomicU64,
-    pub dropped_no_subscriber: AtomicU64,
-    /// Times a publisher was held back because a subscriber's queue was full.
-    pub publishers_throttled: AtomicU64,
-    /// Times an online subscriber was too slow for too long and was marked slow.
-    pub slow_subscribers: AtomicU64,
-    /// Saves to SQLite that failed (retried at the next interval).
-    pub persist_failures: AtomicU64,
-    pub connections_accepted: AtomicU64,
-    pub connections_refused: AtomicU64,
-    pub connections_over_limit: AtomicU64,
-    pub protocol_errors: AtomicU64,
-    pub connect_timeouts: AtomicU64,
-    pub keepalive_timeouts: AtomicU64,
-    pub wills_published: AtomicU64,
-    pub clients_connected: AtomicUsize,
-    /// Hostile-client limits: what each refused or closed.
-    pub topics_too_deep: AtomicU64,
-    pub subscriptions_over_limit: AtomicU64,
-    pub retained_over_limit: AtomicU64,
-    pub sessions_over_limit: AtomicU64,
-    pub sessions_expired: AtomicU64,
-    pub write_timeouts: AtomicU64,
-    /// A CONNECT with a client id whose session belongs to another user.
-    pub client_id_taken: AtomicU64,
-    /// Deliveries withheld because the subscriber may not read the topic
-    /// (now; its subscription was granted earlier or is wider).
-    pub receive_denied: AtomicU64,
-    /// CONNECTs held back because their address failed to log in repeatedly.
-    pub logins_delayed: AtomicU64,
-    /// Messages made inside the gateway (sources, the cloud's `in` rules)
-    /// refused for an invalid topic.
-    pub invalid_local_topics: AtomicU64,
-    /// broker.sqlite was found corrupt at start, moved aside and salvaged.
-    pub store_recovered: AtomicU64,
-    /// SUBSCRIBE filters that are not valid filters.
-    pub invalid_filters: AtomicU64,
-}
+mod deliver;
+mod metrics;
+mod retained;
 
-/// Counts one occurrence in `count`; true when it should be logged: the
-/// first time, then at most once a second per counter. A limit a hostile
-/// client hits in a loop is logged, never once per packet (writing a log
-/// line per refused filter was what cost the broker most under attack),
-/// and an operator still sees a line a second while it goes on.
-pub fn worth_logging(count: &AtomicU64) -> bool {
-    static LAST: Mutex<Option<HashMap<usize, std::time::Instant>>> = Mutex::new(None);
-    count.fetch_add(1, Ordering::Relaxed);
-    let now = std::time::Instant::now();
-    let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
-    let last = last.get_or_insert_with(HashMap::new);
-    let key = count as *const AtomicU64 as usize;
-    match last.get(&key) {
-        Some(t) if now.duration_since(*t) < std::time::Duration::from_secs(1) => false,
-        _ => {
-            last.insert(key, now);
-            true
-        }
-    }
-}
-
-impl Metrics {
-    pub fn inc(counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::Relaxed);
-    }
-    pub fn add(counter: &AtomicU64, n: u64) {
-        counter.fetch_add(n, Ordering::Relaxed);
-    }
-    pub fn get(counter: &AtomicU64) -> u64 {
-        counter.load(Ordering::Relaxed)
-    }
-}
+pub use metrics::{worth_logging, Metrics};
+use retained::Retained;
 
 /// Retained topics changed since the last save: the new message, or None
 /// when it was deleted.
@@ -114,49 +41,6 @@ pub struct QueueLimits {
     pub backpressure: bool,
     pub max_retained: usize,
     pub max_retained_bytes: usize,
-}
-
-/// Cached receive decisions per session are dropped past this many topics.
-const READ_CACHE_MAX: usize = 1024;
-
-/// Retained messages, and how many of them clients made and what those
-/// weigh (topic + payload bytes): the broker's own `$SYS` topics are not
-/// counted against `max_retained`.
-#[derive(Default)]
-struct Retained {
-    map: HashMap<ByteString, Arc<Message>>,
-    count: usize,
-    bytes: usize,
-}
-
-/// What a retained message counts for: (messages, bytes).
-fn weight(m: &Message) -> (usize, usize) {
-    if m.topic.starts_with("$SYS/") {
-        (0, 0)
-    } else {
-        (1, m.topic.len() + m.payload.len())
-    }
-}
-
-impl Retained {
-    fn insert(&mut self, m: Arc<Message>) {
-        let (n, b) = weight(&m);
-        self.count += n;
-        self.bytes += b;
-        if let Some(old) = self.map.insert(m.topic.clone(), m) {
-            let (n, b) = weight(&old);
-            self.count -= n;
-            self.bytes -= b;
-        }
-    }
-
-    fn remove(&mut self, topic: &str) -> Option<Arc<Message>> {
-        let old = self.map.remove(topic)?;
-        let (n, b) = weight(&old);
-        self.count -= n;
-        self.bytes -= b;
-        Some(old)
-    }
 }
 
 pub struct Router {
@@ -311,116 +195,6 @@ impl Router {
         upstream
     }
 
-    /// Queues one delivery for one session and wakes its connection.
-    /// Returns true when an online subscriber's queue is now at or over
-    /// `max_queued` and publishers should hold back. An offline or slow
-    /// session drops its oldest message instead; an online one only past
-    /// twice the limit (a publisher ignoring flow control).
-    pub fn deliver(&self, session: &Arc<Session>, delivery: Delivery) -> bool {
-        self.deliver_checked(session, delivery, false)
-    }
-
-    /// [`Router::deliver`]; `readable`: the subscription it comes through
-    /// already proves the session may read the topic (no check to make).
-    fn deliver_checked(
-        &self,
-        session: &Arc<Session>,
-        mut delivery: Delivery,
-        readable: bool,
-    ) -> bool {
-        let max = self.limits.max_queued;
-        let mut st = session.lock();
-        if let Some(auth) = self.read_auth.as_ref().filter(|_| !readable) {
-            let generation = auth.generation();
-            if st.read_cache_generation != generation {
-                st.read_cache.clear();
-                st.read_cache_generation = generation;
-            }
-            let topic = &delivery.message.topic;
-            let allowed = match st.read_cache.get(topic) {
-                Some(&d) => d,
-                None => {
-                    // Asked without the session lock: a plugin may take
-                    // its time.
-                    let reader = st.reader.clone();
-                    drop(st);
-                    let d = auth.authorize(&reader, super::auth::Action::Receive, topic)
-                        == super::auth::AclDecision::Allow;
-                    st = session.lock();
-                    if st.read_cache.len() >= READ_CACHE_MAX {
-                        st.read_cache.clear();
-                    }
-                    st.read_cache.insert(topic.clone(), d);
-                    d
-                }
-            };
-            if !allowed {
-                drop(st);
-                if worth_logging(&self.metrics.receive_denied) {
-                    info!(client_id = %session.client_id, topic = %topic,
-                        "message not delivered: the subscriber may not read this topic");
-                }
-                return false;
-            }
-        }
-        let online = st.attached.is_some();
-        if !online
-            && (st.clean || (delivery.qos == QoS::AtMostOnce && !self.limits.queue_qos0_offline))
-        {
-            return false;
-        }
-        let throttle = online && self.limits.backpressure && !st.slow;
-        let cap = if throttle { max.saturating_mul(2) } else { max };
-        while st.queue.len() >= cap {
-            st.queue.pop_front();
-            Metrics::inc(&self.metrics.dropped_queue_full);
-        }
-        let persist = !st.clean && delivery.qos > QoS::AtMostOnce;
-        delivery.id = st.next_delivery_id;
-        st.next_delivery_id += 1;
-        st.queue.push_back(delivery);
-        let full = throttle && st.queue.len() >= max;
-        drop(st);
-        if persist {
-            self.session_changed(session);
-        }
-        session.notify.notify_one();
-        full
-    }
-
-    /// True while an online, not-slow subscriber's queue is at or over
-    /// `max_queued`: publishers it held back keep waiting.
-    pub fn still_congested(&self, session: &Session) -> bool {
-        let st = session.lock();
-        st.attached.is_some() && !st.slow && st.queue.len() >= self.limits.max_queued
-    }
-
-    /// A subscriber kept publishers waiting too long: from now on its oldest
-    /// messages are dropped when its queue is full, until it has caught up.
-    pub fn mark_slow(&self, session: &Session) {
-        let mut st = session.lock();
-        if !st.slow && st.attached.is_some() {
-            st.slow = true;
-            drop(st);
-            Metrics::inc(&self.metrics.slow_subscribers);
-            tracing::warn!(client_id = %session.client_id, max_queued = self.limits.max_queued,
-                "subscriber too slow: its oldest messages are dropped while its queue is full");
-        }
-    }
-
-    /// Called by a connection after it took messages from its queue.
-    pub fn queue_drained(&self, st: &mut super::session::SessionState, len_before: usize) {
-        let max = self.limits.max_queued;
-        let len = st.queue.len();
-        if st.slow && len <= max / 2 {
-            st.slow = false;
-        }
-        if len_before >= max && len < max {
-            self.space.notify_waiters();
-        }
-    }
-
-    /// Records that a persistent session changed (cheap when already dirty).
     pub fn session_changed(&self, session: &Session) {
         if session.mark_dirty() {
             self.mark_session_id(&session.client_id);
@@ -433,83 +207,6 @@ impl Router {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(client_id.clone());
-    }
-
-    fn retain(&self, message: &Arc<Message>) {
-        let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
-        let (old_n, old_b) = retained
-            .map
-            .get(&message.topic)
-            .map_or((0, 0), |m| weight(m));
-        let (n, b) = weight(message);
-        let over = !message.payload.is_empty() && n > 0 && {
-            let count = retained.count - old_n + n;
-            let bytes = retained.bytes - old_b + b;
-            count > self.limits.max_retained || bytes > self.limits.max_retained_bytes
-        };
-        if over {
-            // Not retained; what was retained on the topic is no longer its
-            // last message either, so it goes.
-            if worth_logging(&self.metrics.retained_over_limit) {
-                warn!(topic = %message.topic, max_retained = self.limits.max_retained,
-                    max_retained_bytes = self.limits.max_retained_bytes,
-                    "retained message refused: broker.max_retained or max_retained_bytes reached");
-            }
-        }
-        let change = if message.payload.is_empty() || over {
-            if retained.remove(&message.topic).is_none() {
-                return;
-            }
-            None
-        } else {
-            retained.insert(message.clone());
-            Some(message.clone())
-        };
-        drop(retained);
-        if !message.topic.starts_with('$') {
-            self.dirty_retained
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(message.topic.clone(), change);
-        }
-    }
-
-    /// Restores retained messages at start-up (not marked dirty).
-    pub fn restore_retained(&self, messages: impl IntoIterator<Item = Message>) {
-        let mut retained = self.retained.write().unwrap_or_else(|e| e.into_inner());
-        for m in messages {
-            retained.insert(Arc::new(m));
-        }
-    }
-
-    pub fn retained_count(&self) -> usize {
-        self.retained
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .map
-            .len()
-    }
-
-    /// Retained messages clients made (not `$SYS`), and their topic +
-    /// payload bytes: what `max_retained` and `max_retained_bytes` bound.
-    pub fn retained_usage(&self) -> (usize, usize) {
-        let r = self.retained.read().unwrap_or_else(|e| e.into_inner());
-        (r.count, r.bytes)
-    }
-
-    /// Retained messages matching a filter, oldest topic first is not
-    /// guaranteed; each is sent with retain = 1.
-    pub fn retained_matching(&self, filter: &str) -> Vec<Arc<Message>> {
-        let retained = self.retained.read().unwrap_or_else(|e| e.into_inner());
-        if !filter.contains(['+', '#']) {
-            return retained.map.get(filter).cloned().into_iter().collect();
-        }
-        retained
-            .map
-            .values()
-            .filter(|m| topic::matches(filter, &m.topic))
-            .cloned()
-            .collect()
     }
 
     pub fn subscribe(&self, filter: &str, session: &Arc<Session>, qos: QoS) {
@@ -699,4 +396,129 @@ fn dedup_targets(targets: &mut Vec<Target>) {
         }
     }
     *targets = out;
+}
+
+/// Routing, and the helpers every router test shares (no sockets: a
+/// session is "online" when an `Attached` with dangling channels is set).
+#[cfg(test)]
+mod tests {
+    use tokio::sync::oneshot;
+
+    use super::*;
+    use crate::broker::session::Attached;
+    use crate::message::Origin;
+
+    /// Roomy limits; each test narrows what it checks.
+    pub(super) fn limits() -> QueueLimits {
+        QueueLimits {
+            max_queued: 100,
+            queue_qos0_offline: false,
+            backpressure: false,
+            max_retained: 100,
+            max_retained_bytes: 100_000,
+        }
+    }
+
+    /// A session with a connection attached.
+    pub(super) fn online(client_id: &str) -> Arc<Session> {
+        let s = Arc::new(Session::new(Arc::from(client_id), true, None));
+        let (kick, _) = oneshot::channel();
+        let (_, gone) = oneshot::channel();
+        s.lock().attached = Some(Attached {
+            conn_id: 1,
+            kick,
+            gone,
+        });
+        s
+    }
+
+    /// A persistent session with no connection.
+    pub(super) fn offline(client_id: &str) -> Arc<Session> {
+        Arc::new(Session::new(Arc::from(client_id), false, None))
+    }
+
+    pub(super) fn message(topic: &str, qos: QoS) -> Message {
+        Message::new(
+            topic.to_owned(),
+            "x",
+            qos,
+            false,
+            Origin::Client("p".into()),
+        )
+    }
+
+    /// What waits in a session's queue: (topic, QoS) in order.
+    pub(super) fn queued(s: &Session) -> Vec<(String, QoS)> {
+        s.lock()
+            .queue
+            .iter()
+            .map(|d| (d.message.topic.to_string(), d.qos))
+            .collect()
+    }
+
+    fn at(topic: &str, qos: QoS) -> Vec<(String, QoS)> {
+        vec![(topic.to_owned(), qos)]
+    }
+
+    #[test]
+    fn each_matching_subscriber_gets_the_message_once_at_its_highest_grant() {
+        let r = Router::new(limits());
+        let (a, b, other) = (online("a"), online("b"), online("other"));
+        r.subscribe("t/+", &a, QoS::AtMostOnce);
+        r.subscribe("t/#", &a, QoS::ExactlyOnce);
+        r.subscribe("t/x", &a, QoS::AtLeastOnce);
+        r.subscribe("t/x", &b, QoS::AtLeastOnce);
+        r.subscribe("u/#", &other, QoS::ExactlyOnce);
+
+        r.publish(message("t/x", QoS::ExactlyOnce));
+        assert_eq!(queued(&a), at("t/x", QoS::ExactlyOnce), "once, at 2");
+        assert_eq!(queued(&b), at("t/x", QoS::AtLeastOnce), "its grant caps it");
+        assert!(queued(&other).is_empty());
+
+        // Never above what was published.
+        a.lock().queue.clear();
+        r.publish(message("t/x", QoS::AtLeastOnce));
+        assert_eq!(queued(&a), at("t/x", QoS::AtLeastOnce));
+        assert_eq!(Metrics::get(&r.metrics.dropped_no_subscriber), 0);
+        r.publish(message("v", QoS::AtMostOnce));
+        assert_eq!(Metrics::get(&r.metrics.dropped_no_subscriber), 1);
+    }
+
+    /// Past 16 matches the de-duplication goes through a map: same rule.
+    #[test]
+    fn many_subscribers_with_overlapping_filters_get_one_delivery_each() {
+        let r = Router::new(limits());
+        let sessions: Vec<_> = (0..20).map(|i| online(&format!("c{i}"))).collect();
+        for s in &sessions {
+            r.subscribe("#", s, QoS::AtMostOnce);
+            r.subscribe("t/#", s, QoS::ExactlyOnce);
+            r.subscribe("t/x", s, QoS::AtLeastOnce);
+        }
+        r.publish(message("t/x", QoS::ExactlyOnce));
+        for s in &sessions {
+            assert_eq!(queued(s), at("t/x", QoS::ExactlyOnce), "{}", s.client_id);
+        }
+    }
+
+    /// A subscriber the message fills up holds its publisher back; the
+    /// publisher's own session never holds itself back.
+    #[test]
+    fn a_full_subscriber_is_reported_congested_once_and_not_the_publisher() {
+        let r = Router::new(QueueLimits {
+            max_queued: 1,
+            backpressure: true,
+            ..limits()
+        });
+        let (publisher, slow) = (online("p"), online("slow"));
+        r.subscribe("t", &publisher, QoS::AtLeastOnce);
+        r.subscribe("t", &slow, QoS::AtLeastOnce);
+        let mut congested = Vec::new();
+        for _ in 0..2 {
+            let m = message("t", QoS::AtLeastOnce);
+            r.publish_from(m, Some(&publisher), &mut congested, Durability::BestEffort);
+        }
+        assert_eq!(congested.len(), 1);
+        assert!(Arc::ptr_eq(&congested[0], &slow));
+        assert!(r.still_congested(&slow));
+    }
 }
