@@ -219,7 +219,6 @@ impl SourcesInput<'_> {
         };
         (p.len() == before).then(|| PortSettings {
             port: c.port.clone(),
-            path: c.port.clone(),
             baud: c.baud,
             data_bits: c.data_bits,
             parity: c.parity,

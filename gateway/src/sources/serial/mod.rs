@@ -43,10 +43,9 @@ pub enum LineEnding {
 /// One port, as configured and resolved against the registry.
 #[derive(Debug, Clone)]
 pub struct PortSettings {
-    /// The port as the configuration names it (the registry's key).
+    /// The port: where to open it (a relative path in the file is resolved
+    /// against the file's directory at load), and the registry's key.
     pub port: PathBuf,
-    /// Where to open it (relative paths resolved against the config file).
-    pub path: PathBuf,
     pub baud: u32,
     pub data_bits: u8,
     pub parity: Parity,
@@ -119,7 +118,7 @@ fn open(p: &PortSettings) -> Result<tokio_serial::SerialStream, tokio_serial::Er
         2 => tokio_serial::StopBits::Two,
         _ => tokio_serial::StopBits::One,
     };
-    tokio_serial::new(p.path.to_string_lossy(), p.baud)
+    tokio_serial::new(p.port.to_string_lossy(), p.baud)
         .data_bits(data_bits)
         .parity(parity)
         .stop_bits(stop_bits)
